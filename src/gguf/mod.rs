@@ -1,0 +1,116 @@
+//! GGUF files: a writer for the deterministic tiny test models, and a header reader that lets the
+//! engine check a model before llama.cpp sees it (clear errors for corrupt files, unsupported
+//! architectures and projectors that do not fit the text model).
+//!
+//! Format (GGUF v3): magic `GGUF`, u32 version, u64 tensor count, u64 metadata count, metadata
+//! `(key, type, value)*`, tensor infos `(name, n_dims, ne[n_dims], ggml type, offset)*`, padding
+//! to `general.alignment` (32), tensor data. Little-endian throughout.
+
+mod reader;
+pub mod tiny;
+mod writer;
+
+pub use reader::{GgufHeader, TensorInfo};
+pub use writer::GgufWriter;
+
+/// `GGUF` in little-endian byte order.
+pub const MAGIC: [u8; 4] = *b"GGUF";
+/// Default data alignment (`general.alignment`).
+pub const ALIGNMENT: u64 = 32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `u8`
+    U8(u8),
+    /// `i8`
+    I8(i8),
+    /// `u16`
+    U16(u16),
+    /// `i16`
+    I16(i16),
+    /// `u32`
+    U32(u32),
+    /// `i32`
+    I32(i32),
+    /// `f32`
+    F32(f32),
+    /// `bool`
+    Bool(bool),
+    /// UTF-8 string
+    String(String),
+    /// Homogeneous array
+    Array(Vec<Value>),
+    /// `u64`
+    U64(u64),
+    /// `i64`
+    I64(i64),
+    /// `f64`
+    F64(f64),
+}
+
+impl Value {
+    /// GGUF type id.
+    fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    /// The value as an unsigned integer, if it is one.
+    #[must_use]
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a string, if it is one.
+    #[must_use]
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Tensor element types the writer produces (ggml type ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorType {
+    /// 32-bit float
+    F32,
+    /// 16-bit IEEE float
+    F16,
+}
+
+impl TensorType {
+    /// ggml type id
+    #[must_use]
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            TensorType::F32 => 0,
+            TensorType::F16 => 1,
+        }
+    }
+}
