@@ -1,1 +1,28 @@
+//! csp-llava: run quantized (GGUF) vision-language models through llama.cpp's multimodal path
+//! (libmtmd) and prune their KV cache with Cross-Self Pruning (CSP) and the policies it competes
+//! with.
+//!
+//! ```text
+//! Request ─▶ engine::prompt (chat template, image markers, mtmd chunks → spans)
+//!         ─▶ Session::prefill (chunk by chunk through llama::*, image encode timed apart)
+//!         ─▶ [observe attention, score, evict: later stages]
+//!         ─▶ Session::generate (llama.cpp sampler chain, streamed text)
+//!         ─▶ RunReport (--json; timing line)
+//! ```
+//!
+//! * [`llama`] is the only module with `unsafe` (raw llama.cpp / mtmd calls).
+//! * [`gguf`] writes the deterministic tiny test model and reads GGUF headers for input checks.
+//! * [`config`] holds settings with llama.cpp's defaults; the binary maps flags onto them.
+#![deny(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
 
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod llama;
+pub mod span;
+
+pub use config::{CacheType, ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
+pub use engine::{Engine, Event, Prompt, RunReport, Session};
+pub use error::{Error, Result};

@@ -1,0 +1,310 @@
+//! Command-line flags, in llama.cpp's conventions (`-m`, `--mmproj`, `--image`, `-p`, `-n`, `-c`,
+//! `-ngl`, `-t`, `--temp`, `--seed`, `-fa`, `-ctk/-ctv`), mapped onto the library's configs.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, SamplingConfig};
+
+/// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
+///
+/// Streams the answer to stdout; logs and a final timing line go to stderr.
+/// Example: csp-llava -m llava-v1.5-7b.Q4_K_M.gguf --mmproj mmproj-f16.gguf
+///          --image a.png --image b.jpg -p "Compare the two images."
+#[derive(Debug, Parser)]
+#[command(name = "csp-llava", version, allow_negative_numbers = true, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write the deterministic tiny test model (tiny-text.gguf, tiny-mmproj.gguf) and four
+    /// sample images (img-0.png … img-3.png) into DIR.
+    GenTinyModel {
+        /// Output directory (created if needed; files are overwritten).
+        dir: PathBuf,
+        /// Seed of the weights and images: same seed, same bytes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Run the main job on the built-in tiny model and its sample images (no downloads).
+    /// Takes every flag of the main command; -m/--mmproj/--image/-p default to the tiny model,
+    /// its first three images and "Compare the three images.", -n to 48, --temp to 0.
+    Demo {
+        /// Where the tiny model is written (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+/// Parses `-ngl`: a number, `auto` or `all` (both = every layer).
+fn parse_ngl(s: &str) -> Result<u32, String> {
+    match s {
+        "auto" | "all" => Ok(config::ALL_LAYERS),
+        _ => s.parse::<u32>().map_err(|_| format!("'{s}' is not a layer count, 'auto' or 'all'")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FaArg {
+    On,
+    Off,
+    Auto,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Text model GGUF (e.g. llava-v1.5-7b Q4_K_M).
+    #[arg(short = 'm', long = "model", value_name = "FNAME")]
+    pub model: Option<PathBuf>,
+    /// Multimodal projector GGUF (mmproj) for the model.
+    #[arg(long, value_name = "FNAME")]
+    pub mmproj: Option<PathBuf>,
+    /// Image file (PNG, JPEG, BMP, GIF, …); repeat for several. `<image>` or `<__media__>`
+    /// markers in the prompt place them; without markers they come first, in order.
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// Prompt text.
+    #[arg(short = 'p', long, conflicts_with = "file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long, value_name = "FNAME")]
+    pub file: Option<PathBuf>,
+    /// System message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Tokens to generate [default: -1 = until end of generation or a full context].
+    #[arg(short = 'n', long = "n-predict", value_name = "N")]
+    pub n_predict: Option<i32>,
+    /// Context size [default: 0 = the model's trained context].
+    #[arg(short = 'c', long = "ctx-size", value_name = "N")]
+    pub ctx_size: Option<u32>,
+    /// Logical batch size.
+    #[arg(short = 'b', long = "batch-size", value_name = "N", default_value_t = 2048)]
+    pub batch_size: u32,
+    /// Physical batch size (written `-ub`, as in llama.cpp).
+    #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// Layers to offload to the GPU: a number, `auto` or `all` (written `-ngl`) [default: all;
+    /// ignored by CPU-only builds].
+    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
+    pub n_gpu_layers: Option<u32>,
+    /// Threads [default: available cores].
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<u32>,
+    /// Temperature; 0 = greedy [default: 0.2, as llama-mtmd-cli].
+    #[arg(long, value_name = "T")]
+    pub temp: Option<f32>,
+    /// Top-k sampling, 0 = off.
+    #[arg(long = "top-k", value_name = "N", default_value_t = 40)]
+    pub top_k: i32,
+    /// Top-p sampling, 1.0 = off.
+    #[arg(long = "top-p", value_name = "P", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p sampling, 0.0 = off.
+    #[arg(long = "min-p", value_name = "P", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty, 1.0 = off.
+    #[arg(long = "repeat-penalty", value_name = "N", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Last N tokens the repetition penalty considers (-1 = context size).
+    #[arg(long = "repeat-last-n", value_name = "N", default_value_t = 64)]
+    pub repeat_last_n: i32,
+    /// RNG seed; -1 = random.
+    #[arg(short = 's', long, value_name = "SEED", default_value_t = -1)]
+    pub seed: i64,
+    /// Chat template: a llama.cpp built-in name (chatml, vicuna for LLaVA-1.5, llama2, …) or a
+    /// template string [default: the model's own].
+    #[arg(long = "chat-template", value_name = "NAME")]
+    pub chat_template: Option<String>,
+    /// Send the prompt as it is, without a chat template.
+    #[arg(long = "no-chat-template", conflicts_with = "chat_template")]
+    pub no_chat_template: bool,
+    /// Flash attention (written `-fa`).
+    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
+    pub flash_attn: FaArg,
+    /// KV cache type for K (written `-ctk`): f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1.
+    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_k: CacheType,
+    /// KV cache type for V (written `-ctv`); quantized types need flash attention.
+    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_v: CacheType,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long = "ignore-eos")]
+    pub ignore_eos: bool,
+    /// Print one JSON object (text, token counts, timings, KV sizes) on stdout instead of
+    /// streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// More logs on stderr (-v: info, incl. llama.cpp's; -vv: debug). RUST_LOG overrides.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl RunArgs {
+    pub fn context(&self) -> ContextConfig {
+        ContextConfig {
+            n_ctx: self.ctx_size.unwrap_or(0),
+            n_batch: self.batch_size,
+            n_ubatch: self.ubatch_size,
+            flash_attn: match self.flash_attn {
+                FaArg::On => FlashAttn::On,
+                FaArg::Off => FlashAttn::Off,
+                FaArg::Auto => FlashAttn::Auto,
+            },
+            type_k: self.cache_type_k,
+            type_v: self.cache_type_v,
+        }
+    }
+
+    pub fn sampling(&self) -> SamplingConfig {
+        let d = SamplingConfig::default();
+        SamplingConfig {
+            n_predict: self.n_predict.unwrap_or(d.n_predict),
+            temp: self.temp.unwrap_or(d.temp),
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: u32::try_from(self.seed).ok(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+/// llama.cpp's multi-letter short flags, which clap would read as `-f a` etc.
+const LLAMA_SHORT: &[(&str, &str)] = &[
+    ("-fa", "--flash-attn"),
+    ("-ngl", "--n-gpu-layers"),
+    ("-ctk", "--cache-type-k"),
+    ("-ctv", "--cache-type-v"),
+    ("-ub", "--ubatch-size"),
+];
+
+/// Rewrites llama.cpp's multi-letter short flags (`-fa on`, `-ngl=99`) to their long forms, but
+/// never a value of another flag (`-p -fa` keeps its prompt) nor anything after `--`.
+pub fn rewrite_llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let value_flags = value_taking_flags();
+    let mut out = Vec::new();
+    let mut expect_value = false;
+    let mut rest_positional = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || rest_positional {
+            out.push(arg);
+            continue;
+        }
+        let Some(s) = arg.to_str().map(str::to_owned) else {
+            expect_value = false;
+            out.push(arg);
+            continue;
+        };
+        if expect_value {
+            expect_value = false;
+            out.push(arg);
+            continue;
+        }
+        if s == "--" {
+            rest_positional = true;
+            out.push(arg);
+            continue;
+        }
+        let (flag, inline) = match s.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (s.clone(), None),
+        };
+        let flag = LLAMA_SHORT.iter().find(|(short, _)| *short == flag).map_or(flag, |(_, long)| (*long).to_owned());
+        if inline.is_none() && value_flags.iter().any(|f| *f == flag) {
+            expect_value = true;
+        }
+        out.push(match inline {
+            Some(v) => format!("{flag}={v}").into(),
+            None => flag.into(),
+        });
+    }
+    out
+}
+
+/// Every `-x`/`--long` spelling of a flag that takes a value, read from the clap definition.
+fn value_taking_flags() -> Vec<String> {
+    fn walk(cmd: &clap::Command, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if a.get_action().takes_values() && !a.is_positional() {
+                if let Some(s) = a.get_short() {
+                    out.push(format!("-{s}"));
+                }
+                if let Some(l) = a.get_long() {
+                    out.push(format!("--{l}"));
+                }
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&Cli::command(), &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let argv = std::iter::once("csp-llava").chain(args.iter().copied()).map(OsString::from);
+        Cli::try_parse_from(rewrite_llama_flags(argv)).expect("parses")
+    }
+
+    #[test]
+    fn fa_works_as_in_llama_cpp() {
+        assert_eq!(parse(&["-fa", "on"]).run.flash_attn, FaArg::On);
+        assert_eq!(parse(&["-fa", "off"]).run.flash_attn, FaArg::Off);
+        assert_eq!(parse(&["-fa=auto"]).run.flash_attn, FaArg::Auto);
+    }
+
+    #[test]
+    fn ngl_works_as_in_llama_cpp() {
+        assert_eq!(parse(&["-ngl", "33"]).run.n_gpu_layers, Some(33));
+        assert_eq!(parse(&["-ngl", "all"]).run.n_gpu_layers, Some(config::ALL_LAYERS));
+        assert_eq!(parse(&["-ngl=7"]).run.n_gpu_layers, Some(7));
+    }
+
+    #[test]
+    fn ctk_ctv_work_as_in_llama_cpp() {
+        let c = parse(&["-ctk", "q8_0", "-ctv", "q4_0"]);
+        assert_eq!(c.run.cache_type_k, CacheType::Q8_0);
+        assert_eq!(c.run.cache_type_v, CacheType::Q4_0);
+    }
+
+    #[test]
+    fn ub_works_as_in_llama_cpp() {
+        assert_eq!(parse(&["-ub", "256"]).run.ubatch_size, 256);
+    }
+
+    #[test]
+    fn values_that_look_like_flags_are_left_alone() {
+        assert_eq!(parse(&["-p", "-fa"]).run.prompt.as_deref(), Some("-fa"));
+        assert_eq!(parse(&["--system", "-ngl", "-fa", "off"]).run.system.as_deref(), Some("-ngl"));
+        assert_eq!(parse(&["-n", "-1"]).run.n_predict, Some(-1));
+    }
+
+    #[test]
+    fn subcommand_flags() {
+        let c = parse(&["demo", "-fa", "off", "-n", "5"]);
+        match c.command {
+            Some(Command::Demo { run, .. }) => {
+                assert_eq!(run.flash_attn, FaArg::Off);
+                assert_eq!(run.n_predict, Some(5));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

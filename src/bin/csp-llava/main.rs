@@ -1,0 +1,180 @@
+//! `csp-llava`: the command-line front end. Parse → set up logging → run → exit code.
+//! Errors print as one line on stderr with a non-zero exit (1; clap's usage errors exit 2).
+
+mod args;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use csp_llava::config::{default_threads, ModelConfig, Request, ALL_LAYERS};
+use csp_llava::gguf::tiny;
+use csp_llava::{Engine, Event};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use args::{Cli, Command, RunArgs};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(args::rewrite_llama_flags(std::env::args_os())) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let verbose = match &cli.command {
+        Some(Command::Demo { run, .. }) => run.verbose,
+        _ => cli.run.verbose,
+    };
+    init_tracing(verbose);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes joined by ": ".
+            let _ = std::io::stdout().flush();
+            eprintln!("csp-llava: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG").ok().map_or_else(
+        || {
+            EnvFilter::new(match verbose {
+                0 => "warn,llama_cpp_2=off",
+                1 => "info",
+                _ => "debug",
+            })
+        },
+        EnvFilter::new,
+    );
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::GenTinyModel { dir, seed }) => gen_tiny_model(&dir, seed),
+        Some(Command::Demo { dir, run }) => demo(dir, run),
+        None => run(&cli.run),
+    }
+}
+
+fn gen_tiny_model(dir: &Path, seed: u64) -> Result<()> {
+    tiny::write_all(dir, seed).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
+    println!("{}", dir.join(tiny::TEXT_FILE).display());
+    println!("{}", dir.join(tiny::MMPROJ_FILE).display());
+    for i in 0..tiny::N_SAMPLE_IMAGES {
+        println!("{}", dir.join(tiny::image_file(i)).display());
+    }
+    Ok(())
+}
+
+fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("csp-llava-demo"));
+    tiny::write_all(&dir, 0).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
+    run_args.model.get_or_insert_with(|| dir.join(tiny::TEXT_FILE));
+    run_args.mmproj.get_or_insert_with(|| dir.join(tiny::MMPROJ_FILE));
+    if run_args.images.is_empty() {
+        run_args.images = (0..3).map(|i| dir.join(tiny::image_file(i))).collect();
+    }
+    if run_args.prompt.is_none() && run_args.file.is_none() {
+        run_args.prompt = Some("Compare the three images.".into());
+    }
+    run_args.n_predict.get_or_insert(48);
+    run_args.temp.get_or_insert(0.0);
+    if !run_args.json {
+        eprintln!(
+            "csp-llava demo: tiny random-weight model in {} (its answer is gibberish; it shows the pipeline)",
+            dir.display()
+        );
+    }
+    run(&run_args)
+}
+
+fn run(a: &RunArgs) -> Result<()> {
+    let Some(model) = &a.model else {
+        bail!("missing -m/--model (the text model GGUF); try `csp-llava demo` or `csp-llava --help`");
+    };
+    let Some(mmproj) = &a.mmproj else {
+        bail!("missing --mmproj (the multimodal projector GGUF that belongs to {})", model.display());
+    };
+    let prompt = match (&a.prompt, &a.file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?,
+        (None, None) => bail!("missing prompt: give one with -p TEXT or -f FILE"),
+    };
+    let sampling = a.sampling();
+    sampling.validate()?;
+    let ctx = a.context();
+    ctx.validate()?;
+    let mcfg = ModelConfig {
+        model: model.clone(),
+        mmproj: mmproj.clone(),
+        n_gpu_layers: a.n_gpu_layers.unwrap_or(ALL_LAYERS),
+        threads: a.threads.unwrap_or_else(default_threads).max(1),
+    };
+    let req = Request {
+        images: a.images.clone(),
+        prompt,
+        system: a.system.clone(),
+        chat_template: a.chat_template.clone(),
+        raw: a.no_chat_template,
+    };
+
+    let show_progress = std::io::stderr().is_terminal() && a.verbose == 0;
+    let spinner = progress(show_progress, None, "loading model");
+    let engine = Engine::load(&mcfg)?;
+    spinner.finish_and_clear();
+
+    let bar = progress(show_progress, Some(0), "prefill");
+    let json = a.json;
+    let mut stdout = std::io::stdout().lock();
+    let mut on_event = |ev: Event<'_>| match ev {
+        Event::Prefill { tokens, n_tokens, .. } => {
+            bar.set_length(n_tokens as u64);
+            bar.set_position(tokens as u64);
+            if tokens == n_tokens {
+                bar.finish_and_clear();
+            }
+        }
+        Event::Text(t) if !json => {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+        _ => {}
+    };
+    let report = engine.run(&req, &ctx, &sampling, &mut on_event);
+    bar.finish_and_clear();
+    let report = report?;
+    if json {
+        serde_json::to_writer(&mut stdout, &report)?;
+        writeln!(stdout)?;
+    } else {
+        writeln!(stdout)?;
+    }
+    stdout.flush()?;
+    eprintln!("{}", report.timing_line());
+    Ok(())
+}
+
+fn progress(show: bool, len: Option<u64>, msg: &'static str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    match len {
+        None => {
+            let pb = ProgressBar::new_spinner().with_message(msg);
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            pb
+        }
+        Some(n) => ProgressBar::new(n).with_message(msg).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tok").expect("valid template").progress_chars("=> "),
+        ),
+    }
+}

@@ -1,0 +1,294 @@
+//! Settings of a run, with llama.cpp's defaults (as `llama-mtmd-cli` uses them) and validation.
+//! The library has no CLI dependency: the binary maps its flags onto these structs.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Which files to load and where to run them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelConfig {
+    /// Text model GGUF (`-m`).
+    pub model: PathBuf,
+    /// Multimodal projector GGUF (`--mmproj`).
+    pub mmproj: PathBuf,
+    /// Layers offloaded to the GPU (`-ngl`); ignored on a CPU-only build.
+    pub n_gpu_layers: u32,
+    /// Threads for generation and prompt evaluation (`-t`).
+    pub threads: u32,
+}
+
+impl ModelConfig {
+    /// Defaults for `model` + `mmproj`: all layers on the GPU (when there is one), one thread per
+    /// available core.
+    #[must_use]
+    pub fn new(model: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            mmproj: mmproj.into(),
+            n_gpu_layers: ALL_LAYERS,
+            threads: default_threads(),
+        }
+    }
+}
+
+/// `-ngl all`: more layers than any model has.
+pub const ALL_LAYERS: u32 = 999;
+
+/// One thread per available core (llama.cpp uses the physical cores).
+#[must_use]
+pub fn default_threads() -> u32 {
+    std::thread::available_parallelism().map_or(4, |n| n.get() as u32)
+}
+
+/// Flash attention setting (`-fa`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    /// Let llama.cpp decide (on where the backend supports it).
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+/// KV cache element type (`-ctk`, `-ctv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheType {
+    /// 32-bit float
+    F32,
+    /// 16-bit float (llama.cpp's default)
+    #[default]
+    F16,
+    /// bfloat16
+    Bf16,
+    /// 8-bit blocks of 32
+    Q8_0,
+    /// 4-bit blocks of 32
+    Q4_0,
+    /// 4-bit blocks of 32 with minimum
+    Q4_1,
+    /// 4-bit non-linear
+    Iq4Nl,
+    /// 5-bit blocks of 32
+    Q5_0,
+    /// 5-bit blocks of 32 with minimum
+    Q5_1,
+}
+
+impl CacheType {
+    /// All names llama.cpp accepts, in its order.
+    pub const ALL: [CacheType; 9] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q4_0,
+        CacheType::Q4_1,
+        CacheType::Iq4Nl,
+        CacheType::Q5_0,
+        CacheType::Q5_1,
+    ];
+
+    /// llama.cpp's name for the type.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Iq4Nl => "iq4_nl",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q5_1 => "q5_1",
+        }
+    }
+
+    /// Whether the type is block-quantized (a quantized V cache needs flash attention).
+    #[must_use]
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, CacheType::F32 | CacheType::F16 | CacheType::Bf16)
+    }
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        CacheType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<_> = CacheType::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown cache type '{s}' (one of {})", names.join(", "))
+            })
+    }
+}
+
+/// Context (KV cache and batching) settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextConfig {
+    /// Context size in tokens; 0 = the model's trained context (`-c`, llama.cpp's default 0).
+    pub n_ctx: u32,
+    /// Logical batch size (`-b`, default 2048).
+    pub n_batch: u32,
+    /// Physical batch size (`-ub`, default 512).
+    pub n_ubatch: u32,
+    /// Flash attention (`-fa`, default auto).
+    pub flash_attn: FlashAttn,
+    /// K cache type (`-ctk`, default f16).
+    pub type_k: CacheType,
+    /// V cache type (`-ctv`, default f16).
+    pub type_v: CacheType,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            n_ctx: 0,
+            n_batch: 2048,
+            n_ubatch: 512,
+            flash_attn: FlashAttn::Auto,
+            type_k: CacheType::F16,
+            type_v: CacheType::F16,
+        }
+    }
+}
+
+impl ContextConfig {
+    /// Checks the settings that can be checked without a model.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_batch == 0 {
+            return Err(cfg_err("-b/--batch-size", "must be at least 1"));
+        }
+        if self.n_ubatch == 0 {
+            return Err(cfg_err("-ub/--ubatch-size", "must be at least 1"));
+        }
+        if self.type_v.is_quantized() && self.flash_attn == FlashAttn::Off {
+            return Err(cfg_err(
+                "-ctv/--cache-type-v",
+                &format!("a quantized V cache ({}) needs flash attention; drop -fa off or use -ctv f16", self.type_v.name()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sampling and stopping settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplingConfig {
+    /// Tokens to generate; -1 = until end of generation or a full context (`-n`, default -1).
+    pub n_predict: i32,
+    /// Temperature; ≤ 0 = greedy (`--temp`, default 0.2 as in llama-mtmd-cli).
+    pub temp: f32,
+    /// Top-k; 0 = off (`--top-k`, default 40).
+    pub top_k: i32,
+    /// Top-p; 1 = off (`--top-p`, default 0.95).
+    pub top_p: f32,
+    /// Min-p; 0 = off (`--min-p`, default 0.05).
+    pub min_p: f32,
+    /// Repetition penalty; 1 = off (`--repeat-penalty`, default 1.0).
+    pub repeat_penalty: f32,
+    /// Tokens the repetition penalty looks back on (`--repeat-last-n`, default 64).
+    pub repeat_last_n: i32,
+    /// RNG seed; `None` = random (`--seed -1`, the default).
+    pub seed: Option<u32>,
+    /// Keep generating past end-of-generation tokens (`--ignore-eos`).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            n_predict: -1,
+            temp: 0.2,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingConfig {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_predict < -1 {
+            return Err(cfg_err("-n/--n-predict", &format!("{} is below -1 (-1 = until end of generation)", self.n_predict)));
+        }
+        if !self.temp.is_finite() {
+            return Err(cfg_err("--temp", "must be a finite number"));
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return Err(cfg_err("--top-p", &format!("{} is outside [0, 1]", self.top_p)));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(cfg_err("--min-p", &format!("{} is outside [0, 1]", self.min_p)));
+        }
+        if self.top_k < 0 {
+            return Err(cfg_err("--top-k", "must be 0 (off) or positive"));
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return Err(cfg_err("--repeat-penalty", "must be positive (1.0 = off)"));
+        }
+        if self.repeat_last_n < -1 {
+            return Err(cfg_err("--repeat-last-n", "must be -1 (context size), 0 (off) or positive"));
+        }
+        Ok(())
+    }
+}
+
+/// What to ask: images, prompt, optional system message and chat template.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Request {
+    /// Image files, in order (`--image`, repeatable).
+    pub images: Vec<PathBuf>,
+    /// The user prompt (`-p` or `-f`). `<image>` or `<__media__>` markers place images;
+    /// without markers the images come first, in order.
+    pub prompt: String,
+    /// System message (`--system`).
+    pub system: Option<String>,
+    /// Chat template: a llama.cpp built-in name (`chatml`, `vicuna`, `llama2`, …) or a Jinja
+    /// template string; `None` = the model's own (`--chat-template`).
+    pub chat_template: Option<String>,
+    /// Send the prompt as is, without a chat template (`--no-chat-template`).
+    pub raw: bool,
+}
+
+fn cfg_err(field: &'static str, reason: &str) -> Error {
+    Error::Config { field, reason: reason.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_checked() {
+        let ok = SamplingConfig::default();
+        assert!(ok.validate().is_ok());
+        assert!(SamplingConfig { n_predict: -2, ..ok.clone() }.validate().is_err());
+        assert!(SamplingConfig { top_p: 1.5, ..ok.clone() }.validate().is_err());
+        assert!(SamplingConfig { repeat_penalty: 0.0, ..ok.clone() }.validate().is_err());
+        assert!(SamplingConfig { temp: f32::NAN, ..ok }.validate().is_err());
+        let c = ContextConfig { type_v: CacheType::Q8_0, flash_attn: FlashAttn::Off, ..Default::default() };
+        assert!(c.validate().is_err());
+        assert_eq!("Q8_0".parse::<CacheType>().unwrap(), CacheType::Q8_0);
+        assert!("q3".parse::<CacheType>().is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! Token generation after prefill: llama.cpp's sampler chain (in llama.cpp's order: penalties,
+//! top-k, top-p, min-p, temperature, distribution), streaming UTF-8-safe text pieces.
+
+use std::time::Instant;
+
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use serde::Serialize;
+
+use super::session::{ms, Session};
+use crate::config::SamplingConfig;
+use crate::error::{Error, Result};
+
+/// Progress and output, reported while a request runs.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Event<'a> {
+    /// A prompt chunk was evaluated.
+    Prefill {
+        /// Chunks done.
+        chunk: usize,
+        /// All chunks.
+        n_chunks: usize,
+        /// Tokens done.
+        tokens: usize,
+        /// All prompt tokens.
+        n_tokens: usize,
+    },
+    /// Generated text (may be empty when a token ends inside a UTF-8 character).
+    Text(&'a str),
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopReason {
+    /// An end-of-generation token.
+    Eos,
+    /// `-n` tokens were generated.
+    Length,
+    /// The context is full.
+    Context,
+}
+
+/// Result of a generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generated {
+    /// Text (end-of-generation token excluded).
+    pub text: String,
+    /// Token ids, including a final end-of-generation token if one was sampled.
+    pub tokens: Vec<i32>,
+    /// Milliseconds sampling and decoding the generated tokens.
+    pub decode_ms: f64,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// Seed the sampler used.
+    pub seed: u32,
+}
+
+fn sampler_chain(cfg: &SamplingConfig, seed: u32, n_vocab: i32, n_ctx: u32) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if cfg.repeat_penalty != 1.0 && cfg.repeat_last_n != 0 {
+        // -1 = the whole context (llama.cpp's convention; the sampler itself takes a count).
+        let last_n = if cfg.repeat_last_n < 0 { n_ctx as i32 } else { cfg.repeat_last_n };
+        chain.push(LlamaSampler::penalties(n_vocab, last_n, cfg.repeat_penalty, 0.0, 0.0));
+    }
+    if cfg.temp <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if cfg.top_k > 0 {
+            chain.push(LlamaSampler::top_k(cfg.top_k));
+        }
+        if cfg.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(cfg.top_p, 1));
+        }
+        if cfg.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(cfg.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(cfg.temp));
+        chain.push(LlamaSampler::dist(seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}
+
+/// A random seed when none was given (llama.cpp's `--seed -1`).
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() as u32
+}
+
+/// Turns token bytes into text without splitting UTF-8 characters across pieces.
+#[derive(Debug, Default)]
+pub(crate) struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Appends bytes; returns the text that is complete now.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).expect("valid prefix"));
+                    match e.error_len() {
+                        // incomplete character at the end: wait for more bytes
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whatever is left (an incomplete character becomes U+FFFD).
+    pub(crate) fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+impl Session<'_> {
+    /// Generates from the logits left by the prefill (or the previous step).
+    ///
+    /// # Errors
+    /// Invalid sampling settings; llama.cpp decode failures.
+    pub fn generate(
+        &mut self,
+        cfg: &SamplingConfig,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Generated> {
+        cfg.validate()?;
+        let seed = cfg.seed.unwrap_or_else(random_seed);
+        let vocab = self.engine.model().vocab();
+        let mut sampler = sampler_chain(cfg, seed, self.engine.model().n_vocab(), self.n_ctx);
+        let mut batch = LlamaBatch::new(1, 1);
+        let mut utf8 = Utf8Stream::default();
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let t = Instant::now();
+        let limit = if cfg.n_predict < 0 { usize::MAX } else { cfg.n_predict as usize };
+        let mut idx = -1;
+        let stop = loop {
+            if tokens.len() >= limit {
+                break StopReason::Length;
+            }
+            if self.last_logits().is_none() {
+                return Err(Error::Llama { op: "read logits", code: -1 });
+            }
+            let tok: LlamaToken = sampler.sample(&self.ctx, idx);
+            tokens.push(tok.0);
+            let eog = vocab.is_eog(tok);
+            if eog && !cfg.ignore_eos {
+                break StopReason::Eos;
+            }
+            if !eog {
+                let piece = utf8.push(&vocab.token_to_piece(tok, false, None));
+                if !piece.is_empty() {
+                    on_event(Event::Text(&piece));
+                    text.push_str(&piece);
+                }
+            }
+            if tokens.len() >= limit {
+                break StopReason::Length;
+            }
+            if self.n_past >= self.n_ctx as i32 {
+                break StopReason::Context;
+            }
+            batch.clear();
+            batch
+                .add(tok, self.n_past, &[0], true)
+                .map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| Error::Llama { op: "decode", code: decode_code(&e) })?;
+            self.n_past += 1;
+            idx = batch.n_tokens() - 1;
+        };
+        let rest = utf8.finish();
+        if !rest.is_empty() {
+            on_event(Event::Text(&rest));
+            text.push_str(&rest);
+        }
+        Ok(Generated { text, tokens, decode_ms: ms(t), stop, seed })
+    }
+}
+
+fn decode_code(e: &llama_cpp_2::DecodeError) -> i32 {
+    match e {
+        llama_cpp_2::DecodeError::NoKvCacheSlot => 1,
+        llama_cpp_2::DecodeError::NTokensZero => -1,
+        llama_cpp_2::DecodeError::Unknown(c) => *c,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Utf8Stream;
+
+    #[test]
+    fn utf8_pieces_are_never_split() {
+        let mut s = Utf8Stream::default();
+        let e = "é".as_bytes();
+        assert_eq!(s.push(&e[..1]), "");
+        assert_eq!(s.push(&e[1..]), "é");
+        assert_eq!(s.push(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(s.push(&"€".as_bytes()[..2]), "");
+        assert_eq!(s.finish(), "\u{fffd}");
+    }
+}

@@ -1,0 +1,151 @@
+//! The engine: load a text model and its projector once, then run requests.
+//!
+//! ```text
+//! Request ─ prompt::build ─▶ Prompt (chunks + spans) ─ Session::prefill ─▶ KV cache
+//!                                                       (chunk by chunk)      │
+//!                                     RunReport ◀─ Session::generate ◀────────┘
+//! ```
+//! Later stages (attention observation, eviction) hook in between prefill and generation.
+
+mod check;
+mod generate;
+pub mod prompt;
+mod report;
+mod session;
+
+use std::cell::{Ref, RefCell};
+
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::mtmd::{MtmdContext, MtmdContextParams};
+
+pub use generate::{Event, Generated, StopReason};
+pub use prompt::Prompt;
+pub use report::RunReport;
+pub use session::{PrefillMode, PrefillStats, Session};
+
+use crate::config::{ContextConfig, ModelConfig, Request, SamplingConfig};
+use crate::error::{Error, Result};
+use crate::llama;
+
+/// A loaded text model + projector.
+pub struct Engine {
+    // Field order: the mtmd context refers to the model, so it is dropped first.
+    // RefCell: llama-cpp-2's `eval_chunks` wants `&mut MtmdContext`; everything else reads it.
+    mtmd: RefCell<MtmdContext>,
+    model: LlamaModel,
+    cfg: ModelConfig,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Checks and loads the model and projector.
+    ///
+    /// # Errors
+    /// Missing or corrupt files, unsupported model families, a projector whose output width
+    /// differs from the model's hidden size, and llama.cpp load failures — each as its own
+    /// [`Error`] variant.
+    pub fn load(cfg: &ModelConfig) -> Result<Self> {
+        let model_header = check::gguf(&cfg.model, "model")?;
+        let mmproj_header = check::gguf(&cfg.mmproj, "mmproj")?;
+        check::text_model(&cfg.model, &model_header)?;
+        check::projector(cfg, &model_header, &mmproj_header)?;
+
+        let backend = llama::backend()?;
+        let gpu = cfg!(any(feature = "cuda", feature = "metal"));
+        let params = LlamaModelParams::default().with_n_gpu_layers(if gpu { cfg.n_gpu_layers } else { 0 });
+        let model = LlamaModel::load_from_file(backend, &cfg.model, &params)
+            .map_err(|_| Error::Load { what: "model", path: cfg.model.clone() })?;
+        if model.is_recurrent() || model.is_hybrid() {
+            return Err(Error::Unsupported {
+                what: "model family",
+                reason: format!(
+                    "{} is a recurrent/hybrid model; csp-llava prunes a transformer KV cache",
+                    model_header.architecture().unwrap_or("?")
+                ),
+            });
+        }
+
+        let mparams = MtmdContextParams {
+            use_gpu: gpu && cfg.n_gpu_layers > 0,
+            print_timings: false,
+            n_threads: cfg.threads as i32,
+            ..MtmdContextParams::default()
+        };
+        let mmproj_str = cfg.mmproj.to_str().ok_or_else(|| Error::Config {
+            field: "--mmproj",
+            reason: "the path is not valid UTF-8".into(),
+        })?;
+        let mtmd = MtmdContext::init_from_file(mmproj_str, &model, &mparams)
+            .map_err(|_| Error::Load { what: "mmproj", path: cfg.mmproj.clone() })?;
+        tracing::info!(
+            model = %cfg.model.display(),
+            mmproj = %cfg.mmproj.display(),
+            n_layer = model.n_layer(),
+            n_embd = model.n_embd(),
+            mrope = mtmd.decode_use_mrope(),
+            "loaded"
+        );
+        Ok(Self { mtmd: RefCell::new(mtmd), model, cfg: cfg.clone() })
+    }
+
+    /// The text model.
+    #[must_use]
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// The projector context.
+    #[must_use]
+    pub fn mtmd(&self) -> Ref<'_, MtmdContext> {
+        self.mtmd.borrow()
+    }
+
+    /// The configuration the engine was loaded with.
+    #[must_use]
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Formats, loads images and tokenizes a request.
+    ///
+    /// # Errors
+    /// Empty prompt, marker/image count mismatch, unreadable images, template failures.
+    pub fn prepare(&self, req: &Request) -> Result<Prompt> {
+        prompt::build(&self.model, &self.mtmd(), req)
+    }
+
+    /// Creates a session (a llama.cpp context) sized for `prompt`.
+    ///
+    /// # Errors
+    /// Invalid settings, a prompt longer than the context, context creation failures.
+    pub fn session(&self, prompt: &Prompt, ctx: &ContextConfig) -> Result<Session<'_>> {
+        Session::new(self, prompt, ctx)
+    }
+
+    /// The whole job: prepare, prefill chunk by chunk, generate; `on_event` sees progress and
+    /// every piece of text as it is produced.
+    ///
+    /// # Errors
+    /// Any error of the steps above.
+    pub fn run(
+        &self,
+        req: &Request,
+        ctx: &ContextConfig,
+        sampling: &SamplingConfig,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<RunReport> {
+        sampling.validate()?;
+        let prompt = self.prepare(req)?;
+        let mut session = self.session(&prompt, ctx)?;
+        let prefill = session.prefill(&prompt, PrefillMode::Chunked, on_event)?;
+        let kv = session.kv_info();
+        let generated = session.generate(sampling, on_event)?;
+        Ok(RunReport::new(&prompt, &session, &prefill, kv, generated))
+    }
+}

@@ -1,0 +1,204 @@
+//! Text + images → chat-formatted prompt → mtmd chunks → spans.
+
+use std::path::Path;
+
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::mtmd::{
+    mtmd_default_marker, MtmdBitmap, MtmdContext, MtmdInputChunkType, MtmdInputChunks,
+    MtmdInputText,
+};
+
+use crate::config::Request;
+use crate::error::{Error, Result};
+use crate::span::{media_tokens, Modality, Span};
+
+/// LLaVA's image marker, accepted in prompts besides mtmd's own `<__media__>`.
+pub const IMAGE_MARKER: &str = "<image>";
+
+/// A tokenized prompt, ready to evaluate.
+pub struct Prompt {
+    /// The text after the chat template, with media markers.
+    pub text: String,
+    /// mtmd chunks (text runs and image embeddings to compute).
+    pub chunks: MtmdInputChunks,
+    /// One span per chunk.
+    pub spans: Vec<Span>,
+    /// Tokens per image, in `--image` order.
+    pub image_tokens: Vec<usize>,
+}
+
+impl std::fmt::Debug for Prompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prompt")
+            .field("n_tokens", &self.n_tokens())
+            .field("spans", &self.spans)
+            .field("image_tokens", &self.image_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prompt {
+    /// All prompt tokens (KV cells), image tokens included.
+    #[must_use]
+    pub fn n_tokens(&self) -> usize {
+        self.spans.last().map_or(0, |s| s.tokens.end)
+    }
+    /// Positions the prompt occupies.
+    #[must_use]
+    pub fn n_positions(&self) -> i32 {
+        self.spans.last().map_or(0, |s| s.pos.end)
+    }
+    /// Number of images.
+    #[must_use]
+    pub fn n_images(&self) -> usize {
+        self.image_tokens.len()
+    }
+}
+
+/// Places media markers: `<image>` becomes mtmd's marker; without markers the images come first,
+/// one per line, in order. Returns the text and checks the marker count.
+pub(crate) fn place_markers(prompt: &str, n_images: usize) -> Result<String> {
+    let marker = mtmd_default_marker();
+    let text = prompt.replace(IMAGE_MARKER, marker);
+    let n_markers = text.matches(marker).count();
+    if n_markers == 0 {
+        let mut out = String::with_capacity(text.len() + n_images * (marker.len() + 1));
+        for _ in 0..n_images {
+            out.push_str(marker);
+            out.push('\n');
+        }
+        out.push_str(&text);
+        return Ok(out);
+    }
+    if n_markers != n_images {
+        return Err(Error::Prompt(format!(
+            "the prompt has {n_markers} image marker(s) (<image> or {marker}) but {n_images} image(s) were given"
+        )));
+    }
+    Ok(text)
+}
+
+/// Applies the chat template (unless `raw`).
+fn format_chat(model: &LlamaModel, req: &Request, user: String) -> Result<String> {
+    if req.raw {
+        return Ok(user);
+    }
+    let template = match &req.chat_template {
+        Some(t) => LlamaChatTemplate::new(t)
+            .map_err(|_| Error::Prompt("the chat template contains a NUL byte".into()))?,
+        None => model.chat_template(None).map_err(|_| {
+            Error::Prompt(
+                "the model has no chat template; pass --chat-template NAME (vicuna for LLaVA-1.5, chatml, llama2, …) or --no-chat-template".into(),
+            )
+        })?,
+    };
+    let nul = |_| Error::Prompt("the prompt contains a NUL byte".into());
+    let mut messages = Vec::new();
+    if let Some(system) = &req.system {
+        messages.push(LlamaChatMessage::new("system".into(), system.clone()).map_err(nul)?);
+    }
+    messages.push(LlamaChatMessage::new("user".into(), user).map_err(nul)?);
+    model.apply_chat_template(&template, &messages, true).map_err(|e| {
+        Error::Prompt(format!(
+            "llama.cpp cannot apply the chat template ({e}); name a built-in one with --chat-template (chatml, vicuna, llama2, …)"
+        ))
+    })
+}
+
+/// Reads and decodes one image.
+fn load_image(mtmd: &MtmdContext, path: &Path, index: usize) -> Result<MtmdBitmap> {
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound { what: "image", path: path.to_owned() },
+        _ => Error::Io { what: "image", path: path.to_owned(), source },
+    })?;
+    let mut bitmap = MtmdBitmap::from_buffer(mtmd, &bytes, false)
+        .map_err(|_| Error::BadImage { path: path.to_owned() })?;
+    if bitmap.is_audio() {
+        return Err(Error::Unsupported {
+            what: "input",
+            reason: format!("{} is audio; csp-llava takes images", path.display()),
+        });
+    }
+    bitmap
+        .set_id(&media_id(index))
+        .map_err(|_| Error::Prompt("bad media id".into()))?;
+    Ok(bitmap)
+}
+
+fn media_id(index: usize) -> String {
+    format!("csp-media-{index}")
+}
+
+fn media_index(id: &str) -> Option<usize> {
+    id.strip_prefix("csp-media-")?.parse().ok()
+}
+
+/// Builds the prompt: template, markers, images, tokenization, spans.
+pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request) -> Result<Prompt> {
+    if req.prompt.trim().is_empty() {
+        return Err(Error::Prompt("the prompt is empty (give one with -p or -f)".into()));
+    }
+    if !req.images.is_empty() && !mtmd.support_vision() {
+        return Err(Error::Unsupported {
+            what: "input",
+            reason: "the projector has no vision encoder, so it cannot take --image".into(),
+        });
+    }
+    let user = place_markers(&req.prompt, req.images.len())?;
+    let text = format_chat(model, req, user)?;
+    let bitmaps = req
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, p)| load_image(mtmd, p, i))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&MtmdBitmap> = bitmaps.iter().collect();
+    let chunks = mtmd
+        .tokenize(
+            MtmdInputText { text: text.clone(), add_special: true, parse_special: true },
+            &refs,
+        )
+        .map_err(|e| Error::Prompt(format!("mtmd could not tokenize the prompt: {e}")))?;
+
+    let mut spans = Vec::with_capacity(chunks.len());
+    let (mut tok, mut pos) = (0usize, 0i32);
+    for i in 0..chunks.len() {
+        let c = chunks.get(i).expect("index below len");
+        let modality = match c.chunk_type() {
+            MtmdInputChunkType::Text => Modality::Text,
+            MtmdInputChunkType::Image => Modality::Image,
+            MtmdInputChunkType::Audio => Modality::Audio,
+        };
+        let media = match modality {
+            Modality::Text => None,
+            _ => c.id().as_deref().and_then(media_index),
+        };
+        let (n, p) = (c.n_tokens(), c.n_positions());
+        spans.push(Span { modality, media, tokens: tok..tok + n, pos: pos..pos + p });
+        tok += n;
+        pos += p;
+    }
+    if spans.last().is_some_and(|s| s.modality != Modality::Text) {
+        return Err(Error::Prompt(
+            "the prompt ends with an image; add text after the last image marker".into(),
+        ));
+    }
+    let image_tokens = media_tokens(&spans, req.images.len());
+    Ok(Prompt { text, chunks, spans, image_tokens })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers() {
+        let m = mtmd_default_marker();
+        assert_eq!(place_markers("hi", 2).unwrap(), format!("{m}\n{m}\nhi"));
+        assert_eq!(place_markers("a <image> b <image>", 2).unwrap(), format!("a {m} b {m}"));
+        assert_eq!(place_markers(&format!("x {m}"), 1).unwrap(), format!("x {m}"));
+        assert!(place_markers("a <image>", 2).is_err());
+        assert_eq!(place_markers("no images", 0).unwrap(), "no images");
+        assert_eq!(media_index(&media_id(12)), Some(12));
+    }
+}

@@ -1,0 +1,124 @@
+//! The library's error type. Every variant renders as one line that names the culprit and, where
+//! there is one, the way out; the binary prints it and exits non-zero.
+
+use std::path::PathBuf;
+
+/// Errors of the csp-llava library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An input file does not exist.
+    #[error("{what} not found: {}", path.display())]
+    NotFound {
+        /// "model", "mmproj", "image", "prompt file"
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// An input file exists but cannot be read.
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Io {
+        /// What the file was for.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A model or projector file is not a readable GGUF file.
+    #[error("{what} {} is not a valid GGUF file: {reason}", path.display())]
+    BadGguf {
+        /// "model" or "mmproj"
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A model family or file kind csp-llava cannot run.
+    #[error("unsupported {what}: {reason}")]
+    Unsupported {
+        /// What is unsupported.
+        what: &'static str,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// llama.cpp could not load a model that looked valid.
+    #[error("llama.cpp failed to load {what} {} (run with -v to see its log)", path.display())]
+    Load {
+        /// "model" or "mmproj"
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The projector's output width differs from the text model's hidden size.
+    #[error(
+        "projector {} does not fit model {}: it outputs {proj_width} values per image token, the model's hidden size is {model_width}",
+        mmproj.display(), model.display()
+    )]
+    ProjectorMismatch {
+        /// mmproj path
+        mmproj: PathBuf,
+        /// model path
+        model: PathBuf,
+        /// projector output width
+        proj_width: u64,
+        /// text model hidden size
+        model_width: u64,
+    },
+    /// An image file could not be decoded.
+    #[error("cannot decode image {}: not an image, or a format llama.cpp cannot read (PNG, JPEG, BMP, GIF, TGA, PSD, PNM)", path.display())]
+    BadImage {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A setting is out of range or inconsistent.
+    #[error("invalid {field}: {reason}")]
+    Config {
+        /// The flag or field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The prompt (text + image tokens) does not fit the context.
+    #[error(
+        "prompt is {n_tokens} tokens ({n_image_tokens} of them from {n_images} image(s)) but the context holds {n_ctx}; raise -c/--ctx-size (model trained for {n_ctx_train}) or pass fewer images"
+    )]
+    PromptTooLong {
+        /// Prompt tokens, image tokens included.
+        n_tokens: usize,
+        /// Image tokens.
+        n_image_tokens: usize,
+        /// Images.
+        n_images: usize,
+        /// Context size.
+        n_ctx: u32,
+        /// Model's trained context.
+        n_ctx_train: u32,
+    },
+    /// The prompt could not be formatted or tokenized.
+    #[error("prompt: {0}")]
+    Prompt(String),
+    /// A llama.cpp or libmtmd call failed.
+    #[error("llama.cpp: {op} failed (code {code})")]
+    Llama {
+        /// The operation.
+        op: &'static str,
+        /// Its return code.
+        code: i32,
+    },
+    /// The llama.cpp backend could not be initialised.
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+    /// A context could not be created (usually out of memory for the requested -c).
+    #[error("cannot create a llama.cpp context with {n_ctx} cells: {reason}")]
+    Context {
+        /// Requested context size.
+        n_ctx: u32,
+        /// llama-cpp-2's message.
+        reason: String,
+    },
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,211 @@
+//! The only module with `unsafe`: raw llama.cpp / libmtmd calls that llama-cpp-2 does not wrap.
+//!
+//! * chunk-by-chunk prompt evaluation (`mtmd_helper_eval_chunk_single` for text,
+//!   `mtmd_encode_chunk` + `mtmd_helper_decode_image_chunk` for media, so image encoding is
+//!   timed on its own), through the raw pointers our llama-cpp-2 patch exposes;
+//! * the last token's logits after such an evaluation (llama-cpp-2's own accessor only knows
+//!   about batches it decoded itself);
+//! * KV cache size and occupancy, and whether flash attention is on (our llama.cpp patch
+//!   `0001-llama-info-accessors`).
+//!
+//! Every block states why it is sound. Pointers come from live llama-cpp-2 wrappers borrowed
+//! for the duration of the call, so they are non-null and not freed underneath us.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::mtmd::{MtmdContext, MtmdInputChunk};
+use llama_cpp_sys_2 as sys;
+
+use crate::error::{Error, Result};
+
+/// The process-wide llama.cpp backend (llama.cpp allows one initialisation per process).
+/// llama.cpp's own logs are routed into `tracing` (targets under `llama_cpp_2`).
+///
+/// # Errors
+/// When llama.cpp's backend cannot be initialised.
+pub fn backend() -> Result<&'static LlamaBackend> {
+    static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| Error::Backend(e.clone()))
+}
+
+/// KV cache size and occupancy, as llama.cpp reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KvInfo {
+    /// Cells allocated.
+    pub n_cells: u32,
+    /// Cells occupied now.
+    pub n_used: u32,
+    /// Most cells ever occupied at once (since creation or the last clear).
+    pub n_used_peak: u32,
+    /// Highest occupied cell + 1.
+    pub used_max_p1: u32,
+    /// Bytes allocated for K, all layers.
+    pub k_bytes: u64,
+    /// Bytes allocated for V, all layers.
+    pub v_bytes: u64,
+}
+
+impl KvInfo {
+    /// Bytes allocated for K and V.
+    #[must_use]
+    pub fn bytes_allocated(&self) -> u64 {
+        self.k_bytes + self.v_bytes
+    }
+
+    /// K+V bytes per cell (all layers).
+    #[must_use]
+    pub fn bytes_per_cell(&self) -> u64 {
+        if self.n_cells == 0 {
+            0
+        } else {
+            self.bytes_allocated() / u64::from(self.n_cells)
+        }
+    }
+
+    /// K+V bytes of the occupied cells.
+    #[must_use]
+    pub fn bytes_used(&self) -> u64 {
+        self.bytes_per_cell() * u64::from(self.n_used)
+    }
+}
+
+/// KV cache info of a context; `None` for memories that are not a KV cache (recurrent models).
+#[must_use]
+pub fn kv_info(ctx: &LlamaContext<'_>) -> Option<KvInfo> {
+    let mut out = sys::llama_kv_info {
+        n_cells: 0,
+        n_used: 0,
+        n_used_peak: 0,
+        used_max_p1: 0,
+        k_bytes: 0,
+        v_bytes: 0,
+    };
+    // SAFETY: ctx.as_raw() is a live llama_context; llama_get_memory returns its memory (or null,
+    // which llama_memory_kv_info handles); `out` is a valid, writable struct.
+    let ok = unsafe { sys::llama_memory_kv_info(sys::llama_get_memory(ctx.as_raw()), &mut out) };
+    ok.then_some(KvInfo {
+        n_cells: out.n_cells,
+        n_used: out.n_used,
+        n_used_peak: out.n_used_peak,
+        used_max_p1: out.used_max_p1,
+        k_bytes: out.k_bytes,
+        v_bytes: out.v_bytes,
+    })
+}
+
+/// Whether the context runs flash attention (`-fa auto` resolved).
+#[must_use]
+pub fn flash_attn_enabled(ctx: &LlamaContext<'_>) -> bool {
+    // SAFETY: a live llama_context; the function only reads its parameters.
+    unsafe { sys::llama_flash_attn_enabled(ctx.as_raw()) }
+}
+
+/// Evaluates one text chunk at positions `n_past..`, sequence 0, in batches of `n_batch`.
+/// With `logits_last` the last token's logits are computed. Returns the next position.
+///
+/// # Errors
+/// [`Error::Llama`] with llama.cpp's return code.
+pub fn eval_text_chunk(
+    mtmd: &MtmdContext,
+    ctx: &mut LlamaContext<'_>,
+    chunk: &MtmdInputChunk<'_>,
+    n_past: i32,
+    n_batch: u32,
+    logits_last: bool,
+) -> Result<i32> {
+    // The helper *adds* the tokens it decoded to *new_n_past for text chunks.
+    let mut new_n_past = n_past;
+    // SAFETY: all three pointers come from live wrappers borrowed for this call (ctx mutably);
+    // `chunk` belongs to chunks that outlive the call; new_n_past is a valid out-pointer.
+    let rc = unsafe {
+        sys::mtmd_helper_eval_chunk_single(
+            mtmd.as_raw(),
+            ctx.as_raw(),
+            chunk.as_raw(),
+            n_past,
+            0,
+            n_batch as i32,
+            logits_last,
+            &mut new_n_past,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Llama { op: "decode text chunk", code: rc });
+    }
+    Ok(new_n_past)
+}
+
+/// Runs the vision (or audio) encoder on one media chunk. The embeddings stay in the mtmd
+/// context until [`decode_media_chunk`] feeds them to the language model.
+///
+/// # Errors
+/// [`Error::Llama`] with mtmd's return code.
+pub fn encode_media_chunk(mtmd: &MtmdContext, chunk: &MtmdInputChunk<'_>) -> Result<()> {
+    // SAFETY: live mtmd context and chunk; mtmd_encode_chunk writes only into the context.
+    let rc = unsafe { sys::mtmd_encode_chunk(mtmd.as_raw(), chunk.as_raw()) };
+    if rc != 0 {
+        return Err(Error::Llama { op: "encode image", code: rc });
+    }
+    Ok(())
+}
+
+/// Decodes the embeddings of the media chunk last passed to [`encode_media_chunk`] at positions
+/// `n_past..`. Returns the next position (`n_past + n_pos` of the chunk).
+///
+/// # Errors
+/// [`Error::Llama`] with llama.cpp's return code.
+pub fn decode_media_chunk(
+    mtmd: &MtmdContext,
+    ctx: &mut LlamaContext<'_>,
+    chunk: &MtmdInputChunk<'_>,
+    n_past: i32,
+    n_batch: u32,
+) -> Result<i32> {
+    let mut new_n_past = n_past;
+    // SAFETY: live pointers as above; mtmd_get_output_embd returns the context-owned buffer
+    // holding n_tokens × n_embd floats of the chunk just encoded (checked non-null), which the
+    // helper only reads; no callback is passed.
+    let rc = unsafe {
+        let embd = sys::mtmd_get_output_embd(mtmd.as_raw());
+        if embd.is_null() {
+            return Err(Error::Llama { op: "read image embeddings", code: -1 });
+        }
+        sys::mtmd_helper_decode_image_chunk(
+            mtmd.as_raw(),
+            ctx.as_raw(),
+            chunk.as_raw(),
+            embd,
+            n_past,
+            0,
+            n_batch as i32,
+            &mut new_n_past,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Llama { op: "decode image chunk", code: rc });
+    }
+    Ok(new_n_past)
+}
+
+/// Logits of the last output of the most recent evaluation (`n_vocab` values), or `None` if that
+/// evaluation produced no logits.
+#[must_use]
+pub fn last_logits<'c>(ctx: &'c LlamaContext<'_>, n_vocab: usize) -> Option<&'c [f32]> {
+    // SAFETY: llama_get_logits_ith(-1) returns null or a pointer to n_vocab floats owned by the
+    // context, valid until the next decode — which needs &mut ctx, so not while 'c lives.
+    unsafe {
+        let p = sys::llama_get_logits_ith(ctx.as_raw(), -1);
+        (!p.is_null()).then(|| std::slice::from_raw_parts(p, n_vocab))
+    }
+}
