@@ -17,6 +17,27 @@ pub struct TensorInfo {
     pub ne: Vec<u64>,
     /// ggml type id.
     pub ggml_type: u32,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+}
+
+/// Bytes of `n` elements of a ggml type, for the types whose block layout is fixed and common
+/// in GGUF files; `None` for others (their bounds are not checked).
+fn type_bytes(ggml_type: u32, n: u64) -> Option<u64> {
+    let (block, size) = match ggml_type {
+        0 => (1, 4),       // F32
+        1 | 30 => (1, 2),  // F16, BF16
+        2 => (32, 18),     // Q4_0
+        3 => (32, 20),     // Q4_1
+        6 => (32, 22),     // Q5_0
+        7 => (32, 24),     // Q5_1
+        8 => (32, 34),     // Q8_0
+        12 => (256, 144),  // Q4_K
+        13 => (256, 176),  // Q5_K
+        14 => (256, 210),  // Q6_K
+        _ => return None,
+    };
+    (n % block == 0).then(|| n / block * size)
 }
 
 /// Metadata and tensor infos of a GGUF file.
@@ -38,7 +59,7 @@ impl GgufHeader {
     pub fn read(path: &Path) -> io::Result<Self> {
         let file = std::fs::File::open(path)?;
         let size = file.metadata()?.len();
-        let mut r = Reader { r: BufReader::new(file), left: size };
+        let mut r = Reader { r: BufReader::new(file), left: size, size };
         r.parse()
     }
 
@@ -75,6 +96,8 @@ struct Reader<R> {
     r: R,
     /// Bytes left in the file: bounds every length field.
     left: u64,
+    /// File size.
+    size: u64,
 }
 
 impl<R: Read> Reader<R> {
@@ -164,8 +187,21 @@ impl<R: Read> Reader<R> {
             }
             let ne = (0..n_dims).map(|_| self.u64()).collect::<io::Result<Vec<_>>>()?;
             let ggml_type = self.u32()?;
-            let _offset = self.u64()?;
-            tensors.push(TensorInfo { name, ne, ggml_type });
+            let offset = self.u64()?;
+            tensors.push(TensorInfo { name, ne, ggml_type, offset });
+        }
+        // Tensor data must lie inside the file: catches truncated downloads before llama.cpp.
+        let alignment = kv.get("general.alignment").and_then(Value::as_u64).filter(|a| *a > 0).unwrap_or(super::ALIGNMENT);
+        let data_start = (self.size - self.left).div_ceil(alignment) * alignment;
+        for t in &tensors {
+            let n = t.ne.iter().try_fold(1u64, |a, d| a.checked_mul(*d)).ok_or_else(|| bad("tensor too large"))?;
+            let end = data_start.saturating_add(t.offset).saturating_add(type_bytes(t.ggml_type, n).unwrap_or(0));
+            if end > self.size {
+                return Err(bad(format!(
+                    "truncated: tensor {} ends at byte {end} but the file has {} bytes",
+                    t.name, self.size
+                )));
+            }
         }
         Ok(GgufHeader { version, kv, tensors })
     }
@@ -194,7 +230,7 @@ mod tests {
 
         // truncated and garbage files are errors, not panics
         let bytes = std::fs::read(&p).unwrap();
-        for cut in [0, 3, 10, 30, 60] {
+        for cut in [0, 3, 10, 30, 60, bytes.len() - 9] {
             std::fs::write(&p, &bytes[..cut]).unwrap();
             assert!(GgufHeader::read(&p).is_err(), "cut at {cut}");
         }

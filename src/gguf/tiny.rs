@@ -223,10 +223,16 @@ pub fn text_model(seed: u64) -> GgufWriter {
 /// Builds the tiny mmproj (CLIP + `mlp` projector into the text model's hidden size).
 #[must_use]
 pub fn mmproj(seed: u64) -> GgufWriter {
+    mmproj_with_width(seed, text::N_EMBD)
+}
+
+/// The tiny mmproj with projector output width `d` (≠ the text model's to test the mismatch
+/// error).
+#[must_use]
+pub fn mmproj_with_width(seed: u64, d: u32) -> GgufWriter {
     use vision::*;
     let e = N_EMBD;
     let n_pos = TOKENS_PER_IMAGE;
-    let d = text::N_EMBD;
     let f32t = TensorType::F32;
     let mut w = GgufWriter::new();
     w.string("general.architecture", "clip")

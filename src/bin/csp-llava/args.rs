@@ -72,13 +72,13 @@ pub struct RunArgs {
     #[arg(long = "image", value_name = "FILE")]
     pub images: Vec<PathBuf>,
     /// Prompt text.
-    #[arg(short = 'p', long, conflicts_with = "file")]
+    #[arg(short = 'p', long, conflicts_with = "file", allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(short = 'f', long, value_name = "FNAME")]
     pub file: Option<PathBuf>,
     /// System message.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Tokens to generate [default: -1 = until end of generation or a full context].
     #[arg(short = 'n', long = "n-predict", value_name = "N")]

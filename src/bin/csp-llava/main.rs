@@ -42,7 +42,7 @@ fn init_tracing(verbose: u8) {
     let filter = std::env::var("RUST_LOG").ok().map_or_else(
         || {
             EnvFilter::new(match verbose {
-                0 => "warn,llama_cpp_2=off",
+                0 => "warn,llama-cpp-2=off",
                 1 => "info",
                 _ => "debug",
             })
@@ -53,6 +53,7 @@ fn init_tracing(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .init();
 }

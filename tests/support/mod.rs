@@ -1,0 +1,37 @@
+//! Shared test fixtures: the tiny model, generated once per test process (no binary fixtures are
+//! committed).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use csp_llava::gguf::tiny;
+
+/// Directory holding tiny-text.gguf, tiny-mmproj.gguf and img-0..3.png (seed 0).
+pub fn tiny_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().expect("temp dir");
+        tiny::write_all(d.path(), 0).expect("write tiny model");
+        d
+    })
+    .path()
+}
+
+pub fn model() -> PathBuf {
+    tiny_dir().join(tiny::TEXT_FILE)
+}
+
+pub fn mmproj() -> PathBuf {
+    tiny_dir().join(tiny::MMPROJ_FILE)
+}
+
+pub fn image(i: usize) -> PathBuf {
+    tiny_dir().join(tiny::image_file(i))
+}
+
+/// A scratch directory for files a test makes (kept alive for the process).
+pub fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+}
