@@ -107,6 +107,9 @@ pub enum Error {
         /// Its return code.
         code: i32,
     },
+    /// The attention observer failed inside llama.cpp's graph callback.
+    #[error("attention observer: {0}")]
+    Callback(String),
     /// The llama.cpp backend could not be initialised.
     #[error("llama.cpp backend: {0}")]
     Backend(String),

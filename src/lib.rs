@@ -5,7 +5,7 @@
 //! ```text
 //! Request ─▶ engine::prompt (chat template, image markers, mtmd chunks → spans)
 //!         ─▶ Session::prefill (chunk by chunk through llama::*, image encode timed apart)
-//!         ─▶ [observe attention, score, evict: later stages]
+//!         ─▶ observe (cb_eval on kq-<il>) ─▶ policy (score, vote) ─▶ evict + compact
 //!         ─▶ Session::generate (llama.cpp sampler chain, streamed text)
 //!         ─▶ RunReport (--json; timing line)
 //! ```
@@ -21,8 +21,12 @@ pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod llama;
+pub mod observe;
+pub mod policy;
+pub mod rng;
 pub mod span;
 
 pub use config::{CacheType, ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
 pub use engine::{Engine, Event, Prompt, RunReport, Session};
+pub use policy::{Budget, PolicyConfig, PolicyKind};
 pub use error::{Error, Result};

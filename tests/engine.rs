@@ -5,7 +5,7 @@ mod support;
 use csp_llava::config::{ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
 use csp_llava::engine::PrefillMode;
 use csp_llava::span::Modality;
-use csp_llava::Engine;
+use csp_llava::{Engine, PolicyConfig};
 
 fn engine() -> Engine {
     let mut cfg = ModelConfig::new(support::model(), support::mmproj());
@@ -34,11 +34,11 @@ fn chunked_prefill_matches_eval_chunks() {
     for fa in [FlashAttn::Off, FlashAttn::Auto] {
         let ctx = ContextConfig { n_ctx: 1024, flash_attn: fa, ..Default::default() };
 
-        let mut reference = engine.session(&prompt, &ctx).unwrap();
+        let mut reference = engine.session(&prompt, &ctx, None).unwrap();
         reference.prefill(&prompt, PrefillMode::EvalChunks, &mut |_| {}).unwrap();
         let ref_logits = reference.last_logits().expect("logits").to_vec();
 
-        let mut ours = engine.session(&prompt, &ctx).unwrap();
+        let mut ours = engine.session(&prompt, &ctx, None).unwrap();
         let stats = ours.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
         let our_logits = ours.last_logits().expect("logits").to_vec();
 
@@ -65,13 +65,13 @@ fn same_seed_same_output_and_another_seed_differs() {
     let req = three_images("Describe the images.");
     let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
     let sampling = SamplingConfig { n_predict: 32, temp: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(42), ignore_eos: true, ..Default::default() };
-    let a = engine.run(&req, &ctx, &sampling, &mut |_| {}).unwrap();
-    let b = engine.run(&req, &ctx, &sampling, &mut |_| {}).unwrap();
+    let a = engine.run(&req, &ctx, &sampling, &PolicyConfig::default(), &mut |_| {}).unwrap();
+    let b = engine.run(&req, &ctx, &sampling, &PolicyConfig::default(), &mut |_| {}).unwrap();
     assert_eq!(a.text, b.text);
     assert_eq!(a.n_generated, 32);
     let mut others = Vec::new();
     for seed in 43..47 {
-        let c = engine.run(&req, &ctx, &SamplingConfig { seed: Some(seed), ..sampling.clone() }, &mut |_| {}).unwrap();
+        let c = engine.run(&req, &ctx, &SamplingConfig { seed: Some(seed), ..sampling.clone() }, &PolicyConfig::default(), &mut |_| {}).unwrap();
         others.push(c.text);
     }
     assert!(others.iter().any(|t| *t != a.text), "sampling depends on the seed");
@@ -98,13 +98,13 @@ fn spans_markers_and_report() {
 
     // text-only prompts work too
     let text_only = Request { prompt: "Hello there".into(), ..Default::default() };
-    let r = engine.run(&text_only, &ContextConfig { n_ctx: 256, ..Default::default() }, &greedy(4), &mut |_| {}).unwrap();
+    let r = engine.run(&text_only, &ContextConfig { n_ctx: 256, ..Default::default() }, &greedy(4), &PolicyConfig::default(), &mut |_| {}).unwrap();
     assert_eq!(r.n_images, 0);
     assert!(r.image_tokens.is_empty());
     assert_eq!(r.kv_cells as usize, r.n_prompt_tokens);
 
     // KV figures come from llama.cpp: f16 K+V, 2 layers × 2 KV heads × 16 dims = 256 B/cell
-    let r = engine.run(&three_images("Compare."), &ContextConfig { n_ctx: 512, ..Default::default() }, &greedy(3), &mut |_| {}).unwrap();
+    let r = engine.run(&three_images("Compare."), &ContextConfig { n_ctx: 512, ..Default::default() }, &greedy(3), &PolicyConfig::default(), &mut |_| {}).unwrap();
     assert_eq!(r.kv_cells_allocated, 512);
     assert_eq!(r.kv_bytes_allocated, 512 * 2 * 2 * 2 * 16 * 2);
     assert_eq!(r.kv_bytes, u64::from(r.kv_cells) * 256);

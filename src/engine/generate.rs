@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
@@ -136,8 +138,21 @@ impl Utf8Stream {
     }
 }
 
+/// Samples one token from `logits` with the chain (what `llama_sampler_sample` does with a
+/// context's logits), and accepts it.
+fn sample(sampler: &mut LlamaSampler, logits: &[f32]) -> Option<LlamaToken> {
+    let mut arr = LlamaTokenDataArray::from_iter(
+        logits.iter().enumerate().map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+        false,
+    );
+    sampler.apply(&mut arr);
+    let tok = arr.selected_token()?;
+    sampler.accept(tok);
+    Some(tok)
+}
+
 impl Session<'_> {
-    /// Generates from the logits left by the prefill (or the previous step).
+    /// Generates from the logits left by the prefill.
     ///
     /// # Errors
     /// Invalid sampling settings; llama.cpp decode failures.
@@ -156,15 +171,15 @@ impl Session<'_> {
         let mut tokens = Vec::new();
         let t = Instant::now();
         let limit = if cfg.n_predict < 0 { usize::MAX } else { cfg.n_predict as usize };
-        let mut idx = -1;
+        let kv = self.kv_info();
+        let (mut cells_used, cells) = (kv.n_used, kv.n_cells.max(self.n_ctx));
         let stop = loop {
             if tokens.len() >= limit {
                 break StopReason::Length;
             }
-            if self.last_logits().is_none() {
-                return Err(Error::Llama { op: "read logits", code: -1 });
-            }
-            let tok: LlamaToken = sampler.sample(&self.ctx, idx);
+            let logits = self.last_logits().ok_or(Error::Llama { op: "read logits", code: -1 })?;
+            let tok = sample(&mut sampler, logits).ok_or(Error::Llama { op: "sample", code: -1 })?;
+            self.first_logits = None;
             tokens.push(tok.0);
             let eog = vocab.is_eog(tok);
             if eog && !cfg.ignore_eos {
@@ -180,18 +195,19 @@ impl Session<'_> {
             if tokens.len() >= limit {
                 break StopReason::Length;
             }
-            if self.n_past >= self.n_ctx as i32 {
+            if cells_used >= cells {
                 break StopReason::Context;
             }
             batch.clear();
             batch
                 .add(tok, self.n_past, &[0], true)
                 .map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
-            self.ctx
+            self.lctx
+                .ctx_mut()
                 .decode(&mut batch)
                 .map_err(|e| Error::Llama { op: "decode", code: decode_code(&e) })?;
             self.n_past += 1;
-            idx = batch.n_tokens() - 1;
+            cells_used += 1;
         };
         let rest = utf8.finish();
         if !rest.is_empty() {

@@ -21,10 +21,12 @@ use llama_cpp_2::mtmd::{MtmdContext, MtmdContextParams};
 
 pub use generate::{Event, Generated, StopReason};
 pub use prompt::Prompt;
-pub use report::RunReport;
-pub use session::{PrefillMode, PrefillStats, Session};
+pub use report::{Pruning, RetainedToken, RunReport};
+pub use session::{EvictStats, PrefillMode, PrefillStats, Session};
 
 use crate::config::{ContextConfig, ModelConfig, Request, SamplingConfig};
+use crate::observe::StatRequest;
+use crate::policy::{self, PolicyConfig, PolicyKind};
 use crate::error::{Error, Result};
 use crate::llama;
 
@@ -120,16 +122,17 @@ impl Engine {
         prompt::build(&self.model, &self.mtmd(), req)
     }
 
-    /// Creates a session (a llama.cpp context) sized for `prompt`.
+    /// Creates a session (a llama.cpp context) sized for `prompt`; with `observe`, attention
+    /// statistics are gathered during the prefill (flash attention off).
     ///
     /// # Errors
     /// Invalid settings, a prompt longer than the context, context creation failures.
-    pub fn session(&self, prompt: &Prompt, ctx: &ContextConfig) -> Result<Session<'_>> {
-        Session::new(self, prompt, ctx)
+    pub fn session(&self, prompt: &Prompt, ctx: &ContextConfig, observe: Option<StatRequest>) -> Result<Session<'_>> {
+        Session::new(self, prompt, ctx, observe)
     }
 
-    /// The whole job: prepare, prefill chunk by chunk, generate; `on_event` sees progress and
-    /// every piece of text as it is produced.
+    /// The whole job: prepare, prefill chunk by chunk (observing attention if the policy needs
+    /// it), prune, generate; `on_event` sees progress and every piece of text as it comes.
     ///
     /// # Errors
     /// Any error of the steps above.
@@ -138,14 +141,68 @@ impl Engine {
         req: &Request,
         ctx: &ContextConfig,
         sampling: &SamplingConfig,
+        policy_cfg: &PolicyConfig,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<RunReport> {
         sampling.validate()?;
+        policy_cfg.validate()?;
         let prompt = self.prepare(req)?;
-        let mut session = self.session(&prompt, ctx)?;
+        let modality = prompt.token_modalities();
+        let policy = policy_cfg.kind.build(policy_cfg);
+        let split = match policy_cfg.kind {
+            PolicyKind::Full => None,
+            _ if !policy.applies(&modality) => None,
+            _ => Some(policy_cfg.split(prompt.n_tokens())?),
+        };
+        let prunes = split.is_some_and(|s| s.prunes());
+        let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
+        if prunes {
+            self.check_prunable(&prompt, request.is_some())?;
+        }
+
+        let mut session = self.session(&prompt, ctx, request)?;
         let prefill = session.prefill(&prompt, PrefillMode::Chunked, on_event)?;
-        let kv = session.kv_info();
+        let kv_before = session.kv_info();
+        let mut pruning = Pruning { split, ..Pruning::default() };
+        if let (true, Some(split)) = (prunes, split) {
+            let t = std::time::Instant::now();
+            let stats = session.take_stats(&prompt)?;
+            let input = policy::Input { modality: &modality, split, stats: stats.as_ref() };
+            let retention = policy::retain(policy.as_ref(), &input)?;
+            pruning.score_ms = prefill.observe_ms + session::ms(t);
+            let ev = session.evict(&prompt, &retention.keep)?;
+            pruning.evict_ms = ev.ms;
+            pruning.pruned = ev.removed > 0;
+            if policy_cfg.shrink {
+                let kept = retention.kept() as u32;
+                let room = if sampling.n_predict >= 0 {
+                    sampling.n_predict as u32
+                } else {
+                    session.n_ctx().saturating_sub(prompt.n_tokens() as u32)
+                };
+                pruning.evict_ms += session.shrink(kept + room.max(1))?;
+            }
+            pruning.retention = Some(retention);
+        }
+        let kv_after = session.kv_info();
         let generated = session.generate(sampling, on_event)?;
-        Ok(RunReport::new(&prompt, &session, &prefill, kv, generated))
+        Ok(RunReport::new(&prompt, &session, &prefill, kv_before, kv_after, policy.name(), pruning, generated))
+    }
+
+    /// Pruning needs one position per token; observing needs causal attention.
+    fn check_prunable(&self, prompt: &Prompt, observes: bool) -> Result<()> {
+        if prompt.positions().is_none() || self.mtmd().decode_use_mrope() {
+            return Err(Error::Unsupported {
+                what: "model for pruning",
+                reason: "it uses M-RoPE (2-D image positions); removing single tokens needs cell-level removal, not available yet — use --kv-policy full".into(),
+            });
+        }
+        if observes && self.mtmd().decode_use_non_causal() {
+            return Err(Error::Unsupported {
+                what: "model for attention-based pruning",
+                reason: "its image tokens attend bidirectionally, which the observer does not model yet — use streaming, random or full".into(),
+            });
+        }
+        Ok(())
     }
 }

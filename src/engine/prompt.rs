@@ -53,6 +53,40 @@ impl Prompt {
     pub fn n_images(&self) -> usize {
         self.image_tokens.len()
     }
+
+    /// Modality of every prompt token.
+    #[must_use]
+    pub fn token_modalities(&self) -> Vec<crate::span::Modality> {
+        let mut out = Vec::with_capacity(self.n_tokens());
+        for s in &self.spans {
+            out.extend(std::iter::repeat_n(s.modality, s.n_tokens()));
+        }
+        out
+    }
+
+    /// Image index of every prompt token (`None` for text).
+    #[must_use]
+    pub fn token_media(&self) -> Vec<Option<usize>> {
+        let mut out = Vec::with_capacity(self.n_tokens());
+        for s in &self.spans {
+            out.extend(std::iter::repeat_n(s.media, s.n_tokens()));
+        }
+        out
+    }
+
+    /// Position of every prompt token, when each token has its own position (1-D RoPE);
+    /// `None` under M-RoPE, where an image's tokens share positions.
+    #[must_use]
+    pub fn positions(&self) -> Option<Vec<i32>> {
+        let mut out = Vec::with_capacity(self.n_tokens());
+        for s in &self.spans {
+            if s.pos.len() != s.tokens.len() {
+                return None;
+            }
+            out.extend(s.pos.clone());
+        }
+        Some(out)
+    }
 }
 
 /// Places media markers: `<image>` becomes mtmd's marker; without markers the images come first,

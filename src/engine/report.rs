@@ -7,6 +7,49 @@ use super::generate::{Generated, StopReason};
 use super::session::{PrefillStats, Session};
 use super::Prompt;
 use crate::llama::KvInfo;
+use crate::policy::{Retention, Split};
+use crate::span::Modality;
+
+/// What pruning did (default: nothing).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pruning {
+    /// The resolved budget, when the policy applied to the prompt.
+    pub split: Option<Split>,
+    /// Whether cells were removed.
+    pub pruned: bool,
+    /// Milliseconds reducing attention + selecting.
+    pub score_ms: f64,
+    /// Milliseconds removing + compacting (+ shrinking).
+    pub evict_ms: f64,
+    /// The retention decided.
+    pub retention: Option<Retention>,
+}
+
+/// Kept cells per modality.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KeptPerModality {
+    /// Text tokens kept.
+    pub text: usize,
+    /// Image (and audio) tokens kept.
+    pub image: usize,
+}
+
+/// One prompt position in `--dump-retention`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetainedToken {
+    /// Position.
+    pub pos: i32,
+    /// Modality.
+    pub modality: Modality,
+    /// Image index, for image tokens.
+    pub image: Option<usize>,
+    /// Kept after pruning?
+    pub kept: bool,
+    /// (layer, head) pairs that kept it.
+    pub votes: u32,
+    /// The policy's score summed over (layer, head) pairs.
+    pub score: f32,
+}
 
 /// The outcome of one request.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -41,14 +84,37 @@ pub struct RunReport {
     pub kv_cells_allocated: u32,
     /// K+V bytes llama.cpp allocated.
     pub kv_bytes_allocated: u64,
-    /// KV policy: "full" (no pruning).
+    /// KV policy.
     pub policy: &'static str,
+    /// Budget in cells (min(B, L)); absent when the policy did not apply.
+    pub kv_budget: Option<usize>,
+    /// Whether cells were evicted.
+    pub pruned: bool,
+    /// Cells before pruning (= `n_prompt_tokens`).
+    pub kv_cells_before: u32,
+    /// Cells when decoding starts (= `kv_cells`).
+    pub kv_cells_after: u32,
+    /// K+V bytes before pruning.
+    pub kv_bytes_before: u64,
+    /// K+V bytes when decoding starts.
+    pub kv_bytes_after: u64,
+    /// Highest occupied cell + 1 when decoding starts: what attention spans (padded to 256).
+    pub kv_attended: u32,
+    /// Kept cells per modality.
+    pub kept_per_modality: KeptPerModality,
+    /// Milliseconds observing attention and selecting.
+    pub score_ms: f64,
+    /// Milliseconds removing and compacting cells.
+    pub evict_ms: f64,
     /// Context size.
     pub n_ctx: u32,
     /// Sampler seed.
     pub seed: u32,
     /// Why generation stopped: "eos", "length" or "context".
     pub stop: StopReason,
+    /// Per prompt position (for `--dump-retention`).
+    #[serde(skip)]
+    pub retention: Vec<RetainedToken>,
 }
 
 fn per_s(n: usize, ms: f64) -> f64 {
@@ -60,14 +126,42 @@ fn per_s(n: usize, ms: f64) -> f64 {
 }
 
 impl RunReport {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         prompt: &Prompt,
         session: &Session<'_>,
         prefill: &PrefillStats,
+        kv_before: KvInfo,
         kv: KvInfo,
+        policy: &'static str,
+        pruning: Pruning,
         generated: Generated,
     ) -> Self {
         let n_generated = generated.tokens.len();
+        let modality = prompt.token_modalities();
+        let media = prompt.token_media();
+        let positions = prompt.positions().unwrap_or_else(|| (0..prompt.n_tokens() as i32).collect());
+        let keep = pruning.retention.as_ref().map(|r| r.keep.clone()).unwrap_or_else(|| vec![true; modality.len()]);
+        let mut kept = KeptPerModality::default();
+        for (m, k) in modality.iter().zip(&keep) {
+            if *k {
+                if *m == Modality::Text {
+                    kept.text += 1;
+                } else {
+                    kept.image += 1;
+                }
+            }
+        }
+        let retention = (0..modality.len())
+            .map(|t| RetainedToken {
+                pos: positions[t],
+                modality: modality[t],
+                image: media[t],
+                kept: keep[t],
+                votes: pruning.retention.as_ref().map_or(0, |r| r.votes[t]),
+                score: pruning.retention.as_ref().map_or(0.0, |r| r.score[t]),
+            })
+            .collect();
         Self {
             text: generated.text,
             n_prompt_tokens: prompt.n_tokens(),
@@ -84,10 +178,21 @@ impl RunReport {
             kv_bytes: kv.bytes_used(),
             kv_cells_allocated: kv.n_cells,
             kv_bytes_allocated: kv.bytes_allocated(),
-            policy: "full",
+            policy,
+            kv_budget: pruning.split.map(|s| s.b),
+            pruned: pruning.pruned,
+            kv_cells_before: kv_before.n_used,
+            kv_cells_after: kv.n_used,
+            kv_bytes_before: kv_before.bytes_used(),
+            kv_bytes_after: kv.bytes_used(),
+            kv_attended: kv.used_max_p1,
+            kept_per_modality: kept,
+            score_ms: pruning.score_ms,
+            evict_ms: pruning.evict_ms,
             n_ctx: session.n_ctx(),
             seed: generated.seed,
             stop: generated.stop,
+            retention,
         }
     }
 
@@ -95,17 +200,21 @@ impl RunReport {
     #[must_use]
     pub fn timing_line(&self) -> String {
         format!(
-            "encode {:.1} ms ({} image(s)) | prompt {} tok, {:.1} tok/s | gen {} tok, {:.1} tok/s | KV {} cells, {} (allocated {}) | policy {}, flash-attn {}",
+            "encode {:.1} ms ({} image(s)) | prompt {} tok, {:.1} tok/s | gen {} tok, {:.1} tok/s | KV {} → {} cells, {} (allocated {}) | policy {}{}, score {:.1} ms, evict {:.1} ms | flash-attn {}",
             self.encode_ms,
             self.n_images,
             self.n_prompt_tokens,
             self.prefill_tok_s,
             self.n_generated,
             self.decode_tok_s,
-            self.kv_cells,
+            self.kv_cells_before,
+            self.kv_cells_after,
             human_bytes(self.kv_bytes),
             human_bytes(self.kv_bytes_allocated),
             self.policy,
+            if self.pruned { "" } else { " (not pruned)" },
+            self.score_ms,
+            self.evict_ms,
             self.flash_attn,
         )
     }

@@ -1,9 +1,11 @@
-//! A session: one llama.cpp context holding one sequence's KV cache, filled chunk by chunk.
+//! A session: one llama.cpp context holding one sequence's KV cache, filled chunk by chunk,
+//! optionally observed, then pruned and compacted.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
 
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_sys_2 as sys;
 
@@ -11,14 +13,16 @@ use super::generate::Event;
 use super::{Engine, Prompt};
 use crate::config::{CacheType, ContextConfig, FlashAttn};
 use crate::error::{Error, Result};
-use crate::llama::{self, KvInfo};
+use crate::llama::observer::Observer;
+use crate::llama::{self, KvInfo, ObservedContext};
+use crate::observe::{AttentionStats, Reducer, StatRequest};
 use crate::span::Modality;
 
 /// How the prompt is evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillMode {
     /// csp-llava's path: one chunk at a time through the raw pointers, image encoding timed
-    /// apart from decoding; later stages observe and evict between chunks.
+    /// apart from decoding.
     Chunked,
     /// llama-cpp-2's standard `eval_chunks` (llama.cpp's `mtmd_helper_eval_chunks`): the
     /// reference the chunked path is tested against.
@@ -30,21 +34,36 @@ pub enum PrefillMode {
 pub struct PrefillStats {
     /// Milliseconds in the vision encoder (0 in `EvalChunks` mode, where it is not separable).
     pub encode_ms: f64,
-    /// Milliseconds evaluating prompt tokens in the language model (encoding excluded).
+    /// Milliseconds evaluating prompt tokens in the language model (encoding and the
+    /// observer's own reduction excluded).
     pub prefill_ms: f64,
+    /// Milliseconds the observer spent reducing attention.
+    pub observe_ms: f64,
     /// Tokens evaluated.
     pub n_tokens: usize,
+}
+
+/// Timings and sizes of an eviction.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvictStats {
+    /// Cells removed.
+    pub removed: usize,
+    /// Milliseconds removing and compacting (and shrinking).
+    pub ms: f64,
 }
 
 /// A llama.cpp context sized for one request.
 pub struct Session<'e> {
     pub(super) engine: &'e Engine,
-    pub(super) ctx: LlamaContext<'e>,
+    pub(super) lctx: ObservedContext<'e>,
+    params: LlamaContextParams,
     /// Next position to write.
     pub(super) n_past: i32,
     pub(super) n_ctx: u32,
     pub(super) n_batch: u32,
     pub(super) flash_attn: bool,
+    /// Logits of the prompt's last token, kept across eviction and shrinking.
+    pub(super) first_logits: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -71,8 +90,25 @@ fn kv_type(t: CacheType) -> KvCacheType {
     }
 }
 
+/// The attention scale the model applies to `q·k` (`{arch}.attention.scale`, else 1/√d_head).
+fn attention_scale(engine: &Engine) -> f32 {
+    let model = engine.model();
+    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
+    if let Some(s) = model.meta_val_str(&format!("{arch}.attention.scale")).ok().and_then(|v| v.parse::<f32>().ok()) {
+        if s > 0.0 {
+            return s;
+        }
+    }
+    let head_dim = model
+        .meta_val_str(&format!("{arch}.attention.key_length"))
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or_else(|| (model.n_embd() as u32 / model.n_head().max(1)).max(1));
+    1.0 / (head_dim as f32).sqrt()
+}
+
 impl<'e> Session<'e> {
-    pub(super) fn new(engine: &'e Engine, prompt: &Prompt, cfg: &ContextConfig) -> Result<Self> {
+    pub(super) fn new(engine: &'e Engine, prompt: &Prompt, cfg: &ContextConfig, observe: Option<StatRequest>) -> Result<Self> {
         cfg.validate()?;
         let n_ctx_train = engine.model().n_ctx_train();
         let n_ctx = if cfg.n_ctx == 0 { n_ctx_train } else { cfg.n_ctx };
@@ -86,14 +122,27 @@ impl<'e> Session<'e> {
                 n_ctx_train,
             });
         }
+        // Observation reads attention probabilities, which flash attention never materialises.
+        let fa = match (cfg.flash_attn, observe.is_some()) {
+            (FlashAttn::On, true) => {
+                return Err(Error::Config {
+                    field: "-fa/--flash-attn",
+                    reason: "this policy observes attention, which needs flash attention off; use -fa off or auto".into(),
+                })
+            }
+            (_, true) | (FlashAttn::Off, false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            (FlashAttn::On, false) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            (FlashAttn::Auto, false) => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        };
+        if observe.is_some() && cfg.type_v.is_quantized() {
+            return Err(Error::Config {
+                field: "-ctv/--cache-type-v",
+                reason: "a quantized V cache needs flash attention, which this policy cannot use while it observes; use -ctv f16".into(),
+            });
+        }
         let n_batch = cfg.n_batch.min(n_ctx);
         let n_ubatch = cfg.n_ubatch.min(n_batch);
         let threads = engine.config().threads as i32;
-        let fa = match cfg.flash_attn {
-            FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
-            FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        };
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_batch)
@@ -103,25 +152,36 @@ impl<'e> Session<'e> {
             .with_flash_attention_policy(fa)
             .with_type_k(kv_type(cfg.type_k))
             .with_type_v(kv_type(cfg.type_v));
-        let ctx = engine
-            .model()
-            .new_context(crate::llama::backend()?, params)
+        let observer = observe.map(|req| {
+            let model = engine.model();
+            let modality = prompt.token_modalities();
+            let reducer = Reducer::new(
+                req,
+                &modality,
+                model.n_layer() as usize,
+                model.n_head_kv().max(1) as usize,
+                attention_scale(engine),
+                threads.max(1) as usize,
+            );
+            Observer::new(Some(reducer))
+        });
+        let lctx = ObservedContext::new(engine.model(), params.clone(), observer)
             .map_err(|e| Error::Context { n_ctx, reason: e.to_string() })?;
-        let flash_attn = llama::flash_attn_enabled(&ctx);
+        let flash_attn = llama::flash_attn_enabled(lctx.ctx());
         if cfg.flash_attn == FlashAttn::On && !flash_attn {
             return Err(Error::Config {
                 field: "-fa/--flash-attn",
                 reason: "flash attention was requested but llama.cpp cannot use it for this model/backend".into(),
             });
         }
-        tracing::debug!(n_ctx, n_batch, n_ubatch, flash_attn, "context created");
-        Ok(Self { engine, ctx, n_past: 0, n_ctx, n_batch, flash_attn })
+        tracing::debug!(n_ctx, n_batch, n_ubatch, flash_attn, observed = observe.is_some(), "context created");
+        Ok(Self { engine, lctx, params, n_past: 0, n_ctx, n_batch, flash_attn, first_logits: None })
     }
 
     /// The llama.cpp context.
     #[must_use]
     pub fn context(&self) -> &LlamaContext<'e> {
-        &self.ctx
+        self.lctx.ctx()
     }
 
     /// Context size in cells.
@@ -145,26 +205,67 @@ impl<'e> Session<'e> {
     /// KV cache size and occupancy now.
     #[must_use]
     pub fn kv_info(&self) -> KvInfo {
-        llama::kv_info(&self.ctx).unwrap_or_default()
+        llama::kv_info(self.lctx.ctx()).unwrap_or_default()
     }
 
-    /// Logits after the last evaluation (the prompt's last token after a prefill).
+    /// The attention observer, when the session observes.
+    #[must_use]
+    pub fn observer(&self) -> Option<&Observer> {
+        self.lctx.observer()
+    }
+
+    /// Logits of the prompt's last token (kept from the prefill), or of the last evaluation.
     #[must_use]
     pub fn last_logits(&self) -> Option<&[f32]> {
+        if let Some(l) = &self.first_logits {
+            return Some(l);
+        }
         let n_vocab = usize::try_from(self.engine.model().n_vocab()).unwrap_or(0);
-        llama::last_logits(&self.ctx, n_vocab)
+        llama::last_logits(self.lctx.ctx(), n_vocab)
+    }
+
+    /// An observer failure, if the observer reported one (it aborts the computation).
+    fn observer_error(&self) -> Option<Error> {
+        let obs = self.lctx.observer()?;
+        let (reducer, err) = obs.finish();
+        drop(reducer);
+        err.map(|e| Error::Callback(e))
     }
 
     /// Evaluates the whole prompt into the KV cache; the last token's logits are kept.
     ///
     /// # Errors
-    /// llama.cpp evaluation failures.
+    /// llama.cpp evaluation failures; observer failures.
     pub fn prefill(
         &mut self,
         prompt: &Prompt,
         mode: PrefillMode,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<PrefillStats> {
+        let res = self.prefill_inner(prompt, mode, on_event);
+        if res.is_err() {
+            if let Some(e) = self.observer_error() {
+                return Err(e);
+            }
+        }
+        let mut stats = res?;
+        if let Some(obs) = self.lctx.observer() {
+            obs.deactivate();
+            stats.observe_ms = obs.reducer_ms();
+            stats.prefill_ms = (stats.prefill_ms - stats.observe_ms).max(0.0);
+        }
+        let logits = self.last_logits().map(<[f32]>::to_vec);
+        self.first_logits = logits;
+        Ok(stats)
+    }
+
+    fn prefill_inner(
+        &mut self,
+        prompt: &Prompt,
+        mode: PrefillMode,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<PrefillStats> {
+        self.first_logits = None;
         let mut stats = PrefillStats { n_tokens: prompt.n_tokens(), ..Default::default() };
         match mode {
             PrefillMode::EvalChunks => {
@@ -172,7 +273,7 @@ impl<'e> Session<'e> {
                 let mut mtmd = self.engine.mtmd.borrow_mut();
                 self.n_past = prompt
                     .chunks
-                    .eval_chunks(&mut mtmd, &mut self.ctx, self.n_past, 0, self.n_batch as i32, true)
+                    .eval_chunks(&mut mtmd, self.lctx.ctx_mut(), self.n_past, 0, self.n_batch as i32, true)
                     .map_err(|e| Error::Prompt(format!("eval_chunks failed: {e}")))?;
                 stats.prefill_ms = ms(t);
             }
@@ -182,29 +283,17 @@ impl<'e> Session<'e> {
                 for (i, span) in prompt.spans.iter().enumerate() {
                     let chunk = prompt.chunks.get(i).expect("one span per chunk");
                     let last = i + 1 == n_chunks;
+                    let mtmd = self.engine.mtmd();
                     if span.modality == Modality::Text {
                         let t = Instant::now();
-                        self.n_past = llama::eval_text_chunk(
-                            &self.engine.mtmd(),
-                            &mut self.ctx,
-                            &chunk,
-                            self.n_past,
-                            self.n_batch,
-                            last,
-                        )?;
+                        self.n_past = llama::eval_text_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch, last)?;
                         stats.prefill_ms += ms(t);
                     } else {
                         let t = Instant::now();
-                        llama::encode_media_chunk(&self.engine.mtmd(), &chunk)?;
+                        llama::encode_media_chunk(&mtmd, &chunk)?;
                         stats.encode_ms += ms(t);
                         let t = Instant::now();
-                        self.n_past = llama::decode_media_chunk(
-                            &self.engine.mtmd(),
-                            &mut self.ctx,
-                            &chunk,
-                            self.n_past,
-                            self.n_batch,
-                        )?;
+                        self.n_past = llama::decode_media_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch)?;
                         stats.prefill_ms += ms(t);
                     }
                     done += span.n_tokens();
@@ -213,6 +302,114 @@ impl<'e> Session<'e> {
             }
         }
         Ok(stats)
+    }
+
+    /// Takes the attention statistics gathered during the prefill.
+    ///
+    /// # Errors
+    /// An observer failure, or statistics that did not see the whole prompt.
+    pub fn take_stats(&self, prompt: &Prompt) -> Result<Option<AttentionStats>> {
+        let Some(obs) = self.lctx.observer() else { return Ok(None) };
+        let (reducer, err) = obs.finish();
+        if let Some(e) = err {
+            return Err(Error::Callback(e));
+        }
+        let Some(reducer) = reducer else { return Ok(None) };
+        if reducer.tokens_seen() < prompt.n_tokens() {
+            return Err(Error::Callback(format!(
+                "the observer saw {} of {} prompt tokens",
+                reducer.tokens_seen(),
+                prompt.n_tokens()
+            )));
+        }
+        Ok(Some(reducer.into_stats()))
+    }
+
+    /// Removes the prompt tokens not in `keep` from the KV cache and compacts the survivors
+    /// into cells `0..kept`, so attention spans only them. Positions are not renumbered.
+    ///
+    /// # Errors
+    /// Models whose positions are not one per token (M-RoPE), llama.cpp refusals.
+    pub fn evict(&mut self, prompt: &Prompt, keep: &[bool]) -> Result<EvictStats> {
+        let t = Instant::now();
+        let positions = prompt.positions().ok_or_else(|| Error::Unsupported {
+            what: "pruning",
+            reason: "this model gives image tokens 2-D positions (M-RoPE); removing single tokens needs cell-level removal, which csp-llava does not have yet".into(),
+        })?;
+        let mut removed = 0;
+        let mut i = 0;
+        while i < keep.len() {
+            if keep[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < keep.len() && !keep[i] && positions[i] == positions[start] + (i - start) as i32 {
+                i += 1;
+            }
+            let (p0, p1) = (positions[start], positions[i - 1] + 1);
+            self.lctx
+                .ctx_mut()
+                .kv_cache_seq_rm(0, Some(p0 as u32), Some(p1 as u32))
+                .map_err(|_| Error::Llama { op: "remove KV cells", code: -1 })?;
+            removed += i - start;
+        }
+        if removed > 0 {
+            self.compact(None)?;
+        }
+        Ok(EvictStats { removed, ms: ms(t) })
+    }
+
+    /// Packs the sequence's cells to the front (state save, clear, restore); with `cells`,
+    /// moves it into a new context of that many cells and frees the old buffer.
+    fn compact(&mut self, cells: Option<u32>) -> Result<()> {
+        let state = self
+            .lctx
+            .ctx()
+            .state_seq_get(0, LlamaStateSeqFlags::empty())
+            .map_err(|e| Error::Prompt(format!("cannot save the sequence state: {e}")))?;
+        match cells {
+            None => {
+                self.lctx
+                    .ctx_mut()
+                    .clear_kv_cache_seq(Some(0), None, None)
+                    .map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
+                self.lctx
+                    .ctx_mut()
+                    .state_seq_set(&state, 0)
+                    .map_err(|e| Error::Prompt(format!("cannot restore the sequence state: {e}")))?;
+            }
+            Some(n) => {
+                let n_batch = self.n_batch.min(n);
+                let params = self
+                    .params
+                    .clone()
+                    .with_n_ctx(NonZeroU32::new(n))
+                    .with_n_batch(n_batch)
+                    .with_n_ubatch(self.params.n_ubatch().min(n_batch));
+                let mut lctx = ObservedContext::new(self.engine.model(), params, None)
+                    .map_err(|e| Error::Context { n_ctx: n, reason: e.to_string() })?;
+                lctx.ctx_mut()
+                    .state_seq_set(&state, 0)
+                    .map_err(|e| Error::Prompt(format!("cannot move the pruned cache: {e}")))?;
+                self.lctx = lctx;
+                self.n_ctx = n;
+                self.n_batch = n_batch;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the cache into a context of `cells` cells (the kept cells plus generation room),
+    /// freeing the large buffer.
+    ///
+    /// # Errors
+    /// Context creation or state transfer failures.
+    pub fn shrink(&mut self, cells: u32) -> Result<f64> {
+        let t = Instant::now();
+        let used = self.kv_info().n_used;
+        self.compact(Some(cells.max(used + 1)))?;
+        Ok(ms(t))
     }
 }
 

@@ -11,6 +11,9 @@
 //! Every block states why it is sound. Pointers come from live llama-cpp-2 wrappers borrowed
 //! for the duration of the call, so they are non-null and not freed underneath us.
 #![allow(unsafe_code)]
+#![warn(unsafe_op_in_unsafe_fn)]
+
+pub mod observer;
 
 use std::sync::OnceLock;
 
@@ -207,5 +210,61 @@ pub fn last_logits<'c>(ctx: &'c LlamaContext<'_>, n_vocab: usize) -> Option<&'c 
     unsafe {
         let p = sys::llama_get_logits_ith(ctx.as_raw(), -1);
         (!p.is_null()).then(|| std::slice::from_raw_parts(p, n_vocab))
+    }
+}
+
+/// A llama.cpp context and the attention observer its `cb_eval` points to, owned together so
+/// the observer cannot be dropped while llama.cpp may still call it: fields drop in
+/// declaration order, the context first.
+pub struct ObservedContext<'m> {
+    ctx: LlamaContext<'m>,
+    observer: Option<Box<observer::Observer>>,
+}
+
+impl std::fmt::Debug for ObservedContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedContext").field("observed", &self.observer.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl<'m> ObservedContext<'m> {
+    /// Creates a context; with an observer, llama.cpp's `cb_eval` is routed to it.
+    ///
+    /// # Errors
+    /// When llama.cpp cannot create the context (usually memory).
+    pub fn new(
+        model: &'m llama_cpp_2::model::LlamaModel,
+        params: llama_cpp_2::context::params::LlamaContextParams,
+        observer: Option<observer::Observer>,
+    ) -> std::result::Result<Self, llama_cpp_2::LlamaContextLoadError> {
+        let observer = observer.map(Box::new);
+        let params = match &observer {
+            Some(obs) => {
+                let (cb, ud) = obs.callback();
+                // SAFETY: `ud` points into the boxed observer, which this struct owns and drops
+                // only after the context (field order); the box never moves its contents.
+                unsafe { params.with_cb_eval(cb, ud) }
+            }
+            None => params,
+        };
+        let ctx = model.new_context(backend().map_err(|_| llama_cpp_2::LlamaContextLoadError::NullReturn)?, params)?;
+        Ok(Self { ctx, observer })
+    }
+
+    /// The context.
+    #[must_use]
+    pub fn ctx(&self) -> &LlamaContext<'m> {
+        &self.ctx
+    }
+
+    /// The context, mutably.
+    pub fn ctx_mut(&mut self) -> &mut LlamaContext<'m> {
+        &mut self.ctx
+    }
+
+    /// The observer, if any.
+    #[must_use]
+    pub fn observer(&self) -> Option<&observer::Observer> {
+        self.observer.as_deref()
     }
 }

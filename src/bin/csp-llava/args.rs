@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, SamplingConfig};
+use csp_llava::policy::{csp_preset, Budget, PolicyConfig, PolicyKind, CSP_PRESETS};
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
 ///
@@ -136,6 +137,37 @@ pub struct RunArgs {
     /// KV cache type for V (written `-ctv`); quantized types need flash attention.
     #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
     pub cache_type_v: CacheType,
+    /// KV cache policy: full (no pruning), csp, h2o, snapkv, streaming, random.
+    #[arg(long = "kv-policy", value_name = "NAME", default_value = "full", help_heading = "KV cache pruning")]
+    pub kv_policy: PolicyKind,
+    /// Cells to keep: a fraction of the prompt with a decimal point (0.2 = 20%) or a cell count
+    /// (512). Counts everything kept (sinks, recent window, selected) [default: 0.2].
+    #[arg(long = "kv-budget", value_name = "B", help_heading = "KV cache pruning")]
+    pub kv_budget: Option<Budget>,
+    /// CSP: share of the selected tokens chosen by cross-modal attention [default: 0.5].
+    #[arg(long = "csp-cross-ratio", value_name = "R", help_heading = "KV cache pruning")]
+    pub csp_cross_ratio: Option<f64>,
+    /// Recent window = recent_bias × B/2 tokens always kept [default: 1].
+    #[arg(long = "csp-recent-bias", value_name = "X", help_heading = "KV cache pruning")]
+    pub csp_recent_bias: Option<f64>,
+    /// CSP: n of the n-softmax used to score tokens; 0 = softmax.
+    #[arg(long = "csp-n", value_name = "N", default_value_t = 1.0, help_heading = "KV cache pruning")]
+    pub csp_n: f32,
+    /// CSP: the released per-dataset cross_ratio/recent_bias (MileBench names, e.g. WebQA,
+    /// DocVQA, SlideVQA); explicit --csp-cross-ratio/--csp-recent-bias win.
+    #[arg(long = "csp-preset", value_name = "NAME", help_heading = "KV cache pruning")]
+    pub csp_preset: Option<String>,
+    /// Query rows observed: the last N prompt tokens [default: CSP the recent size B/2,
+    /// SnapKV 32 (capped by B), H2O all prompt queries].
+    #[arg(long = "obs-window", value_name = "N", help_heading = "KV cache pruning")]
+    pub obs_window: Option<usize>,
+    /// After pruning, move the cache into a context sized to the kept cells plus -n (plus the
+    /// rest of -c when -n is -1), freeing the large buffer.
+    #[arg(long = "kv-shrink", help_heading = "KV cache pruning")]
+    pub kv_shrink: bool,
+    /// Write one JSON line per prompt position (modality, image, kept, votes, score).
+    #[arg(long = "dump-retention", value_name = "FILE", help_heading = "KV cache pruning")]
+    pub dump_retention: Option<PathBuf>,
     /// Keep generating past end-of-generation tokens.
     #[arg(long = "ignore-eos")]
     pub ignore_eos: bool,
@@ -162,6 +194,27 @@ impl RunArgs {
             type_k: self.cache_type_k,
             type_v: self.cache_type_v,
         }
+    }
+
+    pub fn policy(&self) -> Result<PolicyConfig, String> {
+        let d = PolicyConfig::default();
+        let (mut cross_ratio, mut recent_bias) = (d.cross_ratio, d.recent_bias);
+        if let Some(name) = &self.csp_preset {
+            (cross_ratio, recent_bias) = csp_preset(name).ok_or_else(|| {
+                let names: Vec<_> = CSP_PRESETS.iter().map(|p| p.0).collect();
+                format!("unknown --csp-preset '{name}' (one of {})", names.join(", "))
+            })?;
+        }
+        Ok(PolicyConfig {
+            kind: self.kv_policy,
+            budget: self.kv_budget.unwrap_or_default(),
+            cross_ratio: self.csp_cross_ratio.unwrap_or(cross_ratio),
+            recent_bias: self.csp_recent_bias.unwrap_or(recent_bias),
+            csp_n: self.csp_n,
+            obs_window: self.obs_window,
+            seed: u64::try_from(self.seed).unwrap_or(0),
+            shrink: self.kv_shrink,
+        })
     }
 
     pub fn sampling(&self) -> SamplingConfig {

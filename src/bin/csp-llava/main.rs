@@ -112,6 +112,8 @@ fn run(a: &RunArgs) -> Result<()> {
     };
     let sampling = a.sampling();
     sampling.validate()?;
+    let policy = a.policy().map_err(anyhow::Error::msg)?;
+    policy.validate()?;
     let ctx = a.context();
     ctx.validate()?;
     let mcfg = ModelConfig {
@@ -150,7 +152,7 @@ fn run(a: &RunArgs) -> Result<()> {
         }
         _ => {}
     };
-    let report = engine.run(&req, &ctx, &sampling, &mut on_event);
+    let report = engine.run(&req, &ctx, &sampling, &policy, &mut on_event);
     bar.finish_and_clear();
     let report = report?;
     if json {
@@ -160,7 +162,20 @@ fn run(a: &RunArgs) -> Result<()> {
         writeln!(stdout)?;
     }
     stdout.flush()?;
+    if let Some(path) = &a.dump_retention {
+        write_retention(path, &report).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     eprintln!("{}", report.timing_line());
+    Ok(())
+}
+
+fn write_retention(path: &Path, report: &csp_llava::RunReport) -> Result<()> {
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for t in &report.retention {
+        serde_json::to_writer(&mut w, t)?;
+        writeln!(w)?;
+    }
+    w.flush()?;
     Ok(())
 }
 

@@ -1,0 +1,260 @@
+//! The `cb_eval` trampoline: llama.cpp's graph scheduler calls it for every node, first to ask
+//! whether we want the node's data (`ask = true`), then with the data computed. We want:
+//!
+//! * `cache_k_l0` (`SET_ROWS`, once per ubatch): its `src[1]` holds the KV cells the ubatch's
+//!   tokens are written to — the reducer's cell → token map;
+//! * `kq-<il>` (raw logits), only when the current ubatch holds query rows a policy asked for;
+//! * in tests, named tensors to capture (`Qcur-<il>`, `Kcur-<il>` after RoPE).
+//!
+//! Every wanted node splits the graph computation (a synchronisation), so asking is selective.
+//! Panics are caught (unwinding must not cross `extern "C"`); a failure returns `false`, which
+//! aborts the computation, and the error is kept for the engine to report.
+
+use std::ffi::{c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+use llama_cpp_sys_2 as sys;
+
+use crate::observe::{KqShape, Reducer};
+
+/// A tensor captured by name (tests): shape `ne` and F32 data.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// Tensor name, e.g. `Qcur-0`.
+    pub name: String,
+    /// ggml shape.
+    pub ne: [usize; 4],
+    /// Contiguous F32 data.
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    active: bool,
+    reducer: Option<Reducer>,
+    /// Names to capture (exact, e.g. "Qcur-0") with the op they must have (ROPE output).
+    capture: Vec<(String, u32)>,
+    captured: Vec<Captured>,
+    error: Option<String>,
+}
+
+/// Attention observer shared with llama.cpp through `cb_eval_user_data`.
+///
+/// Must outlive the context it is installed in: `Session` owns it in a `Box` declared after
+/// the context, so the context is dropped first.
+#[derive(Debug, Default)]
+pub struct Observer {
+    state: Mutex<State>,
+}
+
+impl Observer {
+    /// An observer feeding `reducer` (active from the start).
+    #[must_use]
+    pub fn new(reducer: Option<Reducer>) -> Self {
+        Self { state: Mutex::new(State { active: reducer.is_some(), reducer, ..State::default() }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Captures the RoPE'd `Qcur-<il>`/`Kcur-<il>` of `layers` (for tests against an independent
+    /// recomputation).
+    pub fn capture_qk(&self, layers: usize) {
+        let mut s = self.lock();
+        s.active = true;
+        for il in 0..layers {
+            s.capture.push((format!("Qcur-{il}"), sys::GGML_OP_ROPE));
+            s.capture.push((format!("Kcur-{il}"), sys::GGML_OP_ROPE));
+        }
+    }
+
+    /// Stops observing (decode steps are not observed).
+    pub fn deactivate(&self) {
+        self.lock().active = false;
+    }
+
+    /// Takes the reducer (its statistics) and any error.
+    pub fn finish(&self) -> (Option<Reducer>, Option<String>) {
+        let mut s = self.lock();
+        s.active = false;
+        (s.reducer.take(), s.error.take())
+    }
+
+    /// Milliseconds the reducer has spent so far.
+    pub fn reducer_ms(&self) -> f64 {
+        self.lock().reducer.as_ref().map_or(0.0, |r| r.ms)
+    }
+
+    /// Takes the captured tensors.
+    pub fn take_captured(&self) -> Vec<Captured> {
+        std::mem::take(&mut self.lock().captured)
+    }
+
+    /// The callback for `LlamaContextParams::with_cb_eval`, and the user data to pass with it.
+    #[must_use]
+    pub fn callback(&self) -> (sys::ggml_backend_sched_eval_callback, *mut c_void) {
+        (Some(trampoline), std::ptr::from_ref(self).cast_mut().cast())
+    }
+
+    /// Ask phase: is this node wanted?
+    fn wants(&self, t: &sys::ggml_tensor, name: &str) -> bool {
+        let s = self.lock();
+        if !s.active {
+            return false;
+        }
+        if s.capture.iter().any(|(n, op)| n == name && t.op == *op) {
+            return true;
+        }
+        let Some(r) = &s.reducer else { return false };
+        if t.op == sys::GGML_OP_SET_ROWS && name.starts_with("cache_k_l0") {
+            return true;
+        }
+        kq_layer(name).is_some() && !r.wanted_rows().is_empty()
+    }
+
+    /// Data phase.
+    ///
+    /// # Safety
+    /// `t` is a computed node of the running graph (llama.cpp guarantees it for the data call).
+    unsafe fn on_data(&self, t: *mut sys::ggml_tensor, name: &str) -> Result<(), String> {
+        let mut s = self.lock();
+        // SAFETY: per the contract, `t` is a valid node for the duration of the callback.
+        let tr = unsafe { &*t };
+        if s.capture.iter().any(|(n, op)| n == name && tr.op == *op) {
+            // SAFETY: as above.
+            let c = unsafe { read_f32(t) }?;
+            s.captured.push(Captured { name: name.to_owned(), ne: ne(tr), data: c });
+            return Ok(());
+        }
+        let Some(reducer) = s.reducer.as_mut() else { return Ok(()) };
+        if tr.op == sys::GGML_OP_SET_ROWS {
+            let idx = tr.src[1];
+            // SAFETY: a SET_ROWS node's src[1] is its row-index input, allocated and filled
+            // before the node ran; null-checked first.
+            let (ok, n) = unsafe { (!idx.is_null() && (*idx).type_ == sys::GGML_TYPE_I64, if idx.is_null() { 0 } else { (*idx).ne[0] as usize }) };
+            if !ok {
+                return Err("cache_k_l0: unexpected cell-index input".into());
+            }
+            let mut cells = vec![0i64; n];
+            // SAFETY: reads n I64 values (the whole tensor) into a buffer of that size.
+            unsafe { sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr().cast(), 0, n * 8) };
+            reducer.on_ubatch(&cells);
+            return Ok(());
+        }
+        let Some(layer) = kq_layer(name) else { return Ok(()) };
+        if tr.type_ != sys::GGML_TYPE_F32 || tr.nb[0] != 4 {
+            return Err(format!("{name}: expected contiguous F32 logits"));
+        }
+        let [n_kv, n_rows, n_head, n_stream] = ne(tr);
+        if n_stream != 1 {
+            return Err(format!("{name}: {n_stream} KV streams (only a unified cache is observed)"));
+        }
+        let rows = reducer.wanted_rows();
+        let (nb1, nb2) = (tr.nb[1], tr.nb[2]);
+        let row_block = rows.len() * n_kv;
+        // SAFETY: the node's buffer pointer is valid (or null, checked) while the graph runs.
+        let host = nb1 == n_kv * 4 && !tr.buffer.is_null() && unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) };
+        // Device memory: copy each head's wanted rows. Host memory: borrow them in place.
+        let copies: Vec<Vec<f32>> = if host {
+            Vec::new()
+        } else {
+            (0..n_head)
+                .map(|h| {
+                    let mut v = vec![0f32; row_block];
+                    for (k, r) in rows.clone().enumerate() {
+                        // SAFETY: row r of head h is n_kv F32 values at byte offset
+                        // r·nb1 + h·nb2 inside the tensor; the destination has room for them.
+                        unsafe { sys::ggml_backend_tensor_get(t, v[k * n_kv..].as_mut_ptr().cast(), r * nb1 + h * nb2, n_kv * 4) };
+                    }
+                    v
+                })
+                .collect()
+        };
+        let base = tr.data as usize;
+        let start = rows.start;
+        let head_rows = |h: usize| -> &[f32] {
+            if host {
+                // SAFETY: host buffer of n_head × n_rows × n_kv F32 with row stride
+                // nb1 = 4·n_kv (checked) and head stride nb2; rows start..start+len lie inside
+                // it, and the data stays alive and unmodified during this callback.
+                unsafe { std::slice::from_raw_parts((base + h * nb2 + start * nb1) as *const f32, row_block) }
+            } else {
+                &copies[h]
+            }
+        };
+        reducer.reduce(KqShape { layer, n_kv, n_rows, n_head }, &head_rows);
+        Ok(())
+    }
+
+    fn fail(&self, msg: String) {
+        let mut s = self.lock();
+        s.error.get_or_insert(msg);
+        s.active = false;
+    }
+}
+
+fn ne(t: &sys::ggml_tensor) -> [usize; 4] {
+    t.ne.map(|x| usize::try_from(x).unwrap_or(0))
+}
+
+/// `kq-<il>` → il.
+fn kq_layer(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("kq-")?;
+    rest.bytes().all(|b| b.is_ascii_digit()).then(|| rest.parse().ok()).flatten()
+}
+
+/// Copies a contiguous F32 tensor.
+///
+/// # Safety
+/// `t` is a computed tensor of the running graph.
+unsafe fn read_f32(t: *mut sys::ggml_tensor) -> Result<Vec<f32>, String> {
+    // SAFETY: `t` is valid per the contract; these functions only read its header.
+    let (ty, n, bytes, contiguous) = unsafe { ((*t).type_, sys::ggml_nelements(t) as usize, sys::ggml_nbytes(t), sys::ggml_is_contiguous(t)) };
+    if ty != sys::GGML_TYPE_F32 || bytes != n * 4 || !contiguous {
+        return Err("capture: not a contiguous F32 tensor".into());
+    }
+    let mut v = vec![0f32; n];
+    // SAFETY: copies the whole tensor (`bytes`) into a buffer of exactly that size.
+    unsafe { sys::ggml_backend_tensor_get(t, v.as_mut_ptr().cast(), 0, bytes) };
+    Ok(v)
+}
+
+unsafe extern "C" fn trampoline(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_void) -> bool {
+    // SAFETY: `ud` is the `Observer` registered with this context, alive while the context is.
+    let obs = unsafe { &*(ud as *const Observer) };
+    let res = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: llama.cpp passes a valid node whose name is a NUL-terminated array.
+        let tr = unsafe { &*t };
+        let name = unsafe { CStr::from_ptr(tr.name.as_ptr()) }.to_str().unwrap_or("");
+        if ask {
+            return obs.wants(tr, name);
+        }
+        // SAFETY: data phase: `t` has been computed and is readable.
+        match unsafe { obs.on_data(t, name) } {
+            Ok(()) => true,
+            Err(e) => {
+                obs.fail(e);
+                false
+            }
+        }
+    }));
+    res.unwrap_or_else(|_| {
+        obs.fail("panic in the attention observer".into());
+        false
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kq_layer;
+
+    #[test]
+    fn layer_names() {
+        assert_eq!(kq_layer("kq-0"), Some(0));
+        assert_eq!(kq_layer("kq-31"), Some(31));
+        assert_eq!(kq_layer("kq_soft_max-3"), None);
+        assert_eq!(kq_layer("kq-3 (view)"), None);
+    }
+}

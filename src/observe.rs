@@ -1,0 +1,343 @@
+//! Attention statistics gathered while the prompt is evaluated, reduced on the spot.
+//!
+//! llama.cpp's graph exposes each layer's raw attention logits as `kq-<il>`, F32
+//! `[n_kv, n_rows, n_head]` (key cell fastest; unscaled; no mask applied: the softmax that
+//! follows scales, masks and normalises in place). A [`Reducer`] turns one such tensor into
+//! per-(layer, KV head, key token) column sums of softmax or n-softmax probabilities over the
+//! query rows a policy asked for, split by the query's modality (text vs media). It never keeps
+//! the L×L×H matrix: memory is 2 × layers × KV heads × L floats.
+//!
+//! * Columns are KV **cells**; the reducer maps them to prompt token indices from the cell ids
+//!   llama.cpp writes each ubatch to (`attn_inp_k_idxs`), so holes and reused cells are fine.
+//! * The causal mask is rebuilt from those indices: a query at prompt index t sees the keys at
+//!   indices ≤ t (single sequence, causal attention, 1-D positions — the engine refuses
+//!   observation for models where that does not hold).
+//! * n-softmax: `p_j = exp(x_j) / (n + Σ exp(x_i))` with `x = scale·q·k` (CSP, methods §1.2);
+//!   n = 0 is the ordinary softmax.
+//! * Grouped-query attention: query heads sharing a KV head are averaged (the mean aggregation
+//!   of KVCache-Factory), because the cache — and so eviction — is per KV head.
+
+use crate::span::Modality;
+
+/// Which query rows statistics are gathered over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Every prompt query (H2O).
+    All,
+    /// The last `w` prompt queries (SnapKV, CSP's observation window).
+    Last(usize),
+}
+
+/// What a policy asks the observer for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StatRequest {
+    /// Query rows.
+    pub rows: Rows,
+    /// n of the n-softmax; 0 = ordinary softmax.
+    pub n: f32,
+}
+
+/// Query modality buckets the sums are split by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    /// Text queries.
+    Text = 0,
+    /// Image (or audio) queries.
+    Media = 1,
+}
+
+impl Bucket {
+    /// The bucket of a token's modality.
+    #[must_use]
+    pub fn of(m: Modality) -> Self {
+        if m == Modality::Text {
+            Bucket::Text
+        } else {
+            Bucket::Media
+        }
+    }
+}
+
+/// Column sums `[bucket][layer][kv head][token]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionStats {
+    /// Layers.
+    pub n_layer: usize,
+    /// KV heads.
+    pub n_head_kv: usize,
+    /// Prompt tokens (columns).
+    pub n_tokens: usize,
+    /// Query rows that contributed, per bucket.
+    pub n_rows: [usize; 2],
+    data: Vec<f32>,
+}
+
+impl AttentionStats {
+    /// All zeros.
+    #[must_use]
+    pub fn new(n_layer: usize, n_head_kv: usize, n_tokens: usize) -> Self {
+        Self { n_layer, n_head_kv, n_tokens, n_rows: [0; 2], data: vec![0.0; 2 * n_layer * n_head_kv * n_tokens] }
+    }
+
+    fn offset(&self, b: Bucket, layer: usize, head: usize) -> usize {
+        ((b as usize * self.n_layer + layer) * self.n_head_kv + head) * self.n_tokens
+    }
+
+    /// Attention each token received from queries of bucket `b`, in one (layer, KV head).
+    #[must_use]
+    pub fn column(&self, b: Bucket, layer: usize, head: usize) -> &[f32] {
+        let o = self.offset(b, layer, head);
+        &self.data[o..o + self.n_tokens]
+    }
+
+    /// Mutable access (tests and hand-built statistics).
+    pub fn column_mut(&mut self, b: Bucket, layer: usize, head: usize) -> &mut [f32] {
+        let o = self.offset(b, layer, head);
+        &mut self.data[o..o + self.n_tokens]
+    }
+
+    /// Text + media sums.
+    #[must_use]
+    pub fn total(&self, layer: usize, head: usize) -> Vec<f32> {
+        let t = self.column(Bucket::Text, layer, head);
+        let m = self.column(Bucket::Media, layer, head);
+        t.iter().zip(m).map(|(a, b)| a + b).collect()
+    }
+}
+
+/// Shape of one `kq-<il>` tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct KqShape {
+    /// Layer.
+    pub layer: usize,
+    /// Key cells (columns), padded by llama.cpp.
+    pub n_kv: usize,
+    /// Query rows of this ubatch.
+    pub n_rows: usize,
+    /// Query heads.
+    pub n_head: usize,
+}
+
+/// Accumulates [`AttentionStats`] from `kq` tensors, one ubatch at a time.
+#[derive(Debug)]
+pub struct Reducer {
+    req: StatRequest,
+    scale: f32,
+    bucket: Vec<Bucket>,
+    /// cell → prompt token index
+    cell_token: Vec<Option<u32>>,
+    /// prompt token index of the first row of the current ubatch, and its row count
+    ubatch: (u32, usize),
+    next_token: u32,
+    threads: usize,
+    stats: AttentionStats,
+    /// Milliseconds spent reducing.
+    pub ms: f64,
+}
+
+impl Reducer {
+    /// A reducer for a prompt whose tokens have the given modalities.
+    #[must_use]
+    pub fn new(req: StatRequest, modality: &[Modality], n_layer: usize, n_head_kv: usize, scale: f32, threads: usize) -> Self {
+        Self {
+            req,
+            scale,
+            bucket: modality.iter().map(|m| Bucket::of(*m)).collect(),
+            cell_token: Vec::new(),
+            ubatch: (0, 0),
+            next_token: 0,
+            threads: threads.max(1),
+            stats: AttentionStats::new(n_layer, n_head_kv, modality.len()),
+            ms: 0.0,
+        }
+    }
+
+    /// The statistics gathered so far.
+    #[must_use]
+    pub fn stats(&self) -> &AttentionStats {
+        &self.stats
+    }
+
+    /// Takes the statistics.
+    #[must_use]
+    pub fn into_stats(self) -> AttentionStats {
+        self.stats
+    }
+
+    /// Prompt tokens seen so far.
+    #[must_use]
+    pub fn tokens_seen(&self) -> usize {
+        self.next_token as usize
+    }
+
+    /// A new ubatch: its tokens (the next prompt tokens, in order) were written to `cells`.
+    pub fn on_ubatch(&mut self, cells: &[i64]) {
+        self.ubatch = (self.next_token, cells.len());
+        for (r, &c) in cells.iter().enumerate() {
+            let Ok(c) = usize::try_from(c) else { continue };
+            if self.cell_token.len() <= c {
+                self.cell_token.resize(c + 1, None);
+            }
+            self.cell_token[c] = Some(self.next_token + r as u32);
+        }
+        self.next_token += cells.len() as u32;
+    }
+
+    /// Rows of the current ubatch whose statistics are wanted (a suffix), as `start..n_rows`.
+    #[must_use]
+    pub fn wanted_rows(&self) -> std::ops::Range<usize> {
+        let (first, n) = self.ubatch;
+        let n_prompt = self.bucket.len();
+        let from = match self.req.rows {
+            Rows::All => 0,
+            Rows::Last(w) => n_prompt.saturating_sub(w),
+        };
+        let first = first as usize;
+        // rows beyond the prompt (decode) are never wanted
+        let end = n.min(n_prompt.saturating_sub(first));
+        let start = from.saturating_sub(first).min(end);
+        start..end
+    }
+
+    /// Reduces one layer's `kq` for the wanted rows. `head_rows(h)` returns head `h`'s rows
+    /// `wanted_rows()` as one `[rows × n_kv]` slab (row-major, key cell fastest).
+    pub fn reduce<'s>(&mut self, shape: KqShape, head_rows: &(dyn Fn(usize) -> &'s [f32] + Sync)) {
+        let t0 = std::time::Instant::now();
+        let rows = self.wanted_rows();
+        if rows.is_empty() || shape.layer >= self.stats.n_layer {
+            return;
+        }
+        let n_head_kv = self.stats.n_head_kv;
+        let group = (shape.n_head / n_head_kv).max(1);
+        // visible key cells, sorted by token index: a row at index t sees the prefix with u ≤ t
+        let mut cols: Vec<(usize, u32)> = self
+            .cell_token
+            .iter()
+            .take(shape.n_kv)
+            .enumerate()
+            .filter_map(|(j, u)| u.map(|u| (j, u)))
+            .collect();
+        cols.sort_unstable_by_key(|&(_, u)| u);
+        let first = self.ubatch.0;
+        let row_tokens: Vec<u32> = rows.clone().map(|r| first + r as u32).collect();
+        for &t in &row_tokens {
+            self.stats.n_rows[self.bucket[t as usize] as usize] += usize::from(shape.layer == 0);
+        }
+
+        let n_tokens = self.stats.n_tokens;
+        let (scale, n) = (self.scale, f64::from(self.req.n));
+        let bucket = &self.bucket;
+        let layer_len = n_head_kv * n_tokens;
+        let (text_all, media_all) = self.stats.data.split_at_mut(self.stats.n_layer * layer_len);
+        let text = &mut text_all[shape.layer * layer_len..][..layer_len];
+        let media = &mut media_all[shape.layer * layer_len..][..layer_len];
+        let work: Vec<(usize, &mut [f32], &mut [f32])> = text
+            .chunks_mut(n_tokens)
+            .zip(media.chunks_mut(n_tokens))
+            .enumerate()
+            .map(|(g, (a, b))| (g, a, b))
+            .collect();
+        let per_worker = work.len().div_ceil(self.threads);
+        let reduce_group = |(g, acc_text, acc_media): (usize, &mut [f32], &mut [f32])| {
+            let mut e = Vec::with_capacity(cols.len());
+            for h in g * group..(g + 1) * group {
+                let slab = head_rows(h);
+                for (r, &t) in row_tokens.iter().enumerate() {
+                    let logits = &slab[r * shape.n_kv..(r + 1) * shape.n_kv];
+                    let vis = cols.partition_point(|&(_, u)| u <= t);
+                    let vis = &cols[..vis];
+                    let mx = vis.iter().map(|&(j, _)| logits[j] * scale).fold(f32::NEG_INFINITY, f32::max);
+                    if !mx.is_finite() {
+                        continue;
+                    }
+                    e.clear();
+                    let mut sum = 0f64;
+                    for &(j, _) in vis {
+                        let v = f64::from(logits[j] * scale - mx).exp();
+                        sum += v;
+                        e.push(v);
+                    }
+                    let denom = sum + if n > 0.0 { n * (-f64::from(mx)).exp() } else { 0.0 };
+                    let w = 1.0 / (denom * group as f64);
+                    let acc = if bucket[t as usize] == Bucket::Text { &mut *acc_text } else { &mut *acc_media };
+                    for (&(_, u), &v) in vis.iter().zip(&e) {
+                        acc[u as usize] += (v * w) as f32;
+                    }
+                }
+            }
+        };
+        if self.threads <= 1 || work.len() <= 1 {
+            work.into_iter().for_each(reduce_group);
+        } else {
+            let mut work = work;
+            std::thread::scope(|s| {
+                while !work.is_empty() {
+                    let chunk: Vec<_> = work.drain(..per_worker.min(work.len())).collect();
+                    let f = &reduce_group;
+                    s.spawn(move || chunk.into_iter().for_each(f));
+                }
+            });
+        }
+        self.ms += t0.elapsed().as_secs_f64() * 1e3;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 3 tokens (text, image, text), 1 layer, 2 query heads sharing 1 KV head, all in one
+    /// ubatch written to cells 2, 0, 1 (cells ≠ token order on purpose).
+    #[test]
+    fn column_sums_match_a_hand_computation() {
+        let modality = [Modality::Text, Modality::Image, Modality::Text];
+        for (n, rows) in [(0.0f32, Rows::All), (1.0, Rows::Last(2))] {
+            let mut r = Reducer::new(StatRequest { rows, n }, &modality, 1, 1, 0.5, 1);
+            r.on_ubatch(&[2, 0, 1]);
+            let n_kv = 4; // padded: cell 3 is empty
+            // raw logits per head, rows = tokens 0..3, columns = cells 0..4
+            let logits: [[f32; 12]; 2] = [
+                [1.0, 9.0, 2.0, 9.0, /**/ 4.0, 9.0, 0.0, 9.0, /**/ 2.0, 6.0, -2.0, 9.0],
+                [3.0, 9.0, 1.0, 9.0, /**/ 0.0, 9.0, 2.0, 9.0, /**/ -4.0, 0.0, 4.0, 9.0],
+            ];
+            let want = r.wanted_rows();
+            let slabs: Vec<Vec<f32>> = logits.iter().map(|l| l[want.start * n_kv..want.end * n_kv].to_vec()).collect();
+            let get = |h: usize| -> &[f32] { &slabs[h] };
+            r.reduce(KqShape { layer: 0, n_kv, n_rows: 3, n_head: 2 }, &get);
+
+            // expected: token u lives in cell c(u) = [2, 0, 1][u]
+            let cell = [2usize, 0, 1];
+            let mut exp = [[0f64; 3]; 2]; // [bucket][token]
+            for h in 0..2 {
+                for t in want.clone() {
+                    let xs: Vec<f64> = (0..=t).map(|u| f64::from(logits[h][t * n_kv + cell[u]]) * 0.5).collect();
+                    let z: f64 = xs.iter().map(|x| x.exp()).sum::<f64>() + f64::from(n);
+                    let b = Bucket::of(modality[t]) as usize;
+                    for (u, x) in xs.iter().enumerate() {
+                        exp[b][u] += x.exp() / z / 2.0;
+                    }
+                }
+            }
+            for (b, bucket) in [Bucket::Text, Bucket::Media].into_iter().enumerate() {
+                let got = r.stats().column(bucket, 0, 0);
+                for u in 0..3 {
+                    assert!((f64::from(got[u]) - exp[b][u]).abs() < 1e-6, "n={n} bucket {b} token {u}: {} vs {}", got[u], exp[b][u]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn window_rows_across_ubatches() {
+        let modality = [Modality::Text; 10];
+        let mut r = Reducer::new(StatRequest { rows: Rows::Last(3), n: 1.0 }, &modality, 1, 1, 1.0, 1);
+        r.on_ubatch(&[0, 1, 2, 3, 4, 5]);
+        assert!(r.wanted_rows().is_empty());
+        r.on_ubatch(&[6, 7, 8]);
+        assert_eq!(r.wanted_rows(), 1..3);
+        r.on_ubatch(&[9]);
+        assert_eq!(r.wanted_rows(), 0..1);
+        r.on_ubatch(&[10]); // a decode token: never wanted
+        assert!(r.wanted_rows().is_empty());
+    }
+}

@@ -1,0 +1,416 @@
+//! KV-cache eviction policies ("presses" in kvpress terms) and what they share.
+//!
+//! A policy turns attention statistics (or none) into, for every (layer, KV head), the prompt
+//! tokens that head would keep — the reference implementations select per head. llama.cpp has
+//! one set of cells for all layers and heads, so at `global` granularity the per-head choices
+//! become one keep-set by vote: a token's rank is the number of (layer, head) pairs keeping it,
+//! ties broken by its summed score, then by position ([`select::vote`]). The keep-set has
+//! exactly `B` cells.
+//!
+//! Budget `B` has one meaning for every policy: it counts everything kept — sinks, the recent
+//! window and selected tokens ([`Split`]).
+//!
+//! | policy | file | needs attention |
+//! |---|---|---|
+//! | `full` | `full.rs` | no (never prunes) |
+//! | `csp` | `csp.rs` | last O queries, n-softmax, by query modality |
+//! | `h2o` | `h2o.rs` | all prompt queries |
+//! | `snapkv` | `snapkv.rs` | last W queries |
+//! | `streaming` | `streaming.rs` | no |
+//! | `random` | `random.rs` | no |
+
+mod csp;
+mod full;
+mod h2o;
+mod random;
+pub mod select;
+mod snapkv;
+mod streaming;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+pub use csp::{preset as csp_preset, Csp, CSP_PRESETS};
+pub use full::Full;
+pub use h2o::H2o;
+pub use random::Random;
+pub use snapkv::SnapKv;
+pub use streaming::Streaming;
+
+use crate::error::{Error, Result};
+use crate::observe::{AttentionStats, StatRequest};
+use crate::span::Modality;
+
+/// The registry of policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// No pruning.
+    #[default]
+    Full,
+    /// Cross-Self Pruning.
+    Csp,
+    /// Heavy-Hitter Oracle (prefill-only).
+    H2o,
+    /// SnapKV.
+    SnapKv,
+    /// StreamingLLM: attention sinks + recent window.
+    Streaming,
+    /// Seeded random selection + recent window.
+    Random,
+}
+
+impl PolicyKind {
+    /// All policies, in CLI order.
+    pub const ALL: [PolicyKind; 6] = [
+        PolicyKind::Full,
+        PolicyKind::Csp,
+        PolicyKind::H2o,
+        PolicyKind::SnapKv,
+        PolicyKind::Streaming,
+        PolicyKind::Random,
+    ];
+
+    /// CLI / JSON name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Full => "full",
+            PolicyKind::Csp => "csp",
+            PolicyKind::H2o => "h2o",
+            PolicyKind::SnapKv => "snapkv",
+            PolicyKind::Streaming => "streaming",
+            PolicyKind::Random => "random",
+        }
+    }
+
+    /// Builds the policy.
+    #[must_use]
+    pub fn build(self, cfg: &PolicyConfig) -> Box<dyn Policy> {
+        match self {
+            PolicyKind::Full => Box::new(Full),
+            PolicyKind::Csp => Box::new(Csp { cross_ratio: cfg.cross_ratio, n: cfg.csp_n }),
+            PolicyKind::H2o => Box::new(H2o),
+            PolicyKind::SnapKv => Box::new(SnapKv::default()),
+            PolicyKind::Streaming => Box::new(Streaming::default()),
+            PolicyKind::Random => Box::new(Random { seed: cfg.seed }),
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PolicyKind::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            let names: Vec<_> = PolicyKind::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown policy '{s}' (one of {})", names.join(", "))
+        })
+    }
+}
+
+/// `--kv-budget`: a fraction of the prompt or a number of cells.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Budget {
+    /// `0 < b ≤ 1`: keep floor(b·L) of the L prompt tokens (written with a decimal point).
+    Fraction(f64),
+    /// Keep this many cells (a bare integer).
+    Cells(usize),
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::Fraction(0.2)
+    }
+}
+
+impl FromStr for Budget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.contains('.') || s.contains(['e', 'E']) {
+            let b: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+            if !(b > 0.0 && b <= 1.0) {
+                return Err(format!("fraction {s} is outside (0, 1]; write a cell count without a decimal point"));
+            }
+            Ok(Budget::Fraction(b))
+        } else {
+            let n: usize = s.parse().map_err(|_| format!("'{s}' is neither a fraction (0.2) nor a cell count (512)"))?;
+            if n == 0 {
+                return Err("a budget of 0 cells keeps nothing".into());
+            }
+            Ok(Budget::Cells(n))
+        }
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Fraction(b) => write!(f, "{b}"),
+            Budget::Cells(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Pruning settings (CLI: `--kv-policy`, `--kv-budget`, `--csp-*`, `--obs-window`, …).
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyConfig {
+    /// The policy.
+    pub kind: PolicyKind,
+    /// Budget (default 0.2 of the prompt).
+    pub budget: Budget,
+    /// CSP: share of the selected budget given to cross-modal attention (default 0.5).
+    pub cross_ratio: f64,
+    /// Recent window = recent·recent_bias, recent = B/2 (default 1).
+    pub recent_bias: f64,
+    /// CSP: n of the n-softmax used for scoring (default 1).
+    pub csp_n: f32,
+    /// Observation window (query rows); policy default when `None`.
+    pub obs_window: Option<usize>,
+    /// Seed of the `random` policy.
+    pub seed: u64,
+    /// Move the pruned cache into a context sized to the kept cells plus generation room.
+    pub shrink: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            kind: PolicyKind::Full,
+            budget: Budget::default(),
+            cross_ratio: 0.5,
+            recent_bias: 1.0,
+            csp_n: 1.0,
+            obs_window: None,
+            seed: 0,
+            shrink: false,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Range checks that need no prompt.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        let err = |field, reason: String| Err(Error::Config { field, reason });
+        if !(0.0..=1.0).contains(&self.cross_ratio) {
+            return err("--csp-cross-ratio", format!("{} is outside [0, 1]", self.cross_ratio));
+        }
+        if !(self.recent_bias > 0.0 && self.recent_bias.is_finite()) {
+            return err("--csp-recent-bias", format!("{} must be positive (the last prompt token is always kept)", self.recent_bias));
+        }
+        if !(self.csp_n >= 0.0 && self.csp_n.is_finite()) {
+            return err("--csp-n", format!("{} must be ≥ 0 (0 = plain softmax)", self.csp_n));
+        }
+        if self.obs_window == Some(0) {
+            return err("--obs-window", "must be at least 1 query".into());
+        }
+        Ok(())
+    }
+
+    /// Resolves the budget for a prompt of `l` tokens.
+    ///
+    /// # Errors
+    /// A budget that keeps no cell.
+    pub fn split(&self, l: usize) -> Result<Split> {
+        Split::new(self.budget, l, self.recent_bias)
+    }
+}
+
+/// The budget resolved for one prompt: `b = r + k`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Split {
+    /// Prompt tokens.
+    pub l: usize,
+    /// Cells kept in all (min(B, L)).
+    pub b: usize,
+    /// B/2: the paper's recent share, and CSP's default observation window.
+    pub recent: usize,
+    /// Most recent tokens always kept (recent·recent_bias, at least 1, at most B).
+    pub r: usize,
+    /// Tokens selected by score: b − r.
+    pub k: usize,
+}
+
+impl Split {
+    /// Resolves `budget` for `l` prompt tokens.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the budget rounds to zero cells.
+    pub fn new(budget: Budget, l: usize, recent_bias: f64) -> Result<Self> {
+        let b = match budget {
+            Budget::Fraction(f) => (f * l as f64).floor() as usize,
+            Budget::Cells(n) => n,
+        }
+        .min(l);
+        if b == 0 && l > 0 {
+            return Err(Error::Config {
+                field: "--kv-budget",
+                reason: format!("{budget} of {l} prompt tokens keeps no cell; raise it"),
+            });
+        }
+        let recent = b / 2;
+        let r = ((recent as f64 * recent_bias).floor() as usize).clamp(1.min(b), b);
+        Ok(Self { l, b, recent, r, k: b - r })
+    }
+
+    /// Whether anything is evicted.
+    #[must_use]
+    pub fn prunes(&self) -> bool {
+        self.b < self.l
+    }
+
+    /// Candidates for selection: every token before the recent window.
+    #[must_use]
+    pub fn candidates(&self) -> std::ops::Range<usize> {
+        0..self.l - self.r
+    }
+
+    /// The recent window.
+    #[must_use]
+    pub fn recent_window(&self) -> std::ops::Range<usize> {
+        self.l - self.r..self.l
+    }
+}
+
+/// What a policy sees when it selects.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// Modality of each prompt token.
+    pub modality: &'a [Modality],
+    /// The resolved budget.
+    pub split: Split,
+    /// Attention statistics, when the policy asked for them.
+    pub stats: Option<&'a AttentionStats>,
+}
+
+/// One (layer, KV head)'s choice — or the single choice of a policy without statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadChoice {
+    /// Token indices this head keeps (at most B, no duplicates).
+    pub keep: Vec<usize>,
+    /// A score per token (L values), summed across heads to break vote ties; also dumped.
+    pub score: Vec<f32>,
+}
+
+/// An eviction policy.
+pub trait Policy: fmt::Debug + Send + Sync {
+    /// Registry name.
+    fn name(&self) -> &'static str;
+
+    /// Attention statistics to gather during prefill; `None` for none.
+    fn request(&self, split: &Split, obs_window: Option<usize>) -> Option<StatRequest>;
+
+    /// Whether the policy prunes this prompt at all (CSP, as released, leaves text-only
+    /// prompts alone).
+    fn applies(&self, _modality: &[Modality]) -> bool {
+        true
+    }
+
+    /// The per-head (or single) choices.
+    ///
+    /// # Errors
+    /// Missing statistics.
+    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>>;
+}
+
+/// The final retention of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    /// Per prompt token: kept?
+    pub keep: Vec<bool>,
+    /// Number of (layer, head) choices keeping each token.
+    pub votes: Vec<u32>,
+    /// Score summed over choices.
+    pub score: Vec<f32>,
+}
+
+impl Retention {
+    /// Cells kept.
+    #[must_use]
+    pub fn kept(&self) -> usize {
+        self.keep.iter().filter(|k| **k).count()
+    }
+}
+
+/// Runs a policy and votes its choices down to exactly `min(B, L)` tokens.
+///
+/// # Errors
+/// Policy errors (missing statistics).
+pub fn retain(policy: &dyn Policy, input: &Input<'_>) -> Result<Retention> {
+    let choices = policy.choose(input)?;
+    Ok(select::vote(&choices, input.split.l, input.split.b))
+}
+
+/// Errors for policies that need statistics and got none.
+pub(crate) fn need_stats<'a>(input: &Input<'a>, name: &str) -> Result<&'a AttentionStats> {
+    input.stats.ok_or_else(|| Error::Config {
+        field: "--kv-policy",
+        reason: format!("{name} needs attention statistics from the prefill"),
+    })
+}
+
+/// Per-(layer, KV head) choices from one score vector each, plus the recent window: the shape
+/// of H2O and SnapKV.
+pub(crate) fn per_head(stats: &AttentionStats, split: &Split, score: impl Fn(usize, usize) -> Vec<f32>) -> Vec<HeadChoice> {
+    let mut out = Vec::with_capacity(stats.n_layer * stats.n_head_kv);
+    for layer in 0..stats.n_layer {
+        for head in 0..stats.n_head_kv {
+            let s = score(layer, head);
+            let mut keep = select::top_k(&s, split.candidates(), split.k);
+            keep.extend(split.recent_window());
+            out.push(HeadChoice { keep, score: s });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_parsing() {
+        assert_eq!("0.2".parse::<Budget>().unwrap(), Budget::Fraction(0.2));
+        assert_eq!("1.0".parse::<Budget>().unwrap(), Budget::Fraction(1.0));
+        assert_eq!("512".parse::<Budget>().unwrap(), Budget::Cells(512));
+        for bad in ["0", "0.0", "1.5", "-0.1", "x", "-3"] {
+            assert!(bad.parse::<Budget>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn split_follows_the_paper() {
+        let s = Split::new(Budget::Fraction(0.2), 1000, 1.0).unwrap();
+        assert_eq!((s.b, s.recent, s.r, s.k), (200, 100, 100, 100));
+        let s = Split::new(Budget::Fraction(0.2), 1000, 1.5).unwrap();
+        assert_eq!((s.b, s.r, s.k), (200, 150, 50));
+        let s = Split::new(Budget::Cells(10), 1000, 5.0).unwrap();
+        assert_eq!((s.b, s.r, s.k), (10, 10, 0), "R is capped at B");
+        let s = Split::new(Budget::Cells(1), 1000, 1.0).unwrap();
+        assert_eq!((s.b, s.r, s.k), (1, 1, 0), "the last token is always kept");
+        let s = Split::new(Budget::Cells(5000), 1000, 1.0).unwrap();
+        assert!(!s.prunes());
+        assert!(Split::new(Budget::Fraction(0.001), 100, 1.0).is_err());
+    }
+
+    #[test]
+    fn config_ranges() {
+        assert!(PolicyConfig::default().validate().is_ok());
+        assert!(PolicyConfig { cross_ratio: 1.2, ..Default::default() }.validate().is_err());
+        assert!(PolicyConfig { recent_bias: 0.0, ..Default::default() }.validate().is_err());
+        assert!(PolicyConfig { csp_n: -1.0, ..Default::default() }.validate().is_err());
+        assert!(PolicyConfig { obs_window: Some(0), ..Default::default() }.validate().is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! The selection routines every policy shares. All are deterministic: ties go to the earlier
+//! position (the references use `torch.topk`, whose tie order is unspecified on CUDA).
+
+use std::cmp::Ordering;
+use std::ops::Range;
+
+use super::{HeadChoice, Retention};
+
+/// Score descending, then index ascending; NaN ranks last.
+fn by_score_desc(scores: &[f32]) -> impl Fn(&usize, &usize) -> Ordering + '_ {
+    move |&a, &b| {
+        let (x, y) = (scores[a], scores[b]);
+        let x = if x.is_nan() { f32::NEG_INFINITY } else { x };
+        let y = if y.is_nan() { f32::NEG_INFINITY } else { y };
+        y.partial_cmp(&x).unwrap_or(Ordering::Equal).then(a.cmp(&b))
+    }
+}
+
+/// The `k` best indices of `candidates` by `scores` (score desc, index asc), in that order.
+#[must_use]
+pub fn top_k(scores: &[f32], candidates: Range<usize>, k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = candidates.collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let cmp = by_score_desc(scores);
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, &cmp);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(&cmp);
+    idx
+}
+
+/// 1-D average pooling with zero padding (`avg_pool1d(kernel, stride 1, padding kernel/2,
+/// count_include_pad=True)`, as SnapKV).
+#[must_use]
+pub fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
+    let half = kernel / 2;
+    let n = x.len();
+    let mut prefix = vec![0f64; n + 1];
+    for (i, v) in x.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + f64::from(*v);
+    }
+    (0..n)
+        .map(|i| {
+            let lo = i.saturating_sub(half);
+            let hi = (i + half + 1).min(n);
+            ((prefix[hi] - prefix[lo]) / kernel as f64) as f32
+        })
+        .collect()
+}
+
+/// Votes per-head choices down to exactly `b` of `l` tokens: rank by the number of choices
+/// keeping a token, then by the score summed over all choices, then by position.
+#[must_use]
+pub fn vote(choices: &[HeadChoice], l: usize, b: usize) -> Retention {
+    let mut votes = vec![0u32; l];
+    let mut score = vec![0f32; l];
+    for c in choices {
+        for &t in &c.keep {
+            if t < l {
+                votes[t] += 1;
+            }
+        }
+        for (s, v) in score.iter_mut().zip(&c.score) {
+            *s += v;
+        }
+    }
+    let mut order: Vec<usize> = (0..l).collect();
+    let b = b.min(l);
+    let cmp = |a: &usize, c: &usize| {
+        votes[*c].cmp(&votes[*a]).then_with(|| by_score_desc(&score)(a, c))
+    };
+    if b < l && b > 0 {
+        order.select_nth_unstable_by(b - 1, cmp);
+    }
+    let mut keep = vec![false; l];
+    for &t in order.iter().take(b) {
+        keep[t] = true;
+    }
+    Retention { keep, votes, score }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_is_deterministic_with_ties() {
+        let s = [0.5, 0.9, 0.5, 0.1, 0.9, f32::NAN];
+        assert_eq!(top_k(&s, 0..6, 3), vec![1, 4, 0]);
+        assert_eq!(top_k(&s, 2..6, 2), vec![4, 2]);
+        assert_eq!(top_k(&s, 0..6, 0), Vec::<usize>::new());
+        assert_eq!(top_k(&s, 0..3, 10), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn pooling_pads_with_zeros() {
+        let p = avg_pool(&[5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0], 5);
+        assert_eq!(p, vec![1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn vote_ranks_by_count_then_score_then_position() {
+        let l = 6;
+        let choices = vec![
+            HeadChoice { keep: vec![0, 5], score: vec![0.0, 3.0, 1.0, 1.0, 0.0, 0.0] },
+            HeadChoice { keep: vec![1, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
+            HeadChoice { keep: vec![2, 3, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
+        ];
+        // votes: 0:1 1:1 2:1 3:1 4:0 5:3; scores 1:3, 2:1, 3:1
+        let r = vote(&choices, l, 3);
+        assert_eq!(r.keep, vec![false, true, true, false, false, true]);
+        assert_eq!(r.votes, vec![1, 1, 1, 1, 0, 3]);
+        assert_eq!(vote(&choices, l, 6).keep, vec![true; 6]);
+    }
+}

@@ -1,0 +1,90 @@
+//! The attention observer against an independent recomputation: the RoPE'd queries and keys
+//! (`Qcur-<il>`, `Kcur-<il>`) captured from the same run give the logits; causal n-softmax and
+//! column sums by query modality are then computed here in f64 and compared.
+
+mod support;
+
+use csp_llava::config::{CacheType, ContextConfig, FlashAttn, ModelConfig, Request};
+use csp_llava::engine::PrefillMode;
+use csp_llava::gguf::tiny;
+use csp_llava::observe::{Bucket, Rows, StatRequest};
+use csp_llava::span::Modality;
+use csp_llava::Engine;
+
+#[test]
+fn observer_matches_recomputation_from_q_and_k() {
+    let mut cfg = ModelConfig::new(support::model(), support::mmproj());
+    cfg.threads = 2;
+    let engine = Engine::load(&cfg).unwrap();
+    let req = Request {
+        images: (0..4).map(support::image).collect(),
+        prompt: "Which of the four images has a red shape?".into(),
+        ..Default::default()
+    };
+    let prompt = engine.prepare(&req).unwrap();
+    let l = prompt.n_tokens();
+    let modality = prompt.token_modalities();
+    // f32 cache: the recomputation uses f32 keys, so the cached keys must not be rounded to f16
+    let ctx = ContextConfig { n_ctx: 1024, n_ubatch: 128, flash_attn: FlashAttn::Off, type_k: CacheType::F32, type_v: CacheType::F32, ..Default::default() };
+    let n_layer = tiny::text::N_LAYER as usize;
+    let (n_head, n_head_kv) = (tiny::text::N_HEAD as usize, tiny::text::N_HEAD_KV as usize);
+    let head_dim = (tiny::text::N_EMBD / tiny::text::N_HEAD) as usize;
+    let group = n_head / n_head_kv;
+
+    // window of 120 rows: the question's text rows and the last image's rows, across ubatches
+    for (rows, n) in [(Rows::Last(120), 1.0f32), (Rows::All, 0.0)] {
+        let mut session = engine.session(&prompt, &ctx, Some(StatRequest { rows, n })).unwrap();
+        session.observer().unwrap().capture_qk(n_layer);
+        session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+        let captured = session.observer().unwrap().take_captured();
+        let stats = session.take_stats(&prompt).unwrap().expect("stats");
+        assert!(stats.n_rows[0] > 0 && stats.n_rows[1] > 0, "window has text and image rows: {:?}", stats.n_rows);
+
+        let first_row = match rows {
+            Rows::Last(w) => l - w,
+            Rows::All => 0,
+        };
+        let mut max_err = 0f64;
+        for il in 0..n_layer {
+            let gather = |name: &str, heads: usize| -> Vec<f32> {
+                let v: Vec<f32> = captured.iter().filter(|c| c.name == name).flat_map(|c| c.data.iter().copied()).collect();
+                assert_eq!(v.len(), l * heads * head_dim, "{name}: every prompt token captured once");
+                v
+            };
+            let q = gather(&format!("Qcur-{il}"), n_head);
+            let k = gather(&format!("Kcur-{il}"), n_head_kv);
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let mut want = vec![vec![vec![0f64; l]; n_head_kv]; 2]; // [bucket][kv head][token]
+            for h in 0..n_head {
+                let g = h / group;
+                for t in first_row..l {
+                    let qv = &q[(t * n_head + h) * head_dim..][..head_dim];
+                    let x: Vec<f64> = (0..=t)
+                        .map(|u| {
+                            let kv = &k[(u * n_head_kv + g) * head_dim..][..head_dim];
+                            qv.iter().zip(kv).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() * scale
+                        })
+                        .collect();
+                    let z: f64 = x.iter().map(|v| v.exp()).sum::<f64>() + f64::from(n);
+                    let b = if modality[t] == Modality::Text { 0 } else { 1 };
+                    for (u, v) in x.iter().enumerate() {
+                        want[b][g][u] += v.exp() / z / group as f64;
+                    }
+                }
+            }
+            for (b, bucket) in [Bucket::Text, Bucket::Media].into_iter().enumerate() {
+                for g in 0..n_head_kv {
+                    let got = stats.column(bucket, il, g);
+                    for u in 0..l {
+                        max_err = max_err.max((f64::from(got[u]) - want[b][g][u]).abs());
+                    }
+                }
+            }
+        }
+        eprintln!("{rows:?} n={n}: max err {max_err:e}");
+        assert!(max_err <= 1e-4, "{rows:?} n={n}: max |Δ column sum| = {max_err}");
+        // the sums are not trivially zero
+        let total: f32 = (0..n_layer).flat_map(|il| (0..n_head_kv).map(move |g| (il, g))).map(|(il, g)| stats.total(il, g).iter().sum::<f32>()).sum();
+        assert!(total > 1.0);
+    }
+}
