@@ -32,5 +32,8 @@ impl Rng {
     pub fn symmetric(&mut self, a: f32) -> f32 {
         (self.uniform() * 2.0 - 1.0) * a
     }
+    /// Uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
 }
-

@@ -377,7 +377,10 @@ pub(crate) fn per_head(stats: &AttentionStats, split: &Split, score: impl Fn(usi
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod unit {
     use super::*;
 
     #[test]

@@ -2,7 +2,8 @@
 //! Sinks", arXiv 2309.17453): keep the first `sinks` tokens (attention sinks) and the most
 //! recent ones, nothing else.
 //!
-//! Shapes: keeps `[0, min(sinks, B−1))` ∪ the last `B − sinks` tokens — all of B. Needs no
+//! Shapes: keeps `[0, min(sinks, B−R))` ∪ the last `B − sinks` tokens (⊇ the recent window R)
+//! — all of B. Needs no
 //! attention statistics, so flash attention stays available.
 
 use super::{HeadChoice, Input, Policy, Split};
@@ -30,9 +31,9 @@ impl Policy for Streaming {
         None
     }
     fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
-        let Split { l, b, .. } = input.split;
-        // at least the last token stays in the recent part
-        let sinks = self.sinks.min(b.saturating_sub(1));
+        let Split { l, b, r, .. } = input.split;
+        // sinks never displace the budget's recent window (at least the last token)
+        let sinks = self.sinks.min(b - r);
         let mut keep: Vec<usize> = (0..sinks).collect();
         keep.extend(l - (b - sinks)..l);
         let mut score = vec![0.0; l];

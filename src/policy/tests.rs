@@ -1,0 +1,189 @@
+//! Every policy on hand-built attention statistics with known answers, and budget invariants
+//! as property tests over random prompts, statistics and settings.
+
+use super::*;
+use crate::observe::{AttentionStats, Bucket};
+use crate::rng::Rng;
+use crate::span::Modality::{Image as I, Text as T};
+
+/// 10 tokens: text 0–1, image 2–5, text 6–9; budget 6 cells → recent 3, R 3, k 3.
+const MODALITY: [Modality; 10] = [T, T, I, I, I, I, T, T, T, T];
+
+fn split6() -> Split {
+    Split::new(Budget::Cells(6), 10, 1.0).unwrap()
+}
+
+/// One layer, one KV head, given column sums from text and from image queries.
+fn stats(from_text: [f32; 10], from_media: [f32; 10]) -> AttentionStats {
+    let mut s = AttentionStats::new(1, 1, 10);
+    s.column_mut(Bucket::Text, 0, 0).copy_from_slice(&from_text);
+    s.column_mut(Bucket::Media, 0, 0).copy_from_slice(&from_media);
+    s
+}
+
+fn kept(r: &Retention) -> Vec<usize> {
+    (0..r.keep.len()).filter(|&t| r.keep[t]).collect()
+}
+
+fn run(p: &dyn Policy, s: Option<&AttentionStats>, modality: &[Modality], split: Split) -> Retention {
+    retain(p, &Input { modality, split, stats: s }).unwrap()
+}
+
+#[test]
+fn csp_picks_self_and_cross_separately() {
+    let split = split6();
+    assert_eq!((split.b, split.r, split.k), (6, 3, 3));
+    //                 t0   t1   i2   i3   i4   i5    t6   t7 t8 t9
+    let from_text = [0.1, 0.2, 0.9, 0.1, 0.3, 0.05, 0.4, 0., 0., 0.];
+    let from_media = [0.5, 0.0, 0.2, 0.8, 0.1, 0.0, 0.1, 0., 0., 0.];
+    let s = stats(from_text, from_media);
+    // self  = text keys ← text queries, image keys ← image queries: best is i3 (0.8)
+    // cross = text keys ← image queries, image keys ← text queries: best is i2 (0.9)
+    let csp = Csp { cross_ratio: 0.5, n: 1.0 }; // k_self = k_cross = 1
+    let choices = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    assert_eq!(choices.len(), 1);
+    assert_eq!(choices[0].keep, vec![3, 2, 7, 8, 9]);
+    // the vote fills the sixth cell with the best remaining self+cross score: t0 (0.6)
+    assert_eq!(kept(&run(&csp, Some(&s), &MODALITY, split)), vec![0, 2, 3, 7, 8, 9]);
+
+    // cross_ratio 0: only self attention ranks (k_self = k = 3): i3, t6, t1/i2 tie → position
+    let only_self = Csp { cross_ratio: 0.0, n: 1.0 };
+    assert_eq!(only_self.split_k(3), (3, 0));
+    let c = only_self.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    assert_eq!(c[0].keep, vec![3, 6, 1, 7, 8, 9]);
+    // cross_ratio 1: only cross: i2 (0.9), t0 (0.5), i4 (0.3)
+    let only_cross = Csp { cross_ratio: 1.0, n: 1.0 };
+    let c = only_cross.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    assert_eq!(c[0].keep, vec![2, 0, 4, 7, 8, 9]);
+}
+
+#[test]
+fn csp_deduplicates_tokens_chosen_by_both() {
+    let split = split6();
+    // i2 is the best for self and for cross
+    let s = stats([0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.1, 0., 0., 0.], [0.0, 0.2, 0.9, 0.0, 0.0, 0.0, 0.0, 0., 0., 0.]);
+    let csp = Csp::default();
+    let c = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    assert_eq!(c[0].keep, vec![2, 7, 8, 9], "i2 once, not twice");
+    // the vote fills B = 6 with the best remaining summed scores: t1 (0.2), t6 (0.1)
+    assert_eq!(kept(&run(&csp, Some(&s), &MODALITY, split)), vec![1, 2, 6, 7, 8, 9]);
+}
+
+#[test]
+fn csp_leaves_text_only_prompts_alone() {
+    assert!(!Csp::default().applies(&[T; 10]));
+    assert!(Csp::default().applies(&MODALITY));
+}
+
+#[test]
+fn h2o_sums_all_queries() {
+    let split = split6();
+    let s = stats([0.1, 0.2, 0.0, 0.6, 0.0, 0.3, 0.0, 0., 0., 0.], [0.5, 0.0, 0.1, 0.0, 0.0, 0.2, 0.1, 0., 0., 0.]);
+    // totals: t0 .6, t1 .2, i2 .1, i3 .6, i4 0, i5 .5, t6 .1 → top 3: t0, i3 (tie → position), i5
+    assert_eq!(kept(&run(&H2o, Some(&s), &MODALITY, split)), vec![0, 3, 5, 7, 8, 9]);
+    assert_eq!(H2o.request(&split, None).unwrap().rows, crate::observe::Rows::All);
+}
+
+#[test]
+fn snapkv_pools_before_ranking() {
+    let split = Split::new(Budget::Cells(4), 10, 1.0).unwrap(); // r = 2, k = 2, candidates 0..8
+    assert_eq!((split.r, split.k), (2, 2));
+    let s = stats([0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 3.0, 9., 9.], [0.0; 10]);
+    // raw top-2 would be t7, then i2; pooled (kernel 5, zero pad) over 0..8:
+    // [.2, .2, .4, .4, .4, .8, .8, .6] → i5, t6
+    let kept_tokens = kept(&run(&SnapKv::default(), Some(&s), &MODALITY, split));
+    assert_eq!(kept_tokens, vec![5, 6, 8, 9]);
+    // window 32 capped by the budget
+    let req = SnapKv::default().request(&split, None).unwrap();
+    assert_eq!(req.rows, crate::observe::Rows::Last(4));
+}
+
+#[test]
+fn streaming_keeps_sinks_and_recent() {
+    // B = 9: four sinks + the last five
+    let r = run(&Streaming::default(), None, &MODALITY, Split::new(Budget::Cells(9), 10, 1.0).unwrap());
+    assert_eq!(kept(&r), vec![0, 1, 2, 3, 5, 6, 7, 8, 9]);
+    // B = 6: the recent window (R = 3) is never displaced, so only three sinks fit
+    let r = run(&Streaming::default(), None, &MODALITY, split6());
+    assert_eq!(kept(&r), vec![0, 1, 2, 7, 8, 9]);
+    // a budget below the sinks still keeps the last token
+    let r = run(&Streaming::default(), None, &MODALITY, Split::new(Budget::Cells(3), 10, 1.0).unwrap());
+    assert_eq!(kept(&r), vec![0, 1, 9]);
+}
+
+#[test]
+fn random_is_seeded() {
+    let a = run(&Random { seed: 1 }, None, &MODALITY, split6());
+    let b = run(&Random { seed: 1 }, None, &MODALITY, split6());
+    assert_eq!(a, b);
+    assert!([7, 8, 9].iter().all(|&t| a.keep[t]));
+    let differs = (2..40).any(|seed| run(&Random { seed }, None, &MODALITY, split6()).keep != a.keep);
+    assert!(differs);
+}
+
+#[test]
+fn full_never_applies() {
+    assert!(!Full.applies(&MODALITY));
+    assert_eq!(run(&Full, None, &MODALITY, Split::new(Budget::Cells(10), 10, 1.0).unwrap()).kept(), 10);
+}
+
+#[test]
+fn policies_needing_statistics_say_so() {
+    for p in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
+        let pol = p.build(&PolicyConfig::default());
+        assert!(pol.request(&split6(), None).is_some());
+        assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None }).is_err());
+    }
+}
+
+/// Random prompts, statistics, budgets and settings: every policy keeps exactly min(B, L)
+/// cells, always the recent window, and the same cells when run again.
+#[test]
+fn budget_invariants_hold_for_random_cases() {
+    let mut rng = Rng::new(7, "property");
+    for case in 0..300 {
+        let l = 1 + rng.below(300) as usize;
+        let n_layer = 1 + rng.below(3) as usize;
+        let n_head = 1 + rng.below(4) as usize;
+        let modality: Vec<Modality> = (0..l).map(|_| if rng.below(3) == 0 { T } else { I }).collect();
+        let budget = if rng.below(2) == 0 {
+            Budget::Fraction(0.01 + 0.99 * f64::from(rng.uniform()))
+        } else {
+            Budget::Cells(1 + rng.below(2 * l as u64) as usize)
+        };
+        let bias = 0.1 + 2.0 * f64::from(rng.uniform());
+        let Ok(split) = Split::new(budget, l, bias) else {
+            assert!(matches!(budget, Budget::Fraction(f) if (f * l as f64) < 1.0), "case {case}");
+            continue;
+        };
+        let mut s = AttentionStats::new(n_layer, n_head, l);
+        for layer in 0..n_layer {
+            for h in 0..n_head {
+                for b in [Bucket::Text, Bucket::Media] {
+                    // coarse values so that ties happen
+                    s.column_mut(b, layer, h).iter_mut().for_each(|v| *v = rng.below(5) as f32 / 4.0);
+                }
+            }
+        }
+        let cfg = PolicyConfig { cross_ratio: f64::from(rng.uniform()), recent_bias: bias, seed: rng.next_u64(), ..Default::default() };
+        for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random] {
+            let p = kind.build(&cfg);
+            let input = Input { modality: &modality, split, stats: Some(&s) };
+            let r = retain(p.as_ref(), &input).unwrap();
+            assert_eq!(r.kept(), split.b.min(l), "case {case} {kind}: kept");
+            assert_eq!(split.b, budget_cells(budget, l), "case {case}");
+            for t in split.recent_window() {
+                assert!(r.keep[t], "case {case} {kind}: recent token {t} of {l} evicted (r = {})", split.r);
+            }
+            assert!(r.keep[l - 1], "case {case} {kind}: last token");
+            assert_eq!(retain(p.as_ref(), &input).unwrap(), r, "case {case} {kind}: deterministic");
+        }
+    }
+}
+
+fn budget_cells(b: Budget, l: usize) -> usize {
+    match b {
+        Budget::Fraction(f) => ((f * l as f64).floor() as usize).min(l),
+        Budget::Cells(n) => n.min(l),
+    }
+}

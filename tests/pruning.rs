@@ -1,0 +1,175 @@
+//! Pruning end to end on the tiny model with 4 images: budgets, compaction, shrinking, every
+//! policy, flash-attention rules.
+
+mod support;
+
+use std::process::Command;
+
+use csp_llava::config::{ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
+use csp_llava::policy::{Budget, PolicyConfig, PolicyKind};
+use csp_llava::{Engine, RunReport};
+
+fn engine() -> Engine {
+    let mut cfg = ModelConfig::new(support::model(), support::mmproj());
+    cfg.threads = 2;
+    Engine::load(&cfg).unwrap()
+}
+
+fn four_images() -> Request {
+    Request { images: (0..4).map(support::image).collect(), prompt: "Which image shows a circle?".into(), ..Default::default() }
+}
+
+fn greedy(n: i32) -> SamplingConfig {
+    SamplingConfig { n_predict: n, temp: 0.0, ignore_eos: true, seed: Some(1), ..Default::default() }
+}
+
+fn run(e: &Engine, req: &Request, fa: FlashAttn, kind: PolicyKind, budget: Budget, shrink: bool) -> RunReport {
+    let ctx = ContextConfig { n_ctx: 1024, flash_attn: fa, ..Default::default() };
+    let policy = PolicyConfig { kind, budget, shrink, ..Default::default() };
+    e.run(req, &ctx, &greedy(12), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{kind} {budget}: {err}"))
+}
+
+const PRUNING: [PolicyKind; 5] = [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random];
+
+#[test]
+fn budget_one_reproduces_the_full_cache() {
+    let e = engine();
+    let req = four_images();
+    for fa in [FlashAttn::Off, FlashAttn::Auto] {
+        let full = run(&e, &req, fa, PolicyKind::Full, Budget::Fraction(1.0), false);
+        for kind in PRUNING {
+            let r = run(&e, &req, fa, kind, Budget::Fraction(1.0), false);
+            assert_eq!(r.text, full.text, "{kind} at budget 1.0, fa {fa:?}");
+            assert!(!r.pruned);
+            assert_eq!(r.kv_cells_after, full.kv_cells_after);
+            assert_eq!(r.flash_attn, full.flash_attn);
+        }
+    }
+}
+
+#[test]
+fn budget_point_two_prunes_compacts_and_still_generates() {
+    let e = engine();
+    let req = four_images();
+    let full = run(&e, &req, FlashAttn::Off, PolicyKind::Full, Budget::Fraction(1.0), false);
+    let l = full.n_prompt_tokens;
+    assert_eq!(full.image_tokens, vec![64; 4]);
+    let b = (0.2 * l as f64).floor() as u32;
+    for kind in PRUNING {
+        let r = run(&e, &req, FlashAttn::Auto, kind, Budget::Fraction(0.2), false);
+        assert!(r.pruned, "{kind}");
+        assert_eq!(r.kv_cells_before as usize, l, "{kind}");
+        assert_eq!(r.kv_cells_after, b, "{kind}: floor(0.2·{l})");
+        assert_eq!(r.kv_cells, r.kv_cells_after);
+        assert_eq!(r.kept_per_modality.text + r.kept_per_modality.image, b as usize);
+        assert_eq!(r.kv_attended, b, "{kind}: compaction packs the kept cells to the front");
+        assert!(r.kv_bytes_after * 4 < r.kv_bytes_before, "{kind}");
+        assert_eq!(r.n_generated, 12, "{kind}");
+        assert_eq!(r.kv_budget, Some(b as usize));
+        // the prefill attends over the full prompt: the first token is the full cache's
+        let first = |t: &str| t.chars().next();
+        assert_eq!(first(&r.text), first(&full.text), "{kind}: first token");
+
+        let shrunk = run(&e, &req, FlashAttn::Auto, kind, Budget::Fraction(0.2), true);
+        assert_eq!(shrunk.text, r.text, "{kind}: --kv-shrink changes nothing but the buffer");
+        assert_eq!(shrunk.kv_cells_after, b);
+        assert!(shrunk.kv_bytes_allocated < r.kv_bytes_allocated, "{kind}: shrink frees the big buffer");
+        assert!(shrunk.kv_cells_allocated as usize >= b as usize + 12);
+    }
+}
+
+#[test]
+fn observing_policies_turn_flash_attention_off() {
+    let e = engine();
+    let req = four_images();
+    for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
+        let r = run(&e, &req, FlashAttn::Auto, kind, Budget::Fraction(0.2), false);
+        assert_eq!(r.flash_attn, "off", "{kind}");
+        assert!(r.score_ms > 0.0);
+        let ctx = ContextConfig { n_ctx: 1024, flash_attn: FlashAttn::On, ..Default::default() };
+        let policy = PolicyConfig { kind, ..Default::default() };
+        let err = e.run(&req, &ctx, &greedy(2), &policy, &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("flash attention off"), "{err}");
+    }
+    // policies that do not observe keep flash attention as requested
+    for kind in [PolicyKind::Streaming, PolicyKind::Random] {
+        let r = run(&e, &req, FlashAttn::On, kind, Budget::Fraction(0.2), false);
+        assert_eq!(r.flash_attn, "on", "{kind}");
+    }
+}
+
+#[test]
+fn csp_leaves_a_text_only_prompt_alone_but_baselines_prune_it() {
+    let e = engine();
+    let req = Request { prompt: "A long text-only question about shapes and colours and nothing else at all.".into(), ..Default::default() };
+    let r = run(&e, &req, FlashAttn::Auto, PolicyKind::Csp, Budget::Fraction(0.5), false);
+    assert!(!r.pruned);
+    assert_eq!(r.kv_cells_after as usize, r.n_prompt_tokens);
+    for kind in [PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random] {
+        let r = run(&e, &req, FlashAttn::Auto, kind, Budget::Fraction(0.5), false);
+        assert!(r.pruned, "{kind}");
+        assert_eq!(r.kv_cells_after as usize, r.n_prompt_tokens / 2, "{kind}");
+    }
+}
+
+#[test]
+fn integer_budget_and_long_prompt() {
+    let e = engine();
+    // 16 images (1024 image tokens) across several ubatches
+    let req = Request { images: (0..16).map(|i| support::image(i % 4)).collect(), prompt: "Count the circles.".into(), ..Default::default() };
+    for kind in PRUNING {
+        let ctx = ContextConfig { n_ctx: 2048, ..Default::default() };
+        let policy = PolicyConfig { kind, budget: Budget::Cells(200), ..Default::default() };
+        let r = e.run(&req, &ctx, &greedy(4), &policy, &mut |_| {}).unwrap();
+        assert_eq!(r.kv_cells_after, 200, "{kind}");
+        assert_eq!(r.n_images, 16);
+        assert_eq!(r.n_generated, 4);
+    }
+}
+
+#[test]
+fn cli_flags_json_and_dump() {
+    let dump = support::scratch().join("retention.jsonl");
+    let imgs: Vec<String> = (0..4).map(|i| support::image(i).to_str().unwrap().to_owned()).collect();
+    let mut args: Vec<String> = vec!["-m".into(), support::model().to_str().unwrap().into(), "--mmproj".into(), support::mmproj().to_str().unwrap().into()];
+    for i in &imgs {
+        args.extend(["--image".into(), i.clone()]);
+    }
+    args.extend(
+        ["-p", "Compare.", "-n", "3", "--temp", "0", "--json", "-c", "1024", "--kv-policy", "csp", "--kv-budget", "0.25", "--csp-preset", "WebQA", "--dump-retention"]
+            .map(String::from),
+    );
+    args.push(dump.to_str().unwrap().into());
+    let out = Command::new(env!("CARGO_BIN_EXE_csp-llava")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["kv_cells_before", "kv_cells_after", "kv_bytes_before", "kv_bytes_after", "score_ms", "evict_ms", "pruned", "kept_per_modality"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["policy"], "csp");
+    assert_eq!(v["pruned"], true);
+    let l = v["n_prompt_tokens"].as_u64().unwrap();
+    assert_eq!(v["kv_cells_after"].as_u64().unwrap(), (0.25 * l as f64).floor() as u64);
+    assert_eq!(v["kv_cells_before"].as_u64().unwrap(), l);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len() as u64, l);
+    assert_eq!(lines.iter().filter(|x| x["kept"] == true).count() as u64, v["kv_cells_after"].as_u64().unwrap());
+    assert!(lines.iter().any(|x| x["modality"] == "image" && x["image"] == 3));
+
+    // bad settings are one-line errors
+    let bad = |extra: &[&str], needle: &str| {
+        let mut a = args[..4].to_vec();
+        a.extend(["-p", "hi"].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let out = Command::new(env!("CARGO_BIN_EXE_csp-llava")).args(&a).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle) && !err.contains("panicked"), "{extra:?}: {err}");
+    };
+    bad(&["--kv-policy", "csp", "--kv-budget", "1.5"], "outside (0, 1]");
+    bad(&["--kv-policy", "h2o", "--kv-budget", "0"], "keeps nothing");
+    bad(&["--kv-policy", "csp", "--csp-cross-ratio", "2"], "--csp-cross-ratio");
+    bad(&["--kv-policy", "csp", "--csp-preset", "NoSuchSet"], "unknown --csp-preset");
+    bad(&["--kv-policy", "snapkv", "-fa", "on"], "flash attention off");
+    bad(&["--kv-policy", "h2o", "--kv-budget", "0.001"], "keeps no cell");
+    bad(&["--kv-policy", "pyramid"], "unknown policy");
+}
