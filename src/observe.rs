@@ -118,10 +118,12 @@ pub struct KqShape {
     pub n_head: usize,
 }
 
-/// Accumulates [`AttentionStats`] from `kq` tensors, one ubatch at a time.
+/// Accumulates [`AttentionStats`] from `kq` tensors, one ubatch at a time — one set per
+/// request, so several policies can be served by a single prefill (the exponentials of a row are
+/// computed once and shared).
 #[derive(Debug)]
 pub struct Reducer {
-    req: StatRequest,
+    reqs: Vec<StatRequest>,
     scale: f32,
     bucket: Vec<Bucket>,
     /// cell → prompt token index
@@ -130,7 +132,7 @@ pub struct Reducer {
     ubatch: (u32, usize),
     next_token: u32,
     threads: usize,
-    stats: AttentionStats,
+    stats: Vec<AttentionStats>,
     /// Milliseconds spent reducing.
     pub ms: f64,
 }
@@ -138,29 +140,30 @@ pub struct Reducer {
 impl Reducer {
     /// A reducer for a prompt whose tokens have the given modalities.
     #[must_use]
-    pub fn new(req: StatRequest, modality: &[Modality], n_layer: usize, n_head_kv: usize, scale: f32, threads: usize) -> Self {
+    pub fn new(reqs: Vec<StatRequest>, modality: &[Modality], n_layer: usize, n_head_kv: usize, scale: f32, threads: usize) -> Self {
+        let stats = reqs.iter().map(|_| AttentionStats::new(n_layer, n_head_kv, modality.len())).collect();
         Self {
-            req,
+            reqs,
             scale,
             bucket: modality.iter().map(|m| Bucket::of(*m)).collect(),
             cell_token: Vec::new(),
             ubatch: (0, 0),
             next_token: 0,
             threads: threads.max(1),
-            stats: AttentionStats::new(n_layer, n_head_kv, modality.len()),
+            stats,
             ms: 0.0,
         }
     }
 
-    /// The statistics gathered so far.
+    /// The statistics gathered so far, one per request.
     #[must_use]
-    pub fn stats(&self) -> &AttentionStats {
+    pub fn stats(&self) -> &[AttentionStats] {
         &self.stats
     }
 
-    /// Takes the statistics.
+    /// Takes the statistics, one per request.
     #[must_use]
-    pub fn into_stats(self) -> AttentionStats {
+    pub fn into_stats(self) -> Vec<AttentionStats> {
         self.stats
     }
 
@@ -183,15 +186,21 @@ impl Reducer {
         self.next_token += cells.len() as u32;
     }
 
-    /// Rows of the current ubatch whose statistics are wanted (a suffix), as `start..n_rows`.
+    /// First prompt token index request `k` reads rows from.
+    fn first_row(&self, k: usize) -> usize {
+        match self.reqs[k].rows {
+            Rows::All => 0,
+            Rows::Last(w) => self.bucket.len().saturating_sub(w),
+        }
+    }
+
+    /// Rows of the current ubatch whose statistics some request wants (a suffix), as
+    /// `start..end` row indices.
     #[must_use]
     pub fn wanted_rows(&self) -> std::ops::Range<usize> {
         let (first, n) = self.ubatch;
         let n_prompt = self.bucket.len();
-        let from = match self.req.rows {
-            Rows::All => 0,
-            Rows::Last(w) => n_prompt.saturating_sub(w),
-        };
+        let from = (0..self.reqs.len()).map(|k| self.first_row(k)).min().unwrap_or(n_prompt);
         let first = first as usize;
         // rows beyond the prompt (decode) are never wanted
         let end = n.min(n_prompt.saturating_sub(first));
@@ -204,10 +213,11 @@ impl Reducer {
     pub fn reduce<'s>(&mut self, shape: KqShape, head_rows: &(dyn Fn(usize) -> &'s [f32] + Sync)) {
         let t0 = std::time::Instant::now();
         let rows = self.wanted_rows();
-        if rows.is_empty() || shape.layer >= self.stats.n_layer {
+        let n_layer = self.stats.first().map_or(0, |s| s.n_layer);
+        if rows.is_empty() || shape.layer >= n_layer {
             return;
         }
-        let n_head_kv = self.stats.n_head_kv;
+        let n_head_kv = self.stats[0].n_head_kv;
         let group = (shape.n_head / n_head_kv).max(1);
         // visible key cells, sorted by token index: a row at index t sees the prefix with u ≤ t
         let mut cols: Vec<(usize, u32)> = self
@@ -220,32 +230,39 @@ impl Reducer {
         cols.sort_unstable_by_key(|&(_, u)| u);
         let first = self.ubatch.0;
         let row_tokens: Vec<u32> = rows.clone().map(|r| first + r as u32).collect();
-        for &t in &row_tokens {
-            self.stats.n_rows[self.bucket[t as usize] as usize] += usize::from(shape.layer == 0);
+        let firsts: Vec<usize> = (0..self.reqs.len()).map(|k| self.first_row(k)).collect();
+        let ns: Vec<f64> = self.reqs.iter().map(|r| f64::from(r.n)).collect();
+        if shape.layer == 0 {
+            for &t in &row_tokens {
+                for (k, st) in self.stats.iter_mut().enumerate() {
+                    if t as usize >= firsts[k] {
+                        st.n_rows[self.bucket[t as usize] as usize] += 1;
+                    }
+                }
+            }
         }
 
-        let n_tokens = self.stats.n_tokens;
-        let (scale, n) = (self.scale, f64::from(self.req.n));
+        let n_tokens = self.stats[0].n_tokens;
+        let scale = self.scale;
         let bucket = &self.bucket;
         let layer_len = n_head_kv * n_tokens;
-        let (text_all, media_all) = self.stats.data.split_at_mut(self.stats.n_layer * layer_len);
-        let text = &mut text_all[shape.layer * layer_len..][..layer_len];
-        let media = &mut media_all[shape.layer * layer_len..][..layer_len];
-        let work: Vec<(usize, &mut [f32], &mut [f32])> = text
-            .chunks_mut(n_tokens)
-            .zip(media.chunks_mut(n_tokens))
-            .enumerate()
-            .map(|(g, (a, b))| (g, a, b))
-            .collect();
-        let per_worker = work.len().div_ceil(self.threads);
-        let reduce_group = |(g, acc_text, acc_media): (usize, &mut [f32], &mut [f32])| {
+        // work[g][k] = (text sums, media sums) of KV head g for request k
+        let mut work: Vec<Vec<(&mut [f32], &mut [f32])>> = (0..n_head_kv).map(|_| Vec::new()).collect();
+        for st in &mut self.stats {
+            let (text_all, media_all) = st.data.split_at_mut(n_layer * layer_len);
+            let text = &mut text_all[shape.layer * layer_len..][..layer_len];
+            let media = &mut media_all[shape.layer * layer_len..][..layer_len];
+            for (g, pair) in text.chunks_mut(n_tokens).zip(media.chunks_mut(n_tokens)).enumerate() {
+                work[g].push(pair);
+            }
+        }
+        let reduce_group = |(g, mut accs): (usize, Vec<(&mut [f32], &mut [f32])>)| {
             let mut e = Vec::with_capacity(cols.len());
             for h in g * group..(g + 1) * group {
                 let slab = head_rows(h);
                 for (r, &t) in row_tokens.iter().enumerate() {
                     let logits = &slab[r * shape.n_kv..(r + 1) * shape.n_kv];
-                    let vis = cols.partition_point(|&(_, u)| u <= t);
-                    let vis = &cols[..vis];
+                    let vis = &cols[..cols.partition_point(|&(_, u)| u <= t)];
                     let mx = vis.iter().map(|&(j, _)| logits[j] * scale).fold(f32::NEG_INFINITY, f32::max);
                     if !mx.is_finite() {
                         continue;
@@ -257,18 +274,26 @@ impl Reducer {
                         sum += v;
                         e.push(v);
                     }
-                    let denom = sum + if n > 0.0 { n * (-f64::from(mx)).exp() } else { 0.0 };
-                    let w = 1.0 / (denom * group as f64);
-                    let acc = if bucket[t as usize] == Bucket::Text { &mut *acc_text } else { &mut *acc_media };
-                    for (&(_, u), &v) in vis.iter().zip(&e) {
-                        acc[u as usize] += (v * w) as f32;
+                    let text_row = bucket[t as usize] == Bucket::Text;
+                    for (k, (acc_text, acc_media)) in accs.iter_mut().enumerate() {
+                        if (t as usize) < firsts[k] {
+                            continue;
+                        }
+                        let denom = sum + if ns[k] > 0.0 { ns[k] * (-f64::from(mx)).exp() } else { 0.0 };
+                        let w = 1.0 / (denom * group as f64);
+                        let acc: &mut [f32] = if text_row { acc_text } else { acc_media };
+                        for (&(_, u), &v) in vis.iter().zip(&e) {
+                            acc[u as usize] += (v * w) as f32;
+                        }
                     }
                 }
             }
         };
+        let work: Vec<_> = work.into_iter().enumerate().collect();
         if self.threads <= 1 || work.len() <= 1 {
             work.into_iter().for_each(reduce_group);
         } else {
+            let per_worker = work.len().div_ceil(self.threads);
             let mut work = work;
             std::thread::scope(|s| {
                 while !work.is_empty() {
@@ -292,7 +317,7 @@ mod tests {
     fn column_sums_match_a_hand_computation() {
         let modality = [Modality::Text, Modality::Image, Modality::Text];
         for (n, rows) in [(0.0f32, Rows::All), (1.0, Rows::Last(2))] {
-            let mut r = Reducer::new(StatRequest { rows, n }, &modality, 1, 1, 0.5, 1);
+            let mut r = Reducer::new(vec![StatRequest { rows, n }], &modality, 1, 1, 0.5, 1);
             r.on_ubatch(&[2, 0, 1]);
             let n_kv = 4; // padded: cell 3 is empty
             // raw logits per head, rows = tokens 0..3, columns = cells 0..4
@@ -319,7 +344,7 @@ mod tests {
                 }
             }
             for (b, bucket) in [Bucket::Text, Bucket::Media].into_iter().enumerate() {
-                let got = r.stats().column(bucket, 0, 0);
+                let got = r.stats()[0].column(bucket, 0, 0);
                 for u in 0..3 {
                     assert!((f64::from(got[u]) - exp[b][u]).abs() < 1e-6, "n={n} bucket {b} token {u}: {} vs {}", got[u], exp[b][u]);
                 }
@@ -328,9 +353,29 @@ mod tests {
     }
 
     #[test]
+    fn several_requests_in_one_pass_equal_separate_passes() {
+        let modality = [Modality::Text, Modality::Image, Modality::Image, Modality::Text, Modality::Text];
+        let reqs = [StatRequest { rows: Rows::All, n: 0.0 }, StatRequest { rows: Rows::Last(2), n: 1.0 }, StatRequest { rows: Rows::Last(4), n: 0.5 }];
+        let logits: Vec<f32> = (0..2 * 5 * 5).map(|i| ((i * 37) % 11) as f32 / 3.0 - 1.5).collect();
+        let run = |reqs: Vec<StatRequest>| {
+            let mut r = Reducer::new(reqs, &modality, 1, 1, 0.7, 1);
+            r.on_ubatch(&[0, 1, 2, 3, 4]);
+            let want = r.wanted_rows();
+            let slabs: Vec<Vec<f32>> = (0..2).map(|h| logits[h * 25 + want.start * 5..h * 25 + want.end * 5].to_vec()).collect();
+            let get = |h: usize| -> &[f32] { &slabs[h] };
+            r.reduce(KqShape { layer: 0, n_kv: 5, n_rows: 5, n_head: 2 }, &get);
+            r.into_stats()
+        };
+        let together = run(reqs.to_vec());
+        for (k, req) in reqs.iter().enumerate() {
+            assert_eq!(together[k], run(vec![*req])[0], "request {k}");
+        }
+    }
+
+    #[test]
     fn window_rows_across_ubatches() {
         let modality = [Modality::Text; 10];
-        let mut r = Reducer::new(StatRequest { rows: Rows::Last(3), n: 1.0 }, &modality, 1, 1, 1.0, 1);
+        let mut r = Reducer::new(vec![StatRequest { rows: Rows::Last(3), n: 1.0 }], &modality, 1, 1, 1.0, 1);
         r.on_ubatch(&[0, 1, 2, 3, 4, 5]);
         assert!(r.wanted_rows().is_empty());
         r.on_ubatch(&[6, 7, 8]);

@@ -34,11 +34,11 @@ fn chunked_prefill_matches_eval_chunks() {
     for fa in [FlashAttn::Off, FlashAttn::Auto] {
         let ctx = ContextConfig { n_ctx: 1024, flash_attn: fa, ..Default::default() };
 
-        let mut reference = engine.session(&prompt, &ctx, None).unwrap();
+        let mut reference = engine.session(&prompt, &ctx, Vec::new()).unwrap();
         reference.prefill(&prompt, PrefillMode::EvalChunks, &mut |_| {}).unwrap();
         let ref_logits = reference.last_logits().expect("logits").to_vec();
 
-        let mut ours = engine.session(&prompt, &ctx, None).unwrap();
+        let mut ours = engine.session(&prompt, &ctx, Vec::new()).unwrap();
         let stats = ours.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
         let our_logits = ours.last_logits().expect("logits").to_vec();
 

@@ -31,13 +31,16 @@ fn observer_matches_recomputation_from_q_and_k() {
     let head_dim = (tiny::text::N_EMBD / tiny::text::N_HEAD) as usize;
     let group = n_head / n_head_kv;
 
-    // window of 120 rows: the question's text rows and the last image's rows, across ubatches
-    for (rows, n) in [(Rows::Last(120), 1.0f32), (Rows::All, 0.0)] {
-        let mut session = engine.session(&prompt, &ctx, Some(StatRequest { rows, n })).unwrap();
-        session.observer().unwrap().capture_qk(n_layer);
-        session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
-        let captured = session.observer().unwrap().take_captured();
-        let stats = session.take_stats(&prompt).unwrap().expect("stats");
+    // window of 120 rows: the question's text rows and the last image's rows, across ubatches;
+    // and all rows with plain softmax — both gathered in one pass
+    let requests = [StatRequest { rows: Rows::Last(120), n: 1.0 }, StatRequest { rows: Rows::All, n: 0.0 }];
+    let mut session = engine.session(&prompt, &ctx, requests.to_vec()).unwrap();
+    session.observer().unwrap().capture_qk(n_layer);
+    session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+    let captured = session.observer().unwrap().take_captured();
+    let all_stats = session.take_stats(&prompt).unwrap();
+    assert_eq!(all_stats.len(), 2);
+    for (StatRequest { rows, n }, stats) in requests.into_iter().zip(all_stats) {
         assert!(stats.n_rows[0] > 0 && stats.n_rows[1] > 0, "window has text and image rows: {:?}", stats.n_rows);
 
         let first_row = match rows {

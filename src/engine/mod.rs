@@ -127,7 +127,7 @@ impl Engine {
     ///
     /// # Errors
     /// Invalid settings, a prompt longer than the context, context creation failures.
-    pub fn session(&self, prompt: &Prompt, ctx: &ContextConfig, observe: Option<StatRequest>) -> Result<Session<'_>> {
+    pub fn session(&self, prompt: &Prompt, ctx: &ContextConfig, observe: Vec<StatRequest>) -> Result<Session<'_>> {
         Session::new(self, prompt, ctx, observe)
     }
 
@@ -160,14 +160,14 @@ impl Engine {
             self.check_prunable(&prompt, request.is_some())?;
         }
 
-        let mut session = self.session(&prompt, ctx, request)?;
+        let mut session = self.session(&prompt, ctx, request.into_iter().collect())?;
         let prefill = session.prefill(&prompt, PrefillMode::Chunked, on_event)?;
         let kv_before = session.kv_info();
         let mut pruning = Pruning { split, ..Pruning::default() };
         if let (true, Some(split)) = (prunes, split) {
             let t = std::time::Instant::now();
             let stats = session.take_stats(&prompt)?;
-            let input = policy::Input { modality: &modality, split, stats: stats.as_ref() };
+            let input = policy::Input { modality: &modality, split, stats: stats.first() };
             let retention = policy::retain(policy.as_ref(), &input)?;
             pruning.score_ms = prefill.observe_ms + session::ms(t);
             let ev = session.evict(&prompt, &retention.keep)?;

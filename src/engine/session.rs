@@ -108,7 +108,7 @@ fn attention_scale(engine: &Engine) -> f32 {
 }
 
 impl<'e> Session<'e> {
-    pub(super) fn new(engine: &'e Engine, prompt: &Prompt, cfg: &ContextConfig, observe: Option<StatRequest>) -> Result<Self> {
+    pub(super) fn new(engine: &'e Engine, prompt: &Prompt, cfg: &ContextConfig, observe: Vec<StatRequest>) -> Result<Self> {
         cfg.validate()?;
         let n_ctx_train = engine.model().n_ctx_train();
         let n_ctx = if cfg.n_ctx == 0 { n_ctx_train } else { cfg.n_ctx };
@@ -123,7 +123,8 @@ impl<'e> Session<'e> {
             });
         }
         // Observation reads attention probabilities, which flash attention never materialises.
-        let fa = match (cfg.flash_attn, observe.is_some()) {
+        let observes = !observe.is_empty();
+        let fa = match (cfg.flash_attn, observes) {
             (FlashAttn::On, true) => {
                 return Err(Error::Config {
                     field: "-fa/--flash-attn",
@@ -134,7 +135,7 @@ impl<'e> Session<'e> {
             (FlashAttn::On, false) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
             (FlashAttn::Auto, false) => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
         };
-        if observe.is_some() && cfg.type_v.is_quantized() {
+        if observes && cfg.type_v.is_quantized() {
             return Err(Error::Config {
                 field: "-ctv/--cache-type-v",
                 reason: "a quantized V cache needs flash attention, which this policy cannot use while it observes; use -ctv f16".into(),
@@ -152,11 +153,11 @@ impl<'e> Session<'e> {
             .with_flash_attention_policy(fa)
             .with_type_k(kv_type(cfg.type_k))
             .with_type_v(kv_type(cfg.type_v));
-        let observer = observe.map(|req| {
+        let observer = observes.then(|| {
             let model = engine.model();
             let modality = prompt.token_modalities();
             let reducer = Reducer::new(
-                req,
+                observe.clone(),
                 &modality,
                 model.n_layer() as usize,
                 model.n_head_kv().max(1) as usize,
@@ -174,7 +175,7 @@ impl<'e> Session<'e> {
                 reason: "flash attention was requested but llama.cpp cannot use it for this model/backend".into(),
             });
         }
-        tracing::debug!(n_ctx, n_batch, n_ubatch, flash_attn, observed = observe.is_some(), "context created");
+        tracing::debug!(n_ctx, n_batch, n_ubatch, flash_attn, observed = observes, "context created");
         Ok(Self { engine, lctx, params, n_past: 0, n_ctx, n_batch, flash_attn, first_logits: None })
     }
 
@@ -304,17 +305,18 @@ impl<'e> Session<'e> {
         Ok(stats)
     }
 
-    /// Takes the attention statistics gathered during the prefill.
+    /// Takes the attention statistics gathered during the prefill, one per request (empty
+    /// when the session did not observe).
     ///
     /// # Errors
     /// An observer failure, or statistics that did not see the whole prompt.
-    pub fn take_stats(&self, prompt: &Prompt) -> Result<Option<AttentionStats>> {
-        let Some(obs) = self.lctx.observer() else { return Ok(None) };
+    pub fn take_stats(&self, prompt: &Prompt) -> Result<Vec<AttentionStats>> {
+        let Some(obs) = self.lctx.observer() else { return Ok(Vec::new()) };
         let (reducer, err) = obs.finish();
         if let Some(e) = err {
             return Err(Error::Callback(e));
         }
-        let Some(reducer) = reducer else { return Ok(None) };
+        let Some(reducer) = reducer else { return Ok(Vec::new()) };
         if reducer.tokens_seen() < prompt.n_tokens() {
             return Err(Error::Callback(format!(
                 "the observer saw {} of {} prompt tokens",
@@ -322,7 +324,7 @@ impl<'e> Session<'e> {
                 prompt.n_tokens()
             )));
         }
-        Ok(Some(reducer.into_stats()))
+        Ok(reducer.into_stats())
     }
 
     /// Removes the prompt tokens not in `keep` from the KV cache and compacts the survivors
