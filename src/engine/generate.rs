@@ -218,7 +218,7 @@ impl Session<'_> {
     }
 }
 
-fn decode_code(e: &llama_cpp_2::DecodeError) -> i32 {
+pub(super) fn decode_code(e: &llama_cpp_2::DecodeError) -> i32 {
     match e {
         llama_cpp_2::DecodeError::NoKvCacheSlot => 1,
         llama_cpp_2::DecodeError::NTokensZero => -1,

@@ -22,7 +22,7 @@ use llama_cpp_2::mtmd::{MtmdContext, MtmdContextParams};
 pub use generate::{Event, Generated, StopReason};
 pub use prompt::Prompt;
 pub use report::{Pruning, RetainedToken, RunReport};
-pub use session::{EvictStats, PrefillMode, PrefillStats, Session};
+pub use session::{EvictStats, PrefillMode, PrefillStats, Session, Snapshot};
 
 use crate::config::{ContextConfig, ModelConfig, Request, SamplingConfig};
 use crate::observe::StatRequest;
@@ -147,6 +147,14 @@ impl Engine {
         sampling.validate()?;
         policy_cfg.validate()?;
         let prompt = self.prepare(req)?;
+        self.run_prompt(&prompt, ctx, sampling, policy_cfg, PrefillMode::Chunked, on_event)
+    }
+
+    /// What a policy will do with a prompt: its budget and the statistics it needs.
+    ///
+    /// # Errors
+    /// A budget that keeps nothing; models the policy cannot prune.
+    pub fn plan(&self, prompt: &Prompt, policy_cfg: &PolicyConfig) -> Result<Plan> {
         let modality = prompt.token_modalities();
         let policy = policy_cfg.kind.build(policy_cfg);
         let split = match policy_cfg.kind {
@@ -157,36 +165,33 @@ impl Engine {
         let prunes = split.is_some_and(|s| s.prunes());
         let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
         if prunes {
-            self.check_prunable(&prompt, request.is_some())?;
+            self.check_prunable(prompt, request.is_some())?;
         }
+        Ok(Plan { policy, split, prunes, request, shrink: policy_cfg.shrink })
+    }
 
-        let mut session = self.session(&prompt, ctx, request.into_iter().collect())?;
-        let prefill = session.prefill(&prompt, PrefillMode::Chunked, on_event)?;
+    /// [`Engine::run`] on a prepared prompt, with a choice of prefill path.
+    ///
+    /// # Errors
+    /// Any error of the steps.
+    pub fn run_prompt(
+        &self,
+        prompt: &Prompt,
+        ctx: &ContextConfig,
+        sampling: &SamplingConfig,
+        policy_cfg: &PolicyConfig,
+        mode: PrefillMode,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<RunReport> {
+        let plan = self.plan(prompt, policy_cfg)?;
+        let mut session = self.session(prompt, ctx, plan.request.into_iter().collect())?;
+        let prefill = session.prefill(prompt, mode, on_event)?;
         let kv_before = session.kv_info();
-        let mut pruning = Pruning { split, ..Pruning::default() };
-        if let (true, Some(split)) = (prunes, split) {
-            let t = std::time::Instant::now();
-            let stats = session.take_stats(&prompt)?;
-            let input = policy::Input { modality: &modality, split, stats: stats.first() };
-            let retention = policy::retain(policy.as_ref(), &input)?;
-            pruning.score_ms = prefill.observe_ms + session::ms(t);
-            let ev = session.evict(&prompt, &retention.keep)?;
-            pruning.evict_ms = ev.ms;
-            pruning.pruned = ev.removed > 0;
-            if policy_cfg.shrink {
-                let kept = retention.kept() as u32;
-                let room = if sampling.n_predict >= 0 {
-                    sampling.n_predict as u32
-                } else {
-                    session.n_ctx().saturating_sub(prompt.n_tokens() as u32)
-                };
-                pruning.evict_ms += session.shrink(kept + room.max(1))?;
-            }
-            pruning.retention = Some(retention);
-        }
+        let stats = session.take_stats(prompt)?;
+        let pruning = plan.apply(&mut session, prompt, stats.first(), sampling.n_predict)?;
         let kv_after = session.kv_info();
         let generated = session.generate(sampling, on_event)?;
-        Ok(RunReport::new(&prompt, &session, &prefill, kv_before, kv_after, policy.name(), pruning, generated))
+        Ok(RunReport::new(prompt, &session, &prefill, kv_before, kv_after, plan.policy.name(), pruning, generated))
     }
 
     /// Pruning needs one position per token; observing needs causal attention.
@@ -204,5 +209,47 @@ impl Engine {
             });
         }
         Ok(())
+    }
+}
+
+/// A policy applied to one prompt: see [`Engine::plan`].
+#[derive(Debug)]
+pub struct Plan {
+    /// The policy.
+    pub policy: Box<dyn policy::Policy>,
+    /// Its budget, when it applies to the prompt.
+    pub split: Option<policy::Split>,
+    /// Whether anything will be evicted.
+    pub prunes: bool,
+    /// The attention statistics it needs.
+    pub request: Option<StatRequest>,
+    /// Move the pruned cache into a smaller context.
+    pub shrink: bool,
+}
+
+impl Plan {
+    /// Scores, evicts and compacts (and shrinks) a prefilled session; `stats` must answer
+    /// `self.request`. `n_predict` sizes the room kept by `--kv-shrink`.
+    ///
+    /// # Errors
+    /// Missing statistics; llama.cpp refusals.
+    pub fn apply(&self, session: &mut Session<'_>, prompt: &Prompt, stats: Option<&crate::observe::AttentionStats>, n_predict: i32) -> Result<Pruning> {
+        let mut pruning = Pruning { split: self.split, ..Pruning::default() };
+        let Some(split) = self.split.filter(|_| self.prunes) else { return Ok(pruning) };
+        let t = std::time::Instant::now();
+        let modality = prompt.token_modalities();
+        let input = policy::Input { modality: &modality, split, stats };
+        let retention = policy::retain(self.policy.as_ref(), &input)?;
+        pruning.score_ms = session.observe_ms() + session::ms(t);
+        let ev = session.evict(prompt, &retention.keep)?;
+        pruning.evict_ms = ev.ms;
+        pruning.pruned = ev.removed > 0;
+        if self.shrink {
+            let kept = retention.kept() as u32;
+            let room = if n_predict >= 0 { n_predict as u32 } else { session.n_ctx().saturating_sub(prompt.n_tokens() as u32) };
+            pruning.evict_ms += session.shrink(kept + room.max(1))?;
+        }
+        pruning.retention = Some(retention);
+        Ok(pruning)
     }
 }

@@ -64,6 +64,7 @@ pub struct Session<'e> {
     pub(super) flash_attn: bool,
     /// Logits of the prompt's last token, kept across eviction and shrinking.
     pub(super) first_logits: Option<Vec<f32>>,
+    observe_ms: f64,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -176,7 +177,7 @@ impl<'e> Session<'e> {
             });
         }
         tracing::debug!(n_ctx, n_batch, n_ubatch, flash_attn, observed = observes, "context created");
-        Ok(Self { engine, lctx, params, n_past: 0, n_ctx, n_batch, flash_attn, first_logits: None })
+        Ok(Self { engine, lctx, params, n_past: 0, n_ctx, n_batch, flash_attn, first_logits: None, observe_ms: 0.0 })
     }
 
     /// The llama.cpp context.
@@ -225,6 +226,12 @@ impl<'e> Session<'e> {
         llama::last_logits(self.lctx.ctx(), n_vocab)
     }
 
+    /// Milliseconds the observer spent reducing attention during the prefill.
+    #[must_use]
+    pub fn observe_ms(&self) -> f64 {
+        self.observe_ms
+    }
+
     /// An observer failure, if the observer reported one (it aborts the computation).
     fn observer_error(&self) -> Option<Error> {
         let obs = self.lctx.observer()?;
@@ -253,6 +260,7 @@ impl<'e> Session<'e> {
         if let Some(obs) = self.lctx.observer() {
             obs.deactivate();
             stats.observe_ms = obs.reducer_ms();
+            self.observe_ms = stats.observe_ms;
             stats.prefill_ms = (stats.prefill_ms - stats.observe_ms).max(0.0);
         }
         let logits = self.last_logits().map(<[f32]>::to_vec);
@@ -412,6 +420,77 @@ impl<'e> Session<'e> {
         let used = self.kv_info().n_used;
         self.compact(Some(cells.max(used + 1)))?;
         Ok(ms(t))
+    }
+}
+
+/// A saved sequence: its KV cells, the next position and the logits to sample from.
+#[derive(Clone)]
+pub struct Snapshot {
+    state: llama_cpp_2::context::session::SeqState,
+    logits: Option<Vec<f32>>,
+    n_past: i32,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").field("bytes", &self.state.byte_len()).field("n_past", &self.n_past).finish()
+    }
+}
+
+impl Session<'_> {
+    /// Saves the sequence (cells, position, pending logits), e.g. right after the prefill.
+    ///
+    /// # Errors
+    /// llama.cpp state errors.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let state = self
+            .lctx
+            .ctx()
+            .state_seq_get(0, LlamaStateSeqFlags::empty())
+            .map_err(|e| Error::Prompt(format!("cannot save the sequence state: {e}")))?;
+        Ok(Snapshot { state, logits: self.first_logits.clone(), n_past: self.n_past })
+    }
+
+    /// Restores a snapshot in place of the current sequence.
+    ///
+    /// # Errors
+    /// llama.cpp state errors.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        self.lctx
+            .ctx_mut()
+            .clear_kv_cache_seq(Some(0), None, None)
+            .map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
+        self.lctx
+            .ctx_mut()
+            .state_seq_set(&snap.state, 0)
+            .map_err(|e| Error::Prompt(format!("cannot restore the sequence state: {e}")))?;
+        self.first_logits.clone_from(&snap.logits);
+        self.n_past = snap.n_past;
+        Ok(())
+    }
+
+    /// Teacher forcing: evaluates `tokens` in one batch after the current sequence and returns
+    /// the logits after each of them (`logits[i]` predicts the token after `tokens[i]`).
+    ///
+    /// # Errors
+    /// A batch larger than the context's batch size; llama.cpp decode failures.
+    pub fn teacher_forced(&mut self, tokens: &[i32]) -> Result<Vec<Vec<f32>>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        if tokens.len() > self.n_batch as usize {
+            return Err(Error::Config { field: "-n/--n-predict", reason: format!("{} teacher-forced tokens exceed the batch size {}", tokens.len(), self.n_batch) });
+        }
+        let mut batch = llama_cpp_2::llama_batch::LlamaBatch::new(tokens.len(), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch
+                .add(llama_cpp_2::token::LlamaToken(t), self.n_past + i as i32, &[0], true)
+                .map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
+        }
+        self.lctx.ctx_mut().decode(&mut batch).map_err(|e| Error::Llama { op: "decode", code: super::generate::decode_code(&e) })?;
+        self.n_past += tokens.len() as i32;
+        self.first_logits = None;
+        Ok((0..tokens.len()).map(|i| self.lctx.ctx().get_logits_ith(i as i32).to_vec()).collect())
     }
 }
 
