@@ -16,6 +16,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;

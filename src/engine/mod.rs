@@ -21,7 +21,7 @@ use llama_cpp_2::mtmd::{MtmdContext, MtmdContextParams};
 
 pub use generate::{Event, Generated, StopReason};
 pub use prompt::Prompt;
-pub use report::{Pruning, RetainedToken, RunReport};
+pub use report::{human_bytes, Pruning, RetainedToken, RunReport};
 pub use session::{EvictStats, PrefillMode, PrefillStats, Session, Snapshot};
 
 use crate::config::{ContextConfig, ModelConfig, Request, SamplingConfig};

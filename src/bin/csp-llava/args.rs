@@ -33,6 +33,9 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Speed and memory of each policy × budget next to llama.cpp's own full cache
+    /// (llama-bench style; medians with min–max over -r repetitions after a warm-up).
+    Bench(BenchArgs),
     /// Run the main job on the built-in tiny model and its sample images (no downloads).
     /// Takes every flag of the main command; -m/--mmproj/--image/-p default to the tiny model,
     /// its first three images and "Compare the three images.", -n to 48, --temp to 0.
@@ -43,6 +46,126 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+}
+
+/// Output format of `bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchOutput {
+    Md,
+    Csv,
+    Json,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Text model GGUF [default: the built-in tiny model].
+    #[arg(short = 'm', long = "model", value_name = "FNAME")]
+    pub model: Option<PathBuf>,
+    /// Multimodal projector GGUF.
+    #[arg(long, value_name = "FNAME")]
+    pub mmproj: Option<PathBuf>,
+    /// Image files to cycle through [default: deterministic synthetic images].
+    #[arg(long = "image", value_name = "FILE")]
+    pub image_files: Vec<PathBuf>,
+    /// Image counts, comma-separated.
+    #[arg(long = "images", value_name = "N[,N…]", value_delimiter = ',', default_value = "1,4")]
+    pub images: Vec<usize>,
+    /// Policies, comma-separated (a reference row and a flash-attention-off `full` row are
+    /// always measured).
+    #[arg(long = "kv-policy", value_name = "P[,P…]", value_delimiter = ',', default_value = "csp,h2o,snapkv,streaming,random")]
+    pub kv_policy: Vec<PolicyKind>,
+    /// Budgets, comma-separated (fractions with a decimal point, or cell counts).
+    #[arg(long = "kv-budget", value_name = "B[,B…]", value_delimiter = ',', default_value = "0.1,0.2,0.5")]
+    pub kv_budget: Vec<Budget>,
+    /// Measured repetitions per configuration (after one warm-up pass).
+    #[arg(short = 'r', long = "repetitions", value_name = "N", default_value_t = 3)]
+    pub reps: usize,
+    /// Tokens generated per run (end of generation ignored).
+    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = 32)]
+    pub n_predict: i32,
+    /// Prompt text.
+    #[arg(short = 'p', long, allow_hyphen_values = true, default_value = "Describe the images in detail.")]
+    pub prompt: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
+    pub output: BenchOutput,
+    /// Also write an SVG plot of decode tok/s and KV bytes against the budget.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Context size [default: 0 = the model's trained context].
+    #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
+    pub ctx_size: u32,
+    /// Threads [default: available cores].
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<u32>,
+    /// Layers on the GPU (written `-ngl`).
+    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
+    pub n_gpu_layers: Option<u32>,
+    /// Flash attention for the policy rows (written `-fa`); observing policies need it off.
+    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
+    pub flash_attn: FaArg,
+    /// K cache type (written `-ctk`).
+    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_k: CacheType,
+    /// V cache type (written `-ctv`).
+    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_v: CacheType,
+    /// Physical batch size (written `-ub`).
+    #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// CSP cross ratio.
+    #[arg(long = "csp-cross-ratio", value_name = "R", default_value_t = 0.5)]
+    pub csp_cross_ratio: f64,
+    /// Recent-window bias.
+    #[arg(long = "csp-recent-bias", value_name = "X", default_value_t = 1.0)]
+    pub csp_recent_bias: f64,
+    /// Observation window.
+    #[arg(long = "obs-window", value_name = "N")]
+    pub obs_window: Option<usize>,
+    /// Move pruned caches into buffers sized to the kept cells + -n.
+    #[arg(long = "kv-shrink")]
+    pub kv_shrink: bool,
+    /// More logs on stderr.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl BenchArgs {
+    pub fn config(&self) -> csp_llava::bench::BenchConfig {
+        csp_llava::bench::BenchConfig {
+            images: self.images.clone(),
+            image_files: self.image_files.clone(),
+            policies: self.kv_policy.clone(),
+            budgets: self.kv_budget.clone(),
+            reps: self.reps,
+            n_predict: self.n_predict,
+            prompt: self.prompt.clone(),
+            ctx: ContextConfig {
+                n_ctx: self.ctx_size,
+                n_ubatch: self.ubatch_size,
+                flash_attn: fa(self.flash_attn),
+                type_k: self.cache_type_k,
+                type_v: self.cache_type_v,
+                ..ContextConfig::default()
+            },
+            policy: PolicyConfig {
+                cross_ratio: self.csp_cross_ratio,
+                recent_bias: self.csp_recent_bias,
+                obs_window: self.obs_window,
+                shrink: self.kv_shrink,
+                ..PolicyConfig::default()
+            },
+        }
+    }
+}
+
+fn fa(a: FaArg) -> FlashAttn {
+    match a {
+        FaArg::On => FlashAttn::On,
+        FaArg::Off => FlashAttn::Off,
+        FaArg::Auto => FlashAttn::Auto,
+    }
 }
 
 /// Parses `-ngl`: a number, `auto` or `all` (both = every layer).
@@ -186,11 +309,7 @@ impl RunArgs {
             n_ctx: self.ctx_size.unwrap_or(0),
             n_batch: self.batch_size,
             n_ubatch: self.ubatch_size,
-            flash_attn: match self.flash_attn {
-                FaArg::On => FlashAttn::On,
-                FaArg::Off => FlashAttn::Off,
-                FaArg::Auto => FlashAttn::Auto,
-            },
+            flash_attn: fa(self.flash_attn),
             type_k: self.cache_type_k,
             type_v: self.cache_type_v,
         }

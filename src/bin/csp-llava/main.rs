@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     };
     let verbose = match &cli.command {
         Some(Command::Demo { run, .. }) => run.verbose,
+        Some(Command::Bench(b)) => b.verbose,
         _ => cli.run.verbose,
     };
     init_tracing(verbose);
@@ -62,6 +63,7 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::GenTinyModel { dir, seed }) => gen_tiny_model(&dir, seed),
         Some(Command::Demo { dir, run }) => demo(dir, run),
+        Some(Command::Bench(b)) => bench(&b),
         None => run(&cli.run),
     }
 }
@@ -72,6 +74,70 @@ fn gen_tiny_model(dir: &Path, seed: u64) -> Result<()> {
     println!("{}", dir.join(tiny::MMPROJ_FILE).display());
     for i in 0..tiny::N_SAMPLE_IMAGES {
         println!("{}", dir.join(tiny::image_file(i)).display());
+    }
+    Ok(())
+}
+
+/// The tiny model's directory (written once per process) for commands run without -m.
+fn tiny_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join("csp-llava-demo");
+    tiny::write_all(&dir, 0).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn load(model: Option<&PathBuf>, mmproj: Option<&PathBuf>, ngl: Option<u32>, threads: Option<u32>) -> Result<Engine> {
+    let (model, mmproj) = match (model, mmproj) {
+        (Some(m), Some(p)) => (m.clone(), p.clone()),
+        (None, None) => {
+            let d = tiny_dir()?;
+            eprintln!("csp-llava: no -m given: using the built-in tiny model in {}", d.display());
+            (d.join(tiny::TEXT_FILE), d.join(tiny::MMPROJ_FILE))
+        }
+        (Some(m), None) => bail!("missing --mmproj (the multimodal projector GGUF that belongs to {})", m.display()),
+        (None, Some(_)) => bail!("missing -m/--model (the text model GGUF)"),
+    };
+    let mcfg = ModelConfig { model, mmproj, n_gpu_layers: ngl.unwrap_or(ALL_LAYERS), threads: threads.unwrap_or_else(default_threads).max(1) };
+    Ok(Engine::load(&mcfg)?)
+}
+
+fn bench(a: &args::BenchArgs) -> Result<()> {
+    let cfg = a.config();
+    cfg.ctx.validate()?;
+    for b in &cfg.budgets {
+        csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate()?;
+    }
+    let engine = load(a.model.as_ref(), a.mmproj.as_ref(), a.n_gpu_layers, a.threads)?;
+    let scratch = std::env::temp_dir().join(format!("csp-llava-bench-{}", std::process::id()));
+    let bar = if std::io::stderr().is_terminal() && a.verbose == 0 {
+        ProgressBar::new(0).with_style(ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} runs {elapsed}").expect("valid template").progress_chars("=> "))
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut last = std::time::Instant::now();
+    let rows = csp_llava::bench::run(&engine, &cfg, &scratch, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if bar.is_hidden() && (last.elapsed().as_secs() >= 10 || done == total) {
+            eprintln!("bench: {done}/{total} runs");
+            last = std::time::Instant::now();
+        }
+    });
+    bar.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let rows = rows?;
+    let mut out = std::io::stdout().lock();
+    match a.output {
+        args::BenchOutput::Md => write!(out, "{}", csp_llava::bench::markdown(&rows))?,
+        args::BenchOutput::Csv => write!(out, "{}", csp_llava::bench::csv(&rows))?,
+        args::BenchOutput::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
+        args::BenchOutput::Jsonl => {
+            for r in &rows {
+                writeln!(out, "{}", serde_json::to_string(r)?)?;
+            }
+        }
+    }
+    if let Some(p) = &a.plot {
+        std::fs::write(p, csp_llava::bench::svg(&rows)).with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(())
 }

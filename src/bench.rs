@@ -1,0 +1,423 @@
+//! `csp-llava bench`: speed and memory of every policy × budget next to llama.cpp's own full
+//! cache, in one process, llama-bench style.
+//!
+//! Rows per image count: a **reference** (full cache through llama.cpp's standard
+//! `eval_chunks`, flash attention as llama.cpp chooses), a `full` row with flash attention off
+//! (what the observing policies pay for turning it off, on its own), then each policy × budget.
+//! Configurations are interleaved across repetitions after one warm-up pass; each figure is the
+//! median with its min and max. Peak RSS per run resets the kernel's high-water mark through
+//! `/proc/self/clear_refs` (Linux), so one process measures every row.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
+use crate::engine::{Engine, PrefillMode, RunReport};
+use crate::error::{Error, Result};
+use crate::gguf::tiny;
+use crate::policy::{Budget, PolicyConfig, PolicyKind};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Image counts (one group of rows each).
+    pub images: Vec<usize>,
+    /// Image files to cycle through; empty = deterministic synthetic images.
+    pub image_files: Vec<PathBuf>,
+    /// Policies (besides the reference and `full` rows).
+    pub policies: Vec<PolicyKind>,
+    /// Budgets per policy.
+    pub budgets: Vec<Budget>,
+    /// Measured repetitions (after one warm-up pass).
+    pub reps: usize,
+    /// Tokens generated per run (end of generation ignored).
+    pub n_predict: i32,
+    /// The prompt text.
+    pub prompt: String,
+    /// Context settings (flash attention applies to the policy rows).
+    pub ctx: ContextConfig,
+    /// Policy settings other than kind and budget.
+    pub policy: PolicyConfig,
+}
+
+/// One configuration.
+#[derive(Debug, Clone)]
+struct Config {
+    n_images: usize,
+    kind: PolicyKind,
+    budget: Option<Budget>,
+    reference: bool,
+    flash_attn: FlashAttn,
+}
+
+/// A measured figure: median, min, max.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Stat {
+    /// Median.
+    pub median: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Stat {
+    fn of(mut v: Vec<f64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Self { median, min: v[0], max: v[n - 1] }
+    }
+}
+
+/// One row of the benchmark (field names follow `--json`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchRow {
+    /// Images in the prompt.
+    pub n_images: usize,
+    /// Policy.
+    pub policy: String,
+    /// Budget as given (`null` for the reference and `full`).
+    pub kv_budget: Option<String>,
+    /// llama.cpp's standard path with the full cache.
+    pub reference: bool,
+    /// Flash attention as used.
+    pub flash_attn: String,
+    /// Prompt tokens.
+    pub n_prompt_tokens: usize,
+    /// Generated tokens per run.
+    pub n_generated: usize,
+    /// Cells before pruning.
+    pub kv_cells_before: u32,
+    /// Cells when decoding starts.
+    pub kv_cells: u32,
+    /// Their K+V bytes.
+    pub kv_bytes: u64,
+    /// K+V bytes allocated.
+    pub kv_bytes_allocated: u64,
+    /// Vision encoder ms (0 for the reference row, whose helper does not separate it).
+    pub encode_ms: Stat,
+    /// Prompt tokens per second (language model).
+    pub prefill_tok_s: Stat,
+    /// Prompt tokens per second including image encoding (the reference's helper does not
+    /// separate the two, so `ratio_prefill` compares this figure).
+    pub prompt_tok_s: Stat,
+    /// Observation + selection ms.
+    pub score_ms: Stat,
+    /// Removal + compaction ms.
+    pub evict_ms: Stat,
+    /// Generated tokens per second.
+    pub decode_tok_s: Stat,
+    /// Peak resident memory during the run, bytes (`null` where it cannot be measured).
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak GPU memory (not measured yet: `null`).
+    pub peak_gpu_bytes: Option<u64>,
+    /// prompt_tok_s / reference's (prompt processing including image encoding).
+    pub ratio_prefill: f64,
+    /// decode_tok_s / reference's.
+    pub ratio_decode: f64,
+    /// kv_bytes / reference's.
+    pub ratio_kv_bytes: f64,
+    /// Measured repetitions.
+    pub reps: usize,
+}
+
+/// Writes `n` deterministic synthetic images (224 px) into `dir`.
+///
+/// # Errors
+/// I/O errors.
+pub fn synthetic_images(dir: &Path, n: usize) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("bench-{i}.png"));
+            tiny::write_png(&p, 224, &tiny::sample_image_rgb(1000, i, 224))?;
+            Ok(p)
+        })
+        .collect()
+}
+
+/// Resets the peak-RSS high-water mark (Linux); false where unsupported.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak RSS since the last reset, bytes (Linux `VmHWM`).
+#[must_use]
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs the benchmark; `progress(done, total)` after each run.
+///
+/// # Errors
+/// Invalid settings and run failures.
+pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<BenchRow>> {
+    if cfg.reps == 0 {
+        return Err(Error::Config { field: "-r", reason: "at least one repetition".into() });
+    }
+    if cfg.images.is_empty() {
+        return Err(Error::Config { field: "--images", reason: "give at least one image count".into() });
+    }
+    if cfg.n_predict < 1 {
+        return Err(Error::Config { field: "-n", reason: "bench generates a fixed number of tokens (≥ 1)".into() });
+    }
+    let max_images = cfg.images.iter().copied().max().unwrap_or(0);
+    let files = if cfg.image_files.is_empty() {
+        synthetic_images(scratch, max_images).map_err(|e| Error::Io { what: "synthetic image", path: scratch.to_owned(), source: e })?
+    } else {
+        cfg.image_files.clone()
+    };
+    let mut configs = Vec::new();
+    for &n in &cfg.images {
+        configs.push(Config { n_images: n, kind: PolicyKind::Full, budget: None, reference: true, flash_attn: FlashAttn::Auto });
+        configs.push(Config { n_images: n, kind: PolicyKind::Full, budget: None, reference: false, flash_attn: FlashAttn::Off });
+        for &kind in cfg.policies.iter().filter(|k| **k != PolicyKind::Full) {
+            for &b in &cfg.budgets {
+                configs.push(Config { n_images: n, kind, budget: Some(b), reference: false, flash_attn: cfg.ctx.flash_attn });
+            }
+        }
+    }
+    let prompts = cfg
+        .images
+        .iter()
+        .map(|&n| {
+            let req = Request { images: (0..n).map(|i| files[i % files.len()].clone()).collect(), prompt: cfg.prompt.clone(), ..Default::default() };
+            engine.prepare(&req).map(|p| (n, p))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sampling = SamplingConfig { n_predict: cfg.n_predict, temp: 0.0, ignore_eos: true, seed: Some(0), ..Default::default() };
+    let total = configs.len() * (cfg.reps + 1);
+    let mut done = 0;
+    let mut results: Vec<Vec<(RunReport, Option<u64>)>> = vec![Vec::new(); configs.len()];
+    for rep in 0..=cfg.reps {
+        for (ci, c) in configs.iter().enumerate() {
+            let prompt = &prompts.iter().find(|(n, _)| *n == c.n_images).expect("prepared").1;
+            let ctx = ContextConfig { flash_attn: c.flash_attn, ..cfg.ctx.clone() };
+            let policy = PolicyConfig { kind: c.kind, budget: c.budget.unwrap_or_default(), ..cfg.policy.clone() };
+            let mode = if c.reference { PrefillMode::EvalChunks } else { PrefillMode::Chunked };
+            let rss_ok = reset_peak_rss();
+            let report = engine.run_prompt(prompt, &ctx, &sampling, &policy, mode, &mut |_| {})?;
+            let rss = if rss_ok { peak_rss() } else { None };
+            if rep > 0 {
+                results[ci].push((report, rss));
+            }
+            done += 1;
+            progress(done, total);
+        }
+    }
+    let mut rows: Vec<BenchRow> = configs.iter().zip(results).map(|(c, runs)| row(c, &runs)).collect();
+    // ratios against the reference row of the same image count
+    let refs: Vec<(usize, f64, f64, u64)> = rows.iter().filter(|r| r.reference).map(|r| (r.n_images, r.prompt_tok_s.median, r.decode_tok_s.median, r.kv_bytes)).collect();
+    for r in &mut rows {
+        if let Some(&(_, p, d, kv)) = refs.iter().find(|x| x.0 == r.n_images) {
+            r.ratio_prefill = ratio(r.prompt_tok_s.median, p);
+            r.ratio_decode = ratio(r.decode_tok_s.median, d);
+            r.ratio_kv_bytes = ratio(r.kv_bytes as f64, kv as f64);
+        }
+    }
+    Ok(rows)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
+    let first = &runs[0].0;
+    let stat = |f: fn(&RunReport) -> f64| Stat::of(runs.iter().map(|(r, _)| f(r)).collect());
+    BenchRow {
+        n_images: c.n_images,
+        policy: if c.reference { "reference".into() } else { c.kind.name().into() },
+        kv_budget: c.budget.map(|b| b.to_string()),
+        reference: c.reference,
+        flash_attn: first.flash_attn.into(),
+        n_prompt_tokens: first.n_prompt_tokens,
+        n_generated: first.n_generated,
+        kv_cells_before: first.kv_cells_before,
+        kv_cells: first.kv_cells,
+        kv_bytes: first.kv_bytes,
+        kv_bytes_allocated: first.kv_bytes_allocated,
+        encode_ms: stat(|r| r.encode_ms),
+        prefill_tok_s: stat(|r| r.prefill_tok_s),
+        prompt_tok_s: stat(|r| if r.encode_ms + r.prefill_ms > 0.0 { r.n_prompt_tokens as f64 * 1e3 / (r.encode_ms + r.prefill_ms) } else { 0.0 }),
+        score_ms: stat(|r| r.score_ms),
+        evict_ms: stat(|r| r.evict_ms),
+        decode_tok_s: stat(|r| r.decode_tok_s),
+        peak_rss_bytes: runs.iter().filter_map(|(_, m)| *m).max(),
+        peak_gpu_bytes: None,
+        ratio_prefill: 0.0,
+        ratio_decode: 0.0,
+        ratio_kv_bytes: 0.0,
+        reps: runs.len(),
+    }
+}
+
+fn fmt_stat(s: &Stat, digits: usize) -> String {
+    format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
+}
+
+/// The Markdown table (medians with min–max).
+#[must_use]
+pub fn markdown(rows: &[BenchRow]) -> String {
+    let mut out = String::from(
+        "| images | policy | budget | fa | prompt tok | KV cells | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | decode tok/s | peak RSS | ×prompt | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} |\n",
+            r.n_images,
+            r.policy,
+            r.kv_budget.as_deref().unwrap_or("–"),
+            r.flash_attn,
+            r.n_prompt_tokens,
+            r.kv_cells,
+            crate::engine::human_bytes(r.kv_bytes),
+            crate::engine::human_bytes(r.kv_bytes_allocated),
+            fmt_stat(&r.encode_ms, 1),
+            fmt_stat(&r.prefill_tok_s, 0),
+            fmt_stat(&r.prompt_tok_s, 0),
+            fmt_stat(&r.score_ms, 2),
+            fmt_stat(&r.evict_ms, 2),
+            fmt_stat(&r.decode_tok_s, 0),
+            r.peak_rss_bytes.map_or("–".into(), crate::engine::human_bytes),
+            r.ratio_prefill,
+            r.ratio_decode,
+            r.ratio_kv_bytes,
+        ));
+    }
+    out
+}
+
+/// CSV with one column per figure (medians, mins and maxes).
+#[must_use]
+pub fn csv(rows: &[BenchRow]) -> String {
+    let mut out = String::from("n_images,policy,kv_budget,reference,flash_attn,n_prompt_tokens,n_generated,kv_cells_before,kv_cells,kv_bytes,kv_bytes_allocated");
+    for f in ["encode_ms", "prefill_tok_s", "prompt_tok_s", "score_ms", "evict_ms", "decode_tok_s"] {
+        out.push_str(&format!(",{f},{f}_min,{f}_max"));
+    }
+    out.push_str(",peak_rss_bytes,ratio_prefill,ratio_decode,ratio_kv_bytes,reps\n");
+    for r in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{}",
+            r.n_images,
+            r.policy,
+            r.kv_budget.as_deref().unwrap_or(""),
+            r.reference,
+            r.flash_attn,
+            r.n_prompt_tokens,
+            r.n_generated,
+            r.kv_cells_before,
+            r.kv_cells,
+            r.kv_bytes,
+            r.kv_bytes_allocated
+        ));
+        for s in [&r.encode_ms, &r.prefill_tok_s, &r.prompt_tok_s, &r.score_ms, &r.evict_ms, &r.decode_tok_s] {
+            out.push_str(&format!(",{},{},{}", s.median, s.min, s.max));
+        }
+        out.push_str(&format!(
+            ",{},{},{},{},{}\n",
+            r.peak_rss_bytes.map_or(String::new(), |v| v.to_string()),
+            r.ratio_prefill,
+            r.ratio_decode,
+            r.ratio_kv_bytes,
+            r.reps
+        ));
+    }
+    out
+}
+
+/// An SVG with, per image count, decode tok/s and KV bytes against the budget for each policy
+/// (dashed line: the reference).
+#[must_use]
+pub fn svg(rows: &[BenchRow]) -> String {
+    const W: f64 = 420.0;
+    const H: f64 = 260.0;
+    const M: f64 = 50.0;
+    let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"];
+    let mut counts: Vec<usize> = rows.iter().map(|r| r.n_images).collect();
+    counts.dedup();
+    let mut body = String::new();
+    for (gi, &n) in counts.iter().enumerate() {
+        let group: Vec<&BenchRow> = rows.iter().filter(|r| r.n_images == n).collect();
+        let reference = group.iter().find(|r| r.reference);
+        let mut policies: Vec<&str> = group.iter().filter(|r| r.kv_budget.is_some()).map(|r| r.policy.as_str()).collect();
+        policies.dedup();
+        let points = |p: &str, f: &dyn Fn(&BenchRow) -> f64| -> Vec<(f64, f64)> {
+            let mut v: Vec<(f64, f64)> = group
+                .iter()
+                .filter(|r| r.policy == p && r.kv_budget.is_some())
+                .map(|r| (r.kv_cells as f64 / r.kv_cells_before.max(1) as f64, f(r)))
+                .collect();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v
+        };
+        let max_kv = group.iter().map(|r| r.kv_bytes).max().unwrap_or(0);
+        let (kv_unit, kv_div) = if max_kv >= 1 << 20 { ("MiB", 1_048_576.0) } else { ("KiB", 1024.0) };
+        let kv_title = format!("KV bytes ({kv_unit})");
+        let panels: [(&str, Box<dyn Fn(&BenchRow) -> f64>); 2] = [
+            ("decode tok/s", Box::new(|r: &BenchRow| r.decode_tok_s.median)),
+            (kv_title.as_str(), Box::new(move |r: &BenchRow| r.kv_bytes as f64 / kv_div)),
+        ];
+        for (pi, (title, f)) in panels.iter().enumerate() {
+            let (ox, oy) = (pi as f64 * (W + 20.0), gi as f64 * (H + 30.0));
+            let ymax = group.iter().map(|r| f(r)).fold(0.0, f64::max).max(1e-9) * 1.1;
+            let px = |x: f64| ox + M + x * (W - M - 10.0);
+            let py = |y: f64| oy + H - 30.0 - y / ymax * (H - 60.0);
+            body.push_str(&format!(
+                "<text x='{}' y='{}' font-size='13' font-family='sans-serif'>{n} image(s): {title} vs kept fraction</text>\n",
+                ox + M,
+                oy + 18.0
+            ));
+            body.push_str(&format!("<line x1='{}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n", px(0.0), py(0.0), px(1.0), py(0.0)));
+            body.push_str(&format!("<line x1='{}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n", px(0.0), py(0.0), px(0.0), py(ymax)));
+            for t in [0.0, 0.25, 0.5, 0.75, 1.0] {
+                body.push_str(&format!("<text x='{}' y='{}' font-size='10' text-anchor='middle' font-family='sans-serif'>{t}</text>\n", px(t), py(0.0) + 14.0));
+            }
+            body.push_str(&format!("<text x='{}' y='{}' font-size='10' text-anchor='end' font-family='sans-serif'>{:.1}</text>\n", px(0.0) - 4.0, py(ymax) + 4.0, ymax));
+            if let Some(r) = reference {
+                let y = py(f(r));
+                body.push_str(&format!("<line x1='{}' y1='{y}' x2='{}' y2='{y}' stroke='gray' stroke-dasharray='4 3'/>\n", px(0.0), px(1.0)));
+                body.push_str(&format!("<text x='{}' y='{}' font-size='10' fill='gray' font-family='sans-serif'>reference</text>\n", px(1.0) - 50.0, y - 3.0));
+            }
+            for (k, p) in policies.iter().enumerate() {
+                let c = colours[k % colours.len()];
+                let pts = points(p, f.as_ref());
+                let path: Vec<String> = pts.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
+                body.push_str(&format!("<polyline fill='none' stroke='{c}' stroke-width='2' points='{}'/>\n", path.join(" ")));
+                for (x, y) in &pts {
+                    body.push_str(&format!("<circle cx='{:.1}' cy='{:.1}' r='3' fill='{c}'/>\n", px(*x), py(*y)));
+                }
+                body.push_str(&format!(
+                    "<text x='{}' y='{}' font-size='10' fill='{c}' font-family='sans-serif'>{p}</text>\n",
+                    px(0.02),
+                    oy + 34.0 + k as f64 * 12.0
+                ));
+            }
+        }
+    }
+    let height = counts.len() as f64 * (H + 30.0);
+    format!("<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{height}' viewBox='0 0 {} {height}'>\n<rect width='100%' height='100%' fill='white'/>\n{body}</svg>\n", 2.0 * W + 20.0, 2.0 * W + 20.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(Stat::of(vec![3.0, 1.0, 2.0]), Stat { median: 2.0, min: 1.0, max: 3.0 });
+        assert_eq!(Stat::of(vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
+    }
+}
