@@ -20,6 +20,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod gguf;
 pub mod llama;
 pub mod observe;

@@ -36,6 +36,9 @@ pub enum Command {
     /// Speed and memory of each policy × budget next to llama.cpp's own full cache
     /// (llama-bench style; medians with min–max over -r repetitions after a warm-up).
     Bench(BenchArgs),
+    /// Fidelity (KL, top-1 agreement, ROUGE-L against the full cache) and accuracy of each
+    /// policy × budget on a JSONL set of cases.
+    Eval(EvalArgs),
     /// Run the main job on the built-in tiny model and its sample images (no downloads).
     /// Takes every flag of the main command; -m/--mmproj/--image/-p default to the tiny model,
     /// its first three images and "Compare the three images.", -n to 48, --temp to 0.
@@ -46,6 +49,80 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalOutput {
+    Md,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Text model GGUF [default: the built-in tiny model].
+    #[arg(short = 'm', long = "model", value_name = "FNAME")]
+    pub model: Option<PathBuf>,
+    /// Multimodal projector GGUF.
+    #[arg(long, value_name = "FNAME")]
+    pub mmproj: Option<PathBuf>,
+    /// Cases, one JSON object per line: {"id", "images": [paths relative to the file],
+    /// "prompt", "answer" (optional)}.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: PathBuf,
+    /// Policies, comma-separated (`full` gives the full cache's own accuracy).
+    #[arg(long = "kv-policy", value_name = "P[,P…]", value_delimiter = ',', default_value = "full,csp,h2o,snapkv,streaming,random")]
+    pub kv_policy: Vec<PolicyKind>,
+    /// Budgets, comma-separated.
+    #[arg(long = "kv-budget", value_name = "B[,B…]", value_delimiter = ',', default_value = "0.1,0.2")]
+    pub kv_budget: Vec<Budget>,
+    /// Answer length cap (greedy).
+    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = 32)]
+    pub n_predict: usize,
+    /// Output format of the summary.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
+    pub output: EvalOutput,
+    /// Per-case results, one JSON line per case.
+    #[arg(long = "cases-out", value_name = "FILE.jsonl")]
+    pub cases_out: Option<PathBuf>,
+    /// Continue from --cases-out: skip the cases already there.
+    #[arg(long, requires = "cases_out")]
+    pub resume: bool,
+    /// Context size [default: 0 = the model's trained context].
+    #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
+    pub ctx_size: u32,
+    /// Threads [default: available cores].
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<u32>,
+    /// Layers on the GPU (written `-ngl`).
+    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
+    pub n_gpu_layers: Option<u32>,
+    /// Flash attention when no policy observes (written `-fa`).
+    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
+    pub flash_attn: FaArg,
+    /// CSP cross ratio.
+    #[arg(long = "csp-cross-ratio", value_name = "R", default_value_t = 0.5)]
+    pub csp_cross_ratio: f64,
+    /// Recent-window bias.
+    #[arg(long = "csp-recent-bias", value_name = "X", default_value_t = 1.0)]
+    pub csp_recent_bias: f64,
+    /// Observation window.
+    #[arg(long = "obs-window", value_name = "N")]
+    pub obs_window: Option<usize>,
+    /// More logs on stderr.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl EvalArgs {
+    pub fn config(&self) -> csp_llava::eval::EvalConfig {
+        csp_llava::eval::EvalConfig {
+            policies: self.kv_policy.clone(),
+            budgets: self.kv_budget.clone(),
+            n_predict: self.n_predict,
+            ctx: ContextConfig { n_ctx: self.ctx_size, flash_attn: fa(self.flash_attn), ..ContextConfig::default() },
+            policy: PolicyConfig { cross_ratio: self.csp_cross_ratio, recent_bias: self.csp_recent_bias, obs_window: self.obs_window, ..PolicyConfig::default() },
+        }
+    }
 }
 
 /// Output format of `bench`.

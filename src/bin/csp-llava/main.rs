@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     let verbose = match &cli.command {
         Some(Command::Demo { run, .. }) => run.verbose,
         Some(Command::Bench(b)) => b.verbose,
+        Some(Command::Eval(e)) => e.verbose,
         _ => cli.run.verbose,
     };
     init_tracing(verbose);
@@ -64,6 +65,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Some(Command::GenTinyModel { dir, seed }) => gen_tiny_model(&dir, seed),
         Some(Command::Demo { dir, run }) => demo(dir, run),
         Some(Command::Bench(b)) => bench(&b),
+        Some(Command::Eval(e)) => eval(&e),
         None => run(&cli.run),
     }
 }
@@ -138,6 +140,82 @@ fn bench(a: &args::BenchArgs) -> Result<()> {
     }
     if let Some(p) = &a.plot {
         std::fs::write(p, csp_llava::bench::svg(&rows)).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn eval(a: &args::EvalArgs) -> Result<()> {
+    use csp_llava::eval::{self, CaseResult};
+    let cfg = a.config();
+    cfg.ctx.validate()?;
+    for b in &cfg.budgets {
+        csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate()?;
+    }
+    if cfg.policies.is_empty() {
+        bail!("--kv-policy: give at least one policy");
+    }
+    let cases = eval::load_cases(&a.data)?;
+    let engine = load(a.model.as_ref(), a.mmproj.as_ref(), a.n_gpu_layers, a.threads)?;
+    let mut results: Vec<CaseResult> = Vec::new();
+    if let (true, Some(path)) = (a.resume, &a.cases_out) {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                results.push(serde_json::from_str(line).with_context(|| format!("{} line {}: not a case result", path.display(), i + 1))?);
+            }
+        }
+    }
+    let mut out_file = match &a.cases_out {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(a.resume)
+                .truncate(!a.resume)
+                .open(p)
+                .with_context(|| format!("cannot write {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let bar = if std::io::stderr().is_terminal() && a.verbose == 0 {
+        ProgressBar::new(cases.len() as u64).with_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} cases {elapsed}").expect("valid template").progress_chars("=> "))
+    } else {
+        ProgressBar::hidden()
+    };
+    for case in &cases {
+        let id = match case {
+            Ok(c) => c.id.clone(),
+            Err((id, _)) => id.clone(),
+        };
+        if results.iter().any(|r| r.id == id && r.ok) {
+            bar.inc(1);
+            continue;
+        }
+        results.retain(|r| r.id != id);
+        let r = match case {
+            Ok(c) => eval::eval_case(&engine, c, &cfg).unwrap_or_else(|e| CaseResult::failed(id.clone(), e.to_string())),
+            Err((_, e)) => CaseResult::failed(id.clone(), e.clone()),
+        };
+        if let Some(e) = &r.error {
+            bar.suspend(|| eprintln!("csp-llava: case {id} failed: {e}"));
+        }
+        if let Some(f) = out_file.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&r)?)?;
+            f.flush()?;
+        }
+        results.push(r);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let failed = results.iter().filter(|r| !r.ok).count();
+    let summary = eval::summarize(&results);
+    let mut stdout = std::io::stdout().lock();
+    match a.output {
+        args::EvalOutput::Md => write!(stdout, "{}", eval::markdown(&summary, failed))?,
+        args::EvalOutput::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "failed": failed }))?)?,
+    }
+    stdout.flush()?;
+    if failed > 0 {
+        bail!("{failed} of {} case(s) failed (see the lines above{})", results.len(), if a.cases_out.is_some() { " and --cases-out" } else { "" });
     }
     Ok(())
 }
