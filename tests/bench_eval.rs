@@ -1,0 +1,130 @@
+//! `csp-llava bench` and `csp-llava eval` on the tiny model: their outputs parse and hold the
+//! rows and metrics they promise.
+
+mod support;
+
+use std::process::{Command, Output};
+
+fn csp(args: &[&str]) -> Output {
+    let (m, p) = (support::model(), support::mmproj());
+    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    a.extend(["-m".into(), m.to_str().unwrap().into(), "--mmproj".into(), p.to_str().unwrap().into(), "-t".into(), "2".into()]);
+    Command::new(env!("CARGO_BIN_EXE_csp-llava")).args(&a).env_remove("RUST_LOG").output().unwrap()
+}
+
+#[test]
+fn bench_rows_and_formats() {
+    let plot = support::scratch().join("bench.svg");
+    let out = csp(&["bench", "--images", "1,2", "-r", "2", "-n", "4", "--kv-policy", "csp,streaming", "--kv-budget", "0.2,0.5", "-o", "json", "--plot", plot.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("a JSON array");
+    // per image count: reference, full (fa off), 2 policies × 2 budgets
+    assert_eq!(rows.len(), 2 * (2 + 4));
+    for n in [1, 2] {
+        let group: Vec<&serde_json::Value> = rows.iter().filter(|r| r["n_images"] == n).collect();
+        let reference: Vec<_> = group.iter().filter(|r| r["reference"] == true).collect();
+        assert_eq!(reference.len(), 1, "one reference row per image count");
+        assert_eq!(reference[0]["ratio_decode"], 1.0);
+        let full = group.iter().find(|r| r["policy"] == "full").expect("full row");
+        assert_eq!(full["flash_attn"], "off");
+        let l = full["n_prompt_tokens"].as_u64().unwrap();
+        for r in group.iter().filter(|r| r["policy"] == "csp") {
+            let b: f64 = r["kv_budget"].as_str().unwrap().parse().unwrap();
+            assert_eq!(r["kv_cells"].as_u64().unwrap(), (b * l as f64).floor() as u64);
+            assert!(r["ratio_kv_bytes"].as_f64().unwrap() < 0.6);
+            assert_eq!(r["reps"], 2);
+            let d = &r["decode_tok_s"];
+            assert!(d["min"].as_f64().unwrap() <= d["median"].as_f64().unwrap() && d["median"].as_f64().unwrap() <= d["max"].as_f64().unwrap());
+        }
+        for key in ["encode_ms", "prefill_tok_s", "score_ms", "evict_ms", "decode_tok_s", "kv_cells", "kv_bytes", "kv_bytes_allocated", "peak_rss_bytes", "ratio_prefill", "ratio_decode", "ratio_kv_bytes"] {
+            assert!(group.iter().all(|r| r.get(key).is_some()), "{key}");
+        }
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+
+    let out = csp(&["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5", "-o", "jsonl"]);
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    let out = csp(&["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5", "-o", "csv"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let header_cols = text.lines().next().unwrap().split(',').count();
+    assert_eq!(text.lines().count(), 4);
+    assert!(text.lines().all(|l| l.split(',').count() == header_cols));
+    let out = csp(&["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| reference |"));
+}
+
+fn write_cases(name: &str, lines: &[String]) -> std::path::PathBuf {
+    let dir = support::scratch().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..4 {
+        std::fs::copy(support::image(i), dir.join(format!("img-{i}.png"))).unwrap();
+    }
+    let p = dir.join("cases.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+#[test]
+fn eval_summary_failures_and_resume() {
+    let data = write_cases(
+        "eval1",
+        &[
+            r#"{"id": 1, "images": ["img-0.png", "img-1.png"], "prompt": "Which image shows a circle?", "answer": "first"}"#.into(),
+            r#"{"id": "two", "images": ["img-2.png", "img-3.png", "img-0.png"], "prompt": "What colour is image 2?"}"#.into(),
+            r#"{"id": 3, "images": ["no-such.png"], "prompt": "x"}"#.into(),
+        ],
+    );
+    let cases_out = data.with_file_name("out.jsonl");
+    let args = ["eval", "--data", data.to_str().unwrap(), "-n", "8", "--kv-policy", "full,csp,snapkv", "--kv-budget", "0.2", "-o", "json", "--cases-out", cases_out.to_str().unwrap()];
+    let out = csp(&args);
+    assert!(!out.status.success(), "a failed case makes the exit code non-zero");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("case 3 failed") && !err.contains("panicked"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert_eq!(v["failed"], 1);
+    let summary = v["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 3);
+    let full = &summary[0];
+    assert_eq!(full["policy"], "full");
+    assert_eq!(full["n_cases"], 2);
+    assert_eq!(full["kl"], 0.0);
+    assert_eq!(full["top1_agreement"], 1.0);
+    assert_eq!(full["rouge_l"], 1.0);
+    assert!(full["accuracy"].is_number(), "one case has an answer");
+    for row in summary {
+        for key in ["policy", "budget", "n_cases", "kl", "top1_agreement", "rouge_l", "accuracy", "contains"] {
+            assert!(row.get(key).is_some(), "{key}");
+        }
+    }
+    let csp_row = summary.iter().find(|r| r["policy"] == "csp").unwrap();
+    assert_eq!(csp_row["budget"], "0.2");
+    assert!(csp_row["kl"].as_f64().unwrap() > 0.0, "pruning 80% of the cache moves the distribution");
+    let lines_before = std::fs::read_to_string(&cases_out).unwrap().lines().count();
+    assert_eq!(lines_before, 3);
+
+    // resume: the two good cases are not run again, the failed one is retried
+    let out = csp(&[&args[..], &["--resume"]].concat());
+    assert!(!out.status.success());
+    let text = std::fs::read_to_string(&cases_out).unwrap();
+    assert_eq!(text.lines().count(), 4);
+    assert_eq!(text.lines().filter(|l| l.contains("\"ok\":true")).count(), 2);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["summary"][0]["n_cases"], 2);
+}
+
+#[test]
+fn eval_at_budget_one_matches_the_full_cache() {
+    let data = write_cases("eval2", &[r#"{"id": "a", "images": ["img-1.png", "img-2.png", "img-3.png"], "prompt": "Compare the shapes."}"#.into()]);
+    let out = csp(&["eval", "--data", data.to_str().unwrap(), "-n", "8", "--kv-policy", "csp,h2o,snapkv,streaming,random", "--kv-budget", "1.0", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for row in v["summary"].as_array().unwrap() {
+        assert_eq!(row["kl"], 0.0, "{row}");
+        assert_eq!(row["top1_agreement"], 1.0);
+        assert_eq!(row["rouge_l"], 1.0);
+        assert!(row["accuracy"].is_null(), "no answers: accuracy does not apply");
+    }
+}
