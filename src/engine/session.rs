@@ -379,16 +379,7 @@ impl<'e> Session<'e> {
             .state_seq_get(0, LlamaStateSeqFlags::empty())
             .map_err(|e| Error::Prompt(format!("cannot save the sequence state: {e}")))?;
         match cells {
-            None => {
-                self.lctx
-                    .ctx_mut()
-                    .clear_kv_cache_seq(Some(0), None, None)
-                    .map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
-                self.lctx
-                    .ctx_mut()
-                    .state_seq_set(&state, 0)
-                    .map_err(|e| Error::Prompt(format!("cannot restore the sequence state: {e}")))?;
-            }
+            None => self.set_state(&state)?,
             Some(n) => {
                 let n_batch = self.n_batch.min(n);
                 let params = self
@@ -438,6 +429,19 @@ impl std::fmt::Debug for Snapshot {
 }
 
 impl Session<'_> {
+    /// Replaces sequence 0 by `state` (its cells land packed from cell 0).
+    fn set_state(&mut self, state: &llama_cpp_2::context::session::SeqState) -> Result<()> {
+        self.lctx
+            .ctx_mut()
+            .clear_kv_cache_seq(Some(0), None, None)
+            .map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
+        self.lctx
+            .ctx_mut()
+            .state_seq_set(state, 0)
+            .map_err(|e| Error::Prompt(format!("cannot restore the sequence state: {e}")))?;
+        Ok(())
+    }
+
     /// Saves the sequence (cells, position, pending logits), e.g. right after the prefill.
     ///
     /// # Errors
@@ -456,14 +460,7 @@ impl Session<'_> {
     /// # Errors
     /// llama.cpp state errors.
     pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
-        self.lctx
-            .ctx_mut()
-            .clear_kv_cache_seq(Some(0), None, None)
-            .map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
-        self.lctx
-            .ctx_mut()
-            .state_seq_set(&snap.state, 0)
-            .map_err(|e| Error::Prompt(format!("cannot restore the sequence state: {e}")))?;
+        self.set_state(&snap.state)?;
         self.first_logits.clone_from(&snap.logits);
         self.n_past = snap.n_past;
         Ok(())

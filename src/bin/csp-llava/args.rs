@@ -57,14 +57,51 @@ pub enum EvalOutput {
     Json,
 }
 
+/// Model and machine flags shared by `bench` and `eval`.
 #[derive(Debug, Clone, Args)]
-pub struct EvalArgs {
+pub struct ModelArgs {
     /// Text model GGUF [default: the built-in tiny model].
     #[arg(short = 'm', long = "model", value_name = "FNAME")]
     pub model: Option<PathBuf>,
     /// Multimodal projector GGUF.
     #[arg(long, value_name = "FNAME")]
     pub mmproj: Option<PathBuf>,
+    /// Threads [default: available cores].
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<u32>,
+    /// Layers on the GPU (written `-ngl`).
+    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
+    pub n_gpu_layers: Option<u32>,
+    /// Context size [default: 0 = the model's trained context].
+    #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
+    pub ctx_size: u32,
+    /// Flash attention (written `-fa`); policies that observe attention need it off.
+    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
+    pub flash_attn: FaArg,
+    /// CSP cross ratio.
+    #[arg(long = "csp-cross-ratio", value_name = "R", default_value_t = 0.5)]
+    pub csp_cross_ratio: f64,
+    /// Recent-window bias.
+    #[arg(long = "csp-recent-bias", value_name = "X", default_value_t = 1.0)]
+    pub csp_recent_bias: f64,
+    /// Observation window.
+    #[arg(long = "obs-window", value_name = "N")]
+    pub obs_window: Option<usize>,
+    /// More logs on stderr.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl ModelArgs {
+    fn policy(&self) -> PolicyConfig {
+        PolicyConfig { cross_ratio: self.csp_cross_ratio, recent_bias: self.csp_recent_bias, obs_window: self.obs_window, ..PolicyConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub common: ModelArgs,
     /// Cases, one JSON object per line: {"id", "images": [paths relative to the file],
     /// "prompt", "answer" (optional)}.
     #[arg(long, value_name = "FILE.jsonl")]
@@ -87,30 +124,6 @@ pub struct EvalArgs {
     /// Continue from --cases-out: skip the cases already there.
     #[arg(long, requires = "cases_out")]
     pub resume: bool,
-    /// Context size [default: 0 = the model's trained context].
-    #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
-    pub ctx_size: u32,
-    /// Threads [default: available cores].
-    #[arg(short = 't', long, value_name = "N")]
-    pub threads: Option<u32>,
-    /// Layers on the GPU (written `-ngl`).
-    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
-    pub n_gpu_layers: Option<u32>,
-    /// Flash attention when no policy observes (written `-fa`).
-    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
-    pub flash_attn: FaArg,
-    /// CSP cross ratio.
-    #[arg(long = "csp-cross-ratio", value_name = "R", default_value_t = 0.5)]
-    pub csp_cross_ratio: f64,
-    /// Recent-window bias.
-    #[arg(long = "csp-recent-bias", value_name = "X", default_value_t = 1.0)]
-    pub csp_recent_bias: f64,
-    /// Observation window.
-    #[arg(long = "obs-window", value_name = "N")]
-    pub obs_window: Option<usize>,
-    /// More logs on stderr.
-    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
-    pub verbose: u8,
 }
 
 impl EvalArgs {
@@ -119,8 +132,8 @@ impl EvalArgs {
             policies: self.kv_policy.clone(),
             budgets: self.kv_budget.clone(),
             n_predict: self.n_predict,
-            ctx: ContextConfig { n_ctx: self.ctx_size, flash_attn: fa(self.flash_attn), ..ContextConfig::default() },
-            policy: PolicyConfig { cross_ratio: self.csp_cross_ratio, recent_bias: self.csp_recent_bias, obs_window: self.obs_window, ..PolicyConfig::default() },
+            ctx: ContextConfig { n_ctx: self.common.ctx_size, flash_attn: fa(self.common.flash_attn), ..ContextConfig::default() },
+            policy: self.common.policy(),
         }
     }
 }
@@ -136,12 +149,8 @@ pub enum BenchOutput {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Text model GGUF [default: the built-in tiny model].
-    #[arg(short = 'm', long = "model", value_name = "FNAME")]
-    pub model: Option<PathBuf>,
-    /// Multimodal projector GGUF.
-    #[arg(long, value_name = "FNAME")]
-    pub mmproj: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: ModelArgs,
     /// Image files to cycle through [default: deterministic synthetic images].
     #[arg(long = "image", value_name = "FILE")]
     pub image_files: Vec<PathBuf>,
@@ -170,18 +179,6 @@ pub struct BenchArgs {
     /// Also write an SVG plot of decode tok/s and KV bytes against the budget.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// Context size [default: 0 = the model's trained context].
-    #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
-    pub ctx_size: u32,
-    /// Threads [default: available cores].
-    #[arg(short = 't', long, value_name = "N")]
-    pub threads: Option<u32>,
-    /// Layers on the GPU (written `-ngl`).
-    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
-    pub n_gpu_layers: Option<u32>,
-    /// Flash attention for the policy rows (written `-fa`); observing policies need it off.
-    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
-    pub flash_attn: FaArg,
     /// K cache type (written `-ctk`).
     #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
     pub cache_type_k: CacheType,
@@ -191,21 +188,9 @@ pub struct BenchArgs {
     /// Physical batch size (written `-ub`).
     #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
     pub ubatch_size: u32,
-    /// CSP cross ratio.
-    #[arg(long = "csp-cross-ratio", value_name = "R", default_value_t = 0.5)]
-    pub csp_cross_ratio: f64,
-    /// Recent-window bias.
-    #[arg(long = "csp-recent-bias", value_name = "X", default_value_t = 1.0)]
-    pub csp_recent_bias: f64,
-    /// Observation window.
-    #[arg(long = "obs-window", value_name = "N")]
-    pub obs_window: Option<usize>,
     /// Move pruned caches into buffers sized to the kept cells + -n.
     #[arg(long = "kv-shrink")]
     pub kv_shrink: bool,
-    /// More logs on stderr.
-    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
-    pub verbose: u8,
 }
 
 impl BenchArgs {
@@ -219,20 +204,14 @@ impl BenchArgs {
             n_predict: self.n_predict,
             prompt: self.prompt.clone(),
             ctx: ContextConfig {
-                n_ctx: self.ctx_size,
+                n_ctx: self.common.ctx_size,
                 n_ubatch: self.ubatch_size,
-                flash_attn: fa(self.flash_attn),
+                flash_attn: fa(self.common.flash_attn),
                 type_k: self.cache_type_k,
                 type_v: self.cache_type_v,
                 ..ContextConfig::default()
             },
-            policy: PolicyConfig {
-                cross_ratio: self.csp_cross_ratio,
-                recent_bias: self.csp_recent_bias,
-                obs_window: self.obs_window,
-                shrink: self.kv_shrink,
-                ..PolicyConfig::default()
-            },
+            policy: PolicyConfig { shrink: self.kv_shrink, ..self.common.policy() },
         }
     }
 }

@@ -23,8 +23,8 @@ fn main() -> ExitCode {
     };
     let verbose = match &cli.command {
         Some(Command::Demo { run, .. }) => run.verbose,
-        Some(Command::Bench(b)) => b.verbose,
-        Some(Command::Eval(e)) => e.verbose,
+        Some(Command::Bench(b)) => b.common.verbose,
+        Some(Command::Eval(e)) => e.common.verbose,
         _ => cli.run.verbose,
     };
     init_tracing(verbose);
@@ -87,8 +87,9 @@ fn tiny_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn load(model: Option<&PathBuf>, mmproj: Option<&PathBuf>, ngl: Option<u32>, threads: Option<u32>) -> Result<Engine> {
-    let (model, mmproj) = match (model, mmproj) {
+fn load(a: &args::ModelArgs) -> Result<Engine> {
+    let (ngl, threads) = (a.n_gpu_layers, a.threads);
+    let (model, mmproj) = match (a.model.as_ref(), a.mmproj.as_ref()) {
         (Some(m), Some(p)) => (m.clone(), p.clone()),
         (None, None) => {
             let d = tiny_dir()?;
@@ -108,9 +109,9 @@ fn bench(a: &args::BenchArgs) -> Result<()> {
     for b in &cfg.budgets {
         csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate()?;
     }
-    let engine = load(a.model.as_ref(), a.mmproj.as_ref(), a.n_gpu_layers, a.threads)?;
+    let engine = load(&a.common)?;
     let scratch = std::env::temp_dir().join(format!("csp-llava-bench-{}", std::process::id()));
-    let bar = if std::io::stderr().is_terminal() && a.verbose == 0 {
+    let bar = if std::io::stderr().is_terminal() && a.common.verbose == 0 {
         ProgressBar::new(0).with_style(ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} runs {elapsed}").expect("valid template").progress_chars("=> "))
     } else {
         ProgressBar::hidden()
@@ -155,7 +156,7 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         bail!("--kv-policy: give at least one policy");
     }
     let cases = eval::load_cases(&a.data)?;
-    let engine = load(a.model.as_ref(), a.mmproj.as_ref(), a.n_gpu_layers, a.threads)?;
+    let engine = load(&a.common)?;
     let mut results: Vec<CaseResult> = Vec::new();
     if let (true, Some(path)) = (a.resume, &a.cases_out) {
         if let Ok(text) = std::fs::read_to_string(path) {
@@ -176,7 +177,7 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         ),
         None => None,
     };
-    let bar = if std::io::stderr().is_terminal() && a.verbose == 0 {
+    let bar = if std::io::stderr().is_terminal() && a.common.verbose == 0 {
         ProgressBar::new(cases.len() as u64).with_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} cases {elapsed}").expect("valid template").progress_chars("=> "))
     } else {
         ProgressBar::hidden()
