@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 fn csp(args: &[&str]) -> Output {
     let (m, p) = (support::model(), support::mmproj());
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    a.extend(["-m".into(), m.to_str().unwrap().into(), "--mmproj".into(), p.to_str().unwrap().into(), "-t".into(), "2".into()]);
+    a.extend(["-m".into(), m.to_str().unwrap().into(), "--mmproj".into(), p.to_str().unwrap().into(), "-t".into(), "1".into()]);
     Command::new(env!("CARGO_BIN_EXE_csp-llava")).args(&a).env_remove("RUST_LOG").output().unwrap()
 }
 
