@@ -107,6 +107,9 @@ if [[ -d "$VENDOR/llama-cpp-sys-2" && -d "$VENDOR/llama-cpp-2" ]]; then
   done
   (cd "$VENDOR" && find . -type f) | while read -r f; do [[ -e "$new/$f" ]] || rm -f "$VENDOR/$f"; done
   rm -rf "$new"
+  # llama-cpp-sys-2's build script only watches src/, ggml/src/, common/ and CMake files, not
+  # tools/mtmd/: touching a CMake file makes cargo re-run it, and cmake rebuilds what changed.
+  touch "$VENDOR/llama-cpp-sys-2/llama.cpp/tools/mtmd/CMakeLists.txt"
 else
   rm -rf "$VENDOR"; mv "$new" "$VENDOR"
 fi

@@ -122,6 +122,17 @@ impl Engine {
         prompt::build(&self.model, &self.mtmd(), req)
     }
 
+    /// The embeddings the language model receives for media chunk `chunk` of `prompt`
+    /// (`n_tokens × n_embd`, token-major).
+    ///
+    /// # Errors
+    /// A chunk index that is not media; encoder failures.
+    pub fn media_embeddings(&self, prompt: &Prompt, chunk: usize) -> Result<Vec<f32>> {
+        let c = prompt.chunks.get(chunk).filter(|_| prompt.spans.get(chunk).is_some_and(|s| s.media.is_some()));
+        let c = c.ok_or_else(|| Error::Prompt(format!("chunk {chunk} is not an image")))?;
+        llama::media_embeddings(&self.mtmd(), &c, self.model.n_embd() as usize)
+    }
+
     /// Creates a session (a llama.cpp context) sized for `prompt`; with `observe`, attention
     /// statistics are gathered during the prefill (flash attention off).
     ///

@@ -49,6 +49,8 @@ pub struct GgufHeader {
     pub kv: BTreeMap<String, Value>,
     /// Tensor infos in file order.
     pub tensors: Vec<TensorInfo>,
+    /// Byte offset of the tensor data section.
+    pub data_start: u64,
 }
 
 impl GgufHeader {
@@ -79,6 +81,30 @@ impl GgufHeader {
     #[must_use]
     pub fn get_u64(&self, key: &str) -> Option<u64> {
         self.kv.get(key).and_then(Value::as_u64)
+    }
+
+    /// Reads an F32 or F16 tensor's values (as f32) from the file the header came from.
+    ///
+    /// # Errors
+    /// I/O errors; a missing tensor or another type (`InvalidData`).
+    pub fn tensor_f32(&self, path: &Path, name: &str) -> io::Result<Vec<f32>> {
+        use std::io::{Seek, SeekFrom};
+        let t = self.tensor(name).ok_or_else(|| bad(format!("no tensor {name}")))?;
+        let n = usize::try_from(t.ne.iter().product::<u64>()).map_err(|_| bad("tensor too large"))?;
+        let width = match t.ggml_type {
+            0 => 4,
+            1 => 2,
+            other => return Err(bad(format!("{name}: type {other} is neither F32 nor F16"))),
+        };
+        let mut f = std::fs::File::open(path)?;
+        f.seek(SeekFrom::Start(self.data_start + t.offset))?;
+        let mut bytes = vec![0u8; n * width];
+        f.read_exact(&mut bytes)?;
+        Ok(if width == 4 {
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        } else {
+            bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        })
     }
 
     /// A tensor info by name.
@@ -203,7 +229,7 @@ impl<R: Read> Reader<R> {
                 )));
             }
         }
-        Ok(GgufHeader { version, kv, tensors })
+        Ok(GgufHeader { version, kv, tensors, data_start })
     }
 }
 
@@ -227,6 +253,8 @@ mod tests {
         assert_eq!(h.get_u64("llama.block_count"), Some(2));
         assert_eq!(h.tensor("x.weight").unwrap().ne, vec![3, 2]);
         assert_eq!(h.kv["arr"], Value::Array(vec![Value::F32(1.0), Value::F32(2.0)]));
+        assert_eq!(h.tensor_f32(&p, "x.weight").unwrap(), vec![0.0; 6]);
+        assert!(h.tensor_f32(&p, "y").is_err());
 
         // truncated and garbage files are errors, not panics
         let bytes = std::fs::read(&p).unwrap();

@@ -198,9 +198,16 @@ pub fn mmproj(seed: u64) -> GgufWriter {
 /// error).
 #[must_use]
 pub fn mmproj_with_width(seed: u64, d: u32) -> GgufWriter {
+    mmproj_with(seed, d, false)
+}
+
+/// The tiny mmproj, optionally with a CLIP class embedding (`v.class_embd`, one more position):
+/// real LLaVA-1.5/1.6 projectors have one, which the CLS-order patch must handle.
+#[must_use]
+pub fn mmproj_with(seed: u64, d: u32, class_embedding: bool) -> GgufWriter {
     use vision::*;
     let e = N_EMBD;
-    let n_pos = TOKENS_PER_IMAGE;
+    let n_pos = TOKENS_PER_IMAGE + u32::from(class_embedding);
     let f32t = TensorType::F32;
     let mut w = GgufWriter::new();
     w.string("general.architecture", "clip")
@@ -236,6 +243,9 @@ pub fn mmproj_with_width(seed: u64, d: u32) -> GgufWriter {
         TensorType::F16,
         &conv,
     );
+    if class_embedding {
+        small(&mut w, seed, "v.class_embd", e, 1.0);
+    }
     let pos = random(seed, "v.position_embd.weight", (n_pos * e) as usize, 0.5);
     w.tensor("v.position_embd.weight", &[e.into(), n_pos.into()], f32t, &pos);
     filled(&mut w, "v.pre_ln.weight", e, 1.0);

@@ -161,6 +161,25 @@ pub fn encode_media_chunk(mtmd: &MtmdContext, chunk: &MtmdInputChunk<'_>) -> Res
     Ok(())
 }
 
+/// Runs the encoder on a media chunk and copies its embeddings (`n_tokens × n_embd` floats,
+/// token-major) — what the language model receives for that chunk.
+///
+/// # Errors
+/// [`Error::Llama`] with mtmd's return code.
+pub fn media_embeddings(mtmd: &MtmdContext, chunk: &MtmdInputChunk<'_>, n_embd: usize) -> Result<Vec<f32>> {
+    encode_media_chunk(mtmd, chunk)?;
+    let n = chunk.n_tokens() * n_embd;
+    // SAFETY: after a successful encode, mtmd_get_output_embd points to n_tokens × n_embd
+    // floats owned by the context (checked non-null), valid until the next encode; we copy them.
+    unsafe {
+        let p = sys::mtmd_get_output_embd(mtmd.as_raw());
+        if p.is_null() {
+            return Err(Error::Llama { op: "read image embeddings", code: -1 });
+        }
+        Ok(std::slice::from_raw_parts(p, n).to_vec())
+    }
+}
+
 /// Decodes the embeddings of the media chunk last passed to [`encode_media_chunk`] at positions
 /// `n_past..`. Returns the next position (`n_past + n_pos` of the chunk).
 ///
