@@ -39,6 +39,18 @@ pub enum Command {
     /// Fidelity (KL, top-1 agreement, ROUGE-L against the full cache) and accuracy of each
     /// policy × budget on a JSONL set of cases.
     Eval(EvalArgs),
+    /// Print how prompts are laid out for the model (text token ids and image slots), one JSON
+    /// line per input line `{"prompt": …, "n_images": K, "raw": false}` on stdin — what the projector
+    /// training needs to build exactly the sequences csp-llava evaluates.
+    #[command(hide = true)]
+    PromptLayout {
+        /// Text model GGUF.
+        #[arg(short = 'm', long = "model")]
+        model: PathBuf,
+        /// Multimodal projector GGUF.
+        #[arg(long)]
+        mmproj: PathBuf,
+    },
     /// Run the main job on the built-in tiny model and its sample images (no downloads).
     /// Takes every flag of the main command; -m/--mmproj/--image/-p default to the tiny model,
     /// its first three images and "Compare the three images.", -n to 48, --temp to 0.

@@ -66,6 +66,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Some(Command::Demo { dir, run }) => demo(dir, run),
         Some(Command::Bench(b)) => bench(&b),
         Some(Command::Eval(e)) => eval(&e),
+        Some(Command::PromptLayout { model, mmproj }) => prompt_layout(&model, &mmproj),
         None => run(&cli.run),
     }
 }
@@ -142,6 +143,43 @@ fn bench(a: &args::BenchArgs) -> Result<()> {
     if let Some(p) = &a.plot {
         std::fs::write(p, csp_llava::bench::svg(&rows)).with_context(|| format!("cannot write {}", p.display()))?;
     }
+    Ok(())
+}
+
+fn prompt_layout(model: &Path, mmproj: &Path) -> Result<()> {
+    use std::io::BufRead;
+    let mut cfg = ModelConfig::new(model, mmproj);
+    cfg.threads = 1;
+    let engine = Engine::load(&cfg)?;
+    let blank = std::env::temp_dir().join(format!("csp-llava-blank-{}.png", std::process::id()));
+    tiny::write_png(&blank, 112, &vec![128u8; 112 * 112 * 3])?;
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).context("each input line is {\"prompt\": …, \"n_images\": K}")?;
+        let n = v["n_images"].as_u64().unwrap_or(0) as usize;
+        let req = Request {
+            images: vec![blank.clone(); n],
+            prompt: v["prompt"].as_str().unwrap_or_default().to_owned(),
+            raw: v["raw"].as_bool().unwrap_or(false),
+            ..Default::default()
+        };
+        let prompt = engine.prepare(&req)?;
+        let chunks: Vec<serde_json::Value> = (0..prompt.spans.len())
+            .map(|i| {
+                let c = prompt.chunks.get(i).expect("chunk");
+                match c.text_tokens() {
+                    Some(t) => serde_json::json!({ "text": t.iter().map(|x| x.0).collect::<Vec<_>>() }),
+                    None => serde_json::json!({ "image": c.n_tokens() }),
+                }
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::json!({ "chunks": chunks }))?;
+    }
+    let _ = std::fs::remove_file(&blank);
     Ok(())
 }
 
