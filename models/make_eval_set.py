@@ -26,7 +26,8 @@ def main():
     ap.add_argument("--data", default=os.path.join(HERE, "cache", "easy-vqa"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--n", type=int, default=60, help="cases per file")
+    ap.add_argument("--n", type=int, default=60, help="cases per multi-image file")
+    ap.add_argument("--n-single", type=int, default=200, help="single-image cases")
     args = ap.parse_args()
     out = args.out or os.path.join(args.data, f"eval-seed{args.seed}")
     os.makedirs(out, exist_ok=True)
@@ -42,7 +43,7 @@ def main():
     rel = lambda i: os.path.relpath(os.path.join(args.data, "test", "images112", f"{i}.png"), out)
     rng = random.Random(args.seed)
     with open(os.path.join(out, "single.jsonl"), "w") as f:
-        for n, (q, a, i) in enumerate(rng.sample(qs, args.n)):
+        for n, (q, a, i) in enumerate(rng.sample(qs, args.n_single)):
             f.write(json.dumps({"id": f"s{n}", "images": [rel(i)], "prompt": q, "answer": a}) + "\n")
     for k in (4, 8, 16):
         with open(os.path.join(out, f"multi-K{k}.jsonl"), "w") as f:

@@ -51,11 +51,12 @@ pub enum Command {
         #[arg(long)]
         mmproj: PathBuf,
     },
-    /// Run the main job on the built-in tiny model and its sample images (no downloads).
-    /// Takes every flag of the main command; -m/--mmproj/--image/-p default to the tiny model,
-    /// its first three images and "Compare the three images.", -n to 48, --temp to 0.
+    /// Run the main job on the built-in default: the real small VLM (SmolLM2-135M + DINOv2-small,
+    /// built by models/build.sh) with CSP on four easy-vqa test images and a question that needs
+    /// two of them; without it, the tiny random model and its sample images. Takes every flag of
+    /// the main command.
     Demo {
-        /// Where the tiny model is written (default: the system temp dir).
+        /// Use the tiny random model, written here.
         #[arg(long)]
         dir: Option<PathBuf>,
         #[command(flatten)]

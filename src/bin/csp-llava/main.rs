@@ -259,7 +259,41 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where `models/build.sh` puts the real small VLM (the checkout this binary was built from).
+fn real_model_dir() -> Option<PathBuf> {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache");
+    d.join("smolvlm-dino/.stamp").exists().then_some(d)
+}
+
+/// easy-vqa test images of the demo, and a question that needs two of them.
+const DEMO_IMAGES: [u32; 4] = [12, 47, 105, 230];
+const DEMO_PROMPT: &str = "Do image 1 and image 3 have the same color?";
+
 fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
+    let defaults = run_args.model.is_none() && run_args.mmproj.is_none() && run_args.images.is_empty();
+    if let (true, Some(cache)) = (defaults && dir.is_none(), real_model_dir()) {
+        let m = cache.join("smolvlm-dino");
+        run_args.model = Some(m.join("text.gguf"));
+        run_args.mmproj = Some(m.join("mmproj.gguf"));
+        run_args.images = DEMO_IMAGES.iter().map(|i| cache.join(format!("easy-vqa/test/images112/{i}.png"))).collect();
+        if run_args.prompt.is_none() && run_args.file.is_none() {
+            run_args.prompt = Some(DEMO_PROMPT.into());
+        }
+        if run_args.kv_policy == csp_llava::PolicyKind::Full {
+            run_args.kv_policy = csp_llava::PolicyKind::Csp;
+            run_args.kv_budget.get_or_insert(csp_llava::Budget::Fraction(0.5));
+        }
+        run_args.n_predict.get_or_insert(16);
+        run_args.temp.get_or_insert(0.0);
+        if !run_args.json {
+            eprintln!(
+                "csp-llava demo: SmolLM2-135M + DINOv2-small (models/build.sh), 4 easy-vqa test images, CSP keeping {} of the KV cache\nprompt: {}",
+                run_args.kv_budget.map_or("0.2".into(), |b| b.to_string()),
+                run_args.prompt.as_deref().unwrap_or("")
+            );
+        }
+        return run(&run_args);
+    }
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("csp-llava-demo"));
     tiny::write_all(&dir, 0).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
     run_args.model.get_or_insert_with(|| dir.join(tiny::TEXT_FILE));
@@ -274,7 +308,7 @@ fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
     run_args.temp.get_or_insert(0.0);
     if !run_args.json {
         eprintln!(
-            "csp-llava demo: tiny random-weight model in {} (its answer is gibberish; it shows the pipeline)",
+            "csp-llava demo: the real small VLM is not built (models/build.sh needs PyPI), so this is the tiny random-weight model in {} — its answer is gibberish; it shows the pipeline",
             dir.display()
         );
     }
