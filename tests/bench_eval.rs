@@ -116,6 +116,25 @@ fn eval_summary_failures_and_resume() {
 }
 
 #[test]
+fn eval_with_the_question_after_pruning() {
+    let data = write_cases("eval3", &[r#"{"id": "q", "images": ["img-1.png", "img-2.png", "img-3.png", "img-0.png"], "prompt": "Which image has a circle?", "answer": "first"}"#.into()]);
+    let out = csp(&["eval", "--data", data.to_str().unwrap(), "-n", "6", "--kv-policy", "full,csp,streaming", "--kv-budget", "0.1,1.0", "--question-after-pruning", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for row in v["summary"].as_array().unwrap() {
+        let kl = row["kl"].as_f64().unwrap();
+        if row["budget"] == "0.1" {
+            // the question is read from a cache holding a tenth of the images' tokens
+            assert!(kl > 0.0, "{row}");
+            assert!(row["kv_cells_after"].as_f64().unwrap() < 40.0, "{row}");
+        } else {
+            assert_eq!(kl, 0.0, "{row}");
+            assert_eq!(row["top1_agreement"], 1.0);
+        }
+    }
+}
+
+#[test]
 fn eval_at_budget_one_matches_the_full_cache() {
     let data = write_cases("eval2", &[r#"{"id": "a", "images": ["img-1.png", "img-2.png", "img-3.png"], "prompt": "Compare the shapes."}"#.into()]);
     let out = csp(&["eval", "--data", data.to_str().unwrap(), "-n", "8", "--kv-policy", "csp,h2o,snapkv,streaming,random", "--kv-budget", "1.0", "-o", "json"]);

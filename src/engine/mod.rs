@@ -200,6 +200,7 @@ impl Engine {
         let kv_before = session.kv_info();
         let stats = session.take_stats(prompt)?;
         let pruning = plan.apply(&mut session, prompt, stats.first(), sampling.n_predict)?;
+        session.eval_deferred(prompt)?;
         let kv_after = session.kv_info();
         let generated = session.generate(sampling, on_event)?;
         Ok(RunReport::new(prompt, &session, &prefill, kv_before, kv_after, plan.policy.name(), pruning, generated))

@@ -21,8 +21,10 @@ pub struct Prompt {
     pub text: String,
     /// mtmd chunks (text runs and image embeddings to compute).
     pub chunks: MtmdInputChunks,
-    /// One span per chunk.
+    /// One span per chunk evaluated by the prefill (and considered by pruning).
     pub spans: Vec<Span>,
+    /// Spans held back by [`Prompt::defer_question`]: evaluated after pruning.
+    pub deferred: Vec<Span>,
     /// Tokens per image, in `--image` order.
     pub image_tokens: Vec<usize>,
 }
@@ -52,6 +54,20 @@ impl Prompt {
     #[must_use]
     pub fn n_images(&self) -> usize {
         self.image_tokens.len()
+    }
+
+    /// Holds back the final text chunk (the question and the assistant prefix after the last
+    /// image), so the images are read, observed and pruned first and the question is then asked
+    /// of the pruned cache — the way a cached multi-image context is queried. Returns false
+    /// (and changes nothing) when the prompt has no image before its final text.
+    pub fn defer_question(&mut self) -> bool {
+        let n = self.spans.len();
+        if n < 2 || self.spans[n - 1].modality != crate::span::Modality::Text || !self.spans[..n - 1].iter().any(|s| s.media.is_some()) {
+            return false;
+        }
+        let last = self.spans.pop().expect("n ≥ 2");
+        self.deferred.push(last);
+        true
     }
 
     /// Modality of every prompt token.
@@ -218,7 +234,7 @@ pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request) -> Re
         ));
     }
     let image_tokens = media_tokens(&spans, req.images.len());
-    Ok(Prompt { text, chunks, spans, image_tokens })
+    Ok(Prompt { text, chunks, spans, deferred: Vec::new(), image_tokens })
 }
 
 #[cfg(test)]

@@ -164,7 +164,7 @@ impl RunReport {
             .collect();
         Self {
             text: generated.text,
-            n_prompt_tokens: prompt.n_tokens(),
+            n_prompt_tokens: prompt.n_tokens() + prompt.deferred.iter().map(crate::span::Span::n_tokens).sum::<usize>(),
             n_images: prompt.n_images(),
             image_tokens: prompt.image_tokens.clone(),
             n_generated,

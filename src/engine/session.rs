@@ -313,6 +313,31 @@ impl<'e> Session<'e> {
         Ok(stats)
     }
 
+    /// Evaluates the spans [`Prompt::defer_question`] held back (not observed), keeping the
+    /// logits of the last token for generation.
+    ///
+    /// # Errors
+    /// llama.cpp evaluation failures.
+    pub fn eval_deferred(&mut self, prompt: &Prompt) -> Result<()> {
+        let first = prompt.spans.len();
+        for (k, span) in prompt.deferred.iter().enumerate() {
+            let chunk = prompt.chunks.get(first + k).expect("deferred span has a chunk");
+            let last = k + 1 == prompt.deferred.len();
+            let mtmd = self.engine.mtmd();
+            self.n_past = if span.modality == Modality::Text {
+                llama::eval_text_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch, last)?
+            } else {
+                llama::encode_media_chunk(&mtmd, &chunk)?;
+                llama::decode_media_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch)?
+            };
+        }
+        if !prompt.deferred.is_empty() {
+            self.first_logits = None;
+            self.first_logits = self.last_logits().map(<[f32]>::to_vec);
+        }
+        Ok(())
+    }
+
     /// Takes the attention statistics gathered during the prefill, one per request (empty
     /// when the session did not observe).
     ///

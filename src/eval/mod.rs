@@ -6,7 +6,8 @@
 //! saved, and every policy × budget starts from that snapshot: evict, compact, then
 //! * teacher forcing over the full cache's greedy answer `a_0 … a_{m−1}`: mean KL(full ‖ policy)
 //!   and top-1 agreement of the next-token distributions at positions 1 … m−1 (position 0 comes
-//!   from the prefill, before any eviction, and is identical by construction);
+//!   from the prefill, before any eviction, and is identical by construction) — or at positions
+//!   0 … m−1 with `question_after_pruning`, where the question is read from the pruned cache;
 //! * a free greedy run: ROUGE-L F1 against the full cache's answer, and, where the case has an
 //!   `answer`, exact match (SQuAD normalisation) and "answer contained".
 
@@ -85,6 +86,10 @@ pub struct EvalConfig {
     pub ctx: ContextConfig,
     /// Policy settings other than kind and budget.
     pub policy: PolicyConfig,
+    /// Read and prune the images first, then ask the question of the pruned cache
+    /// ([`crate::engine::Prompt::defer_question`]); otherwise the whole prompt is read before
+    /// pruning, so the first answer token always comes from the full cache.
+    pub question_after_pruning: bool,
 }
 
 /// One policy × budget on one case.
@@ -163,7 +168,10 @@ fn greedy(n: usize) -> SamplingConfig {
 /// Anything that stops the case (bad images, a prompt longer than the context, …).
 pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseResult> {
     let req = Request { images: case.images.clone(), prompt: case.prompt.clone(), ..Default::default() };
-    let prompt = engine.prepare(&req)?;
+    let mut prompt = engine.prepare(&req)?;
+    if cfg.question_after_pruning {
+        prompt.defer_question();
+    }
     let grid = grid(cfg);
     let plans = grid
         .iter()
@@ -186,9 +194,13 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
     let stats = session.take_stats(&prompt)?;
     let start = session.snapshot()?;
 
+    session.eval_deferred(&prompt)?;
+    let deferred = !prompt.deferred.is_empty();
+    let full_first = session.last_logits().map(<[f32]>::to_vec).unwrap_or_default();
+    let asked = session.snapshot()?;
     let full = session.generate(&greedy(cfg.n_predict), &mut |_| {})?;
     let forced = &full.tokens[..full.tokens.len().saturating_sub(1)];
-    session.restore(&start)?;
+    session.restore(&asked)?;
     let full_logits = session.teacher_forced(forced)?;
 
     let mut results = Vec::with_capacity(plans.len());
@@ -196,9 +208,21 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
         session.restore(&start)?;
         plan.apply(&mut session, &prompt, idx.and_then(|i| stats.get(i)), cfg.n_predict as i32)?;
         let kept = session.kv_info().n_used as usize;
+        session.eval_deferred(&prompt)?;
+        let q_first = session.last_logits().map(<[f32]>::to_vec);
         let pruned = session.snapshot()?;
         let q = session.teacher_forced(forced)?;
-        let (kl, top1) = fidelity(&full_logits, &q, &full.tokens);
+        let (kl, top1) = if deferred {
+            // the question was read from the pruned cache: position 0 counts too
+            let p: Vec<&[f32]> = std::iter::once(full_first.as_slice()).chain(full_logits.iter().map(Vec::as_slice)).collect();
+            let q0 = q_first.unwrap_or_default();
+            let qs: Vec<&[f32]> = std::iter::once(q0.as_slice()).chain(q.iter().map(Vec::as_slice)).collect();
+            fidelity(&p, &qs, &full.tokens)
+        } else {
+            let p: Vec<&[f32]> = full_logits.iter().map(Vec::as_slice).collect();
+            let qs: Vec<&[f32]> = q.iter().map(Vec::as_slice).collect();
+            fidelity(&p, &qs, &full.tokens[1.min(full.tokens.len())..])
+        };
         session.restore(&pruned)?;
         let answer = session.generate(&greedy(cfg.n_predict), &mut |_| {})?;
         results.push(PolicyResult {
@@ -216,14 +240,14 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
     Ok(CaseResult { id: case.id.clone(), ok: true, error: None, n_prompt_tokens: prompt.n_tokens(), full_answer: full.text, results })
 }
 
-/// Mean KL and top-1 agreement over teacher-forced positions 1 … m−1.
-fn fidelity(p: &[Vec<f32>], q: &[Vec<f32>], answer: &[i32]) -> (Option<f64>, Option<f64>) {
-    if p.is_empty() {
+/// Mean KL(p ‖ q) and top-1 agreement, where `p[i]` and `q[i]` predict `targets[i]`.
+fn fidelity(p: &[&[f32]], q: &[&[f32]], targets: &[i32]) -> (Option<f64>, Option<f64>) {
+    let n = p.len().min(q.len()).min(targets.len());
+    if n == 0 {
         return (None, None);
     }
-    let n = p.len() as f64;
-    let kl = p.iter().zip(q).map(|(a, b)| metrics::kl_divergence(a, b)).sum::<f64>() / n;
-    let agree = q.iter().zip(&answer[1..]).filter(|(l, &t)| metrics::argmax(l) == t as usize).count() as f64 / n;
+    let kl = (0..n).map(|i| metrics::kl_divergence(p[i], q[i])).sum::<f64>() / n as f64;
+    let agree = (0..n).filter(|&i| metrics::argmax(q[i]) == targets[i] as usize).count() as f64 / n as f64;
     (Some(kl), Some(agree))
 }
 

@@ -155,6 +155,8 @@ impl FromStr for Budget {
 impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // keep the decimal point: "1" would read back as one cell
+            Budget::Fraction(b) if b.fract() == 0.0 => write!(f, "{b:.1}"),
             Budget::Fraction(b) => write!(f, "{b}"),
             Budget::Cells(n) => write!(f, "{n}"),
         }
@@ -388,6 +390,9 @@ mod unit {
         assert_eq!("0.2".parse::<Budget>().unwrap(), Budget::Fraction(0.2));
         assert_eq!("1.0".parse::<Budget>().unwrap(), Budget::Fraction(1.0));
         assert_eq!("512".parse::<Budget>().unwrap(), Budget::Cells(512));
+        for b in ["0.2", "1.0", "0.05", "512"] {
+            assert_eq!(b.parse::<Budget>().unwrap().to_string(), b, "display round-trips");
+        }
         for bad in ["0", "0.0", "1.5", "-0.1", "x", "-3"] {
             assert!(bad.parse::<Budget>().is_err(), "{bad}");
         }

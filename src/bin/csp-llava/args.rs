@@ -52,9 +52,9 @@ pub enum Command {
         mmproj: PathBuf,
     },
     /// Run the main job on the built-in default: the real small VLM (SmolLM2-135M + DINOv2-small,
-    /// built by models/build.sh) with CSP on four easy-vqa test images and a question that needs
-    /// two of them; without it, the tiny random model and its sample images. Takes every flag of
-    /// the main command.
+    /// built by models/build.sh) with CSP on four easy-vqa test images and a question about one
+    /// of them by its number; without it, the tiny random model and its sample images. Takes
+    /// every flag of the main command.
     Demo {
         /// Use the tiny random model, written here.
         #[arg(long)]
@@ -134,6 +134,11 @@ pub struct EvalArgs {
     /// Per-case results, one JSON line per case.
     #[arg(long = "cases-out", value_name = "FILE.jsonl")]
     pub cases_out: Option<PathBuf>,
+    /// Read and prune the images first, then ask the question of the pruned cache (how a cached
+    /// multi-image context is queried). Without it the whole prompt is read before pruning, so
+    /// the first answer token always comes from the full cache.
+    #[arg(long = "question-after-pruning")]
+    pub question_after_pruning: bool,
     /// Continue from --cases-out: skip the cases already there.
     #[arg(long, requires = "cases_out")]
     pub resume: bool,
@@ -147,6 +152,7 @@ impl EvalArgs {
             n_predict: self.n_predict,
             ctx: ContextConfig { n_ctx: self.common.ctx_size, flash_attn: fa(self.common.flash_attn), ..ContextConfig::default() },
             policy: self.common.policy(),
+            question_after_pruning: self.question_after_pruning,
         }
     }
 }

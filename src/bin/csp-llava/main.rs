@@ -265,9 +265,10 @@ fn real_model_dir() -> Option<PathBuf> {
     d.join("smolvlm-dino/.stamp").exists().then_some(d)
 }
 
-/// easy-vqa test images of the demo, and a question that needs two of them.
-const DEMO_IMAGES: [u32; 4] = [12, 47, 105, 230];
-const DEMO_PROMPT: &str = "Do image 1 and image 3 have the same color?";
+/// easy-vqa test images of the demo (red triangle, blue circle, red circle, black rectangle) and a
+/// question about one of them by its number.
+const DEMO_IMAGES: [u32; 4] = [12, 6, 4, 11];
+const DEMO_PROMPT: &str = "In image 4, what shape is in the image?";
 
 fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
     let defaults = run_args.model.is_none() && run_args.mmproj.is_none() && run_args.images.is_empty();
