@@ -283,6 +283,7 @@ fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
         if run_args.kv_policy == csp_llava::PolicyKind::Full {
             run_args.kv_policy = csp_llava::PolicyKind::Csp;
             run_args.kv_budget.get_or_insert(csp_llava::Budget::Fraction(0.5));
+            run_args.kv_shrink = true;
         }
         run_args.n_predict.get_or_insert(16);
         run_args.temp.get_or_insert(0.0);
