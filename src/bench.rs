@@ -16,7 +16,7 @@ use crate::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use crate::engine::{Engine, PrefillMode, RunReport};
 use crate::error::{Error, Result};
 use crate::gguf::tiny;
-use crate::policy::{Budget, PolicyConfig, PolicyKind};
+use crate::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -26,7 +26,7 @@ pub struct BenchConfig {
     /// Image files to cycle through; empty = deterministic synthetic images.
     pub image_files: Vec<PathBuf>,
     /// Policies (besides the reference and `full` rows).
-    pub policies: Vec<PolicyKind>,
+    pub policies: Vec<PolicySpec>,
     /// Budgets per policy.
     pub budgets: Vec<Budget>,
     /// Measured repetitions (after one warm-up pass).
@@ -45,7 +45,7 @@ pub struct BenchConfig {
 #[derive(Debug, Clone)]
 struct Config {
     n_images: usize,
-    kind: PolicyKind,
+    kind: PolicySpec,
     budget: Option<Budget>,
     reference: bool,
     flash_attn: FlashAttn,
@@ -177,9 +177,9 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     };
     let mut configs = Vec::new();
     for &n in &cfg.images {
-        configs.push(Config { n_images: n, kind: PolicyKind::Full, budget: None, reference: true, flash_attn: FlashAttn::Auto });
-        configs.push(Config { n_images: n, kind: PolicyKind::Full, budget: None, reference: false, flash_attn: FlashAttn::Off });
-        for &kind in cfg.policies.iter().filter(|k| **k != PolicyKind::Full) {
+        configs.push(Config { n_images: n, kind: PolicyKind::Full.into(), budget: None, reference: true, flash_attn: FlashAttn::Auto });
+        configs.push(Config { n_images: n, kind: PolicyKind::Full.into(), budget: None, reference: false, flash_attn: FlashAttn::Off });
+        for &kind in cfg.policies.iter().filter(|k| k.kind != PolicyKind::Full) {
             for &b in &cfg.budgets {
                 configs.push(Config { n_images: n, kind, budget: Some(b), reference: false, flash_attn: cfg.ctx.flash_attn });
             }
@@ -201,7 +201,7 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
         for (ci, c) in configs.iter().enumerate() {
             let prompt = &prompts.iter().find(|(n, _)| *n == c.n_images).expect("prepared").1;
             let ctx = ContextConfig { flash_attn: c.flash_attn, ..cfg.ctx.clone() };
-            let policy = PolicyConfig { kind: c.kind, budget: c.budget.unwrap_or_default(), ..cfg.policy.clone() };
+            let policy = c.kind.config(&cfg.policy, c.budget.unwrap_or_default());
             let mode = if c.reference { PrefillMode::EvalChunks } else { PrefillMode::Chunked };
             let rss_ok = reset_peak_rss();
             let report = engine.run_prompt(prompt, &ctx, &sampling, &policy, mode, &mut |_| {})?;
@@ -239,7 +239,7 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
     let stat = |f: fn(&RunReport) -> f64| Stat::of(runs.iter().map(|(r, _)| f(r)).collect());
     BenchRow {
         n_images: c.n_images,
-        policy: if c.reference { "reference".into() } else { c.kind.name().into() },
+        policy: if c.reference { "reference".into() } else { c.kind.to_string() },
         kv_budget: c.budget.map(|b| b.to_string()),
         reference: c.reference,
         flash_attn: first.flash_attn.into(),

@@ -44,12 +44,24 @@ pub fn exp_neg(x: f32) -> f32 {
 }
 
 /// Which query rows statistics are gathered over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rows {
     /// Every prompt query (H2O).
     All,
     /// The last `w` prompt queries (SnapKV, CSP's observation window).
     Last(usize),
+    /// AirCache's elite observation window (methods §3.2), per layer: the text keys whose
+    /// text-only attention from the last prompt token (head mean) is at least `alpha` times the
+    /// largest, plus that token itself. Their query rows attend over the media keys and the
+    /// elite text keys only; the media columns of the (text) bucket get the mean of those rows.
+    /// Only the final ubatch's rows exist when the last token is read, so elite queries in
+    /// earlier ubatches are not observed (they still count as elite keys).
+    Elite {
+        /// Threshold relative to the strongest text key.
+        alpha: f32,
+        /// Whether the first prompt token (the attention sink) may be elite.
+        keep_sink: bool,
+    },
 }
 
 /// What a policy asks the observer for.
@@ -212,9 +224,18 @@ impl Reducer {
 
     /// First prompt token index request `k` reads rows from.
     fn first_row(&self, k: usize) -> usize {
+        let n_prompt = self.bucket.len();
         match self.reqs[k].rows {
             Rows::All => 0,
-            Rows::Last(w) => self.bucket.len().saturating_sub(w),
+            Rows::Last(w) => n_prompt.saturating_sub(w),
+            Rows::Elite { .. } => {
+                let (first, n) = (self.ubatch.0 as usize, self.ubatch.1);
+                if first < n_prompt && first + n >= n_prompt {
+                    first
+                } else {
+                    n_prompt
+                }
+            }
         }
     }
 
@@ -258,10 +279,11 @@ impl Reducer {
         let row_tokens: Vec<u32> = rows.clone().map(|r| first + r as u32).collect();
         let firsts: Vec<usize> = (0..self.reqs.len()).map(|k| self.first_row(k)).collect();
         let ns: Vec<f64> = self.reqs.iter().map(|r| f64::from(r.n)).collect();
+        let elite: Vec<bool> = self.reqs.iter().map(|r| matches!(r.rows, Rows::Elite { .. })).collect();
         if shape.layer == 0 {
             for &t in &row_tokens {
                 for (k, st) in self.stats.iter_mut().enumerate() {
-                    if t as usize >= firsts[k] {
+                    if t as usize >= firsts[k] && !elite[k] {
                         st.n_rows[self.bucket[t as usize] as usize] += 1;
                     }
                 }
@@ -307,7 +329,7 @@ impl Reducer {
                     let sum: f64 = e.chunks(256).map(|c| f64::from(c.iter().sum::<f32>())).sum();
                     let text_row = bucket[t as usize] == Bucket::Text;
                     for (k, (acc_text, acc_media)) in accs.iter_mut().enumerate() {
-                        if (t as usize) < firsts[k] {
+                        if (t as usize) < firsts[k] || elite[k] {
                             continue;
                         }
                         let denom = sum + if ns[k] > 0.0 { ns[k] * (-f64::from(mx)).exp() } else { 0.0 };
@@ -340,7 +362,100 @@ impl Reducer {
                 }
             });
         }
+        for k in 0..self.reqs.len() {
+            if let Rows::Elite { alpha, keep_sink } = self.reqs[k].rows {
+                if firsts[k] < n_tokens {
+                    self.reduce_elite(k, shape, &cols, &row_tokens, rows.start, alpha, keep_sink, head_rows);
+                }
+            }
+        }
         self.ms += t0.elapsed().as_secs_f64() * 1e3;
+    }
+
+    /// AirCache's elite window for one layer (see [`Rows::Elite`]); `cols` are the visible
+    /// (cell, token) pairs sorted by token, `row_tokens` the tokens of the slab rows (which start
+    /// at ubatch row `row0`).
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_elite<'s>(
+        &mut self,
+        k: usize,
+        shape: KqShape,
+        cols: &[(usize, u32)],
+        row_tokens: &[u32],
+        row0: usize,
+        alpha: f32,
+        keep_sink: bool,
+        head_rows: &(dyn Fn(usize) -> &'s [f32] + Sync),
+    ) {
+        let n_prompt = self.bucket.len();
+        let last = (n_prompt - 1) as u32;
+        let Some(r_last) = row_tokens.iter().position(|&t| t == last) else { return };
+        let first_row = self.first_row(k);
+        let scale = self.scale;
+        let bucket = &self.bucket;
+        let is_text = |u: u32| bucket[u as usize] == Bucket::Text;
+        let row = |h: usize, r: usize| &head_rows(h)[r * shape.n_kv..(r + 1) * shape.n_kv];
+        // 1. the last token's attention over text keys only, head mean
+        let text_cols: Vec<(usize, u32)> = cols.iter().copied().filter(|&(_, u)| is_text(u) && u <= last).collect();
+        let mut att = vec![0f64; text_cols.len()];
+        for h in 0..shape.n_head {
+            let x = row(h, r_last);
+            let m = text_cols.iter().map(|&(j, _)| x[j] * scale).fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = text_cols.iter().map(|&(j, _)| f64::from(x[j] * scale - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (a, v) in att.iter_mut().zip(e) {
+                *a += v / z / shape.n_head as f64;
+            }
+        }
+        let eligible = |u: u32| keep_sink || u != 0;
+        let top = text_cols.iter().zip(&att).filter(|((_, u), _)| eligible(*u)).map(|(_, &a)| a).fold(0.0, f64::max);
+        let mut elite: Vec<u32> = text_cols
+            .iter()
+            .zip(&att)
+            .filter(|((_, u), &a)| eligible(*u) && a >= f64::from(alpha) * top)
+            .map(|((_, u), _)| *u)
+            .collect();
+        if !elite.contains(&last) {
+            elite.push(last);
+        }
+        elite.sort_unstable();
+        // 2. elite rows we have, over media keys + elite text keys
+        let observed: Vec<(usize, u32)> = row_tokens
+            .iter()
+            .enumerate()
+            .filter(|&(r, &t)| row0 + r >= first_row.saturating_sub(self.ubatch.0 as usize) && elite.binary_search(&t).is_ok())
+            .map(|(r, &t)| (r, t))
+            .collect();
+        let n_head_kv = self.stats[k].n_head_kv;
+        let group = (shape.n_head / n_head_kv).max(1);
+        let n_tokens = self.stats[k].n_tokens;
+        let st = &mut self.stats[k];
+        st.n_rows = [observed.len(), 0];
+        for h in 0..shape.n_head {
+            let g = (h / group).min(n_head_kv - 1);
+            let mut acc = vec![0f64; n_tokens];
+            for &(r, t) in &observed {
+                let keys: Vec<(usize, u32)> = cols
+                    .iter()
+                    .copied()
+                    .filter(|&(_, u)| u <= t && (!is_text(u) || elite.binary_search(&u).is_ok()))
+                    .collect();
+                let x = row(h, r);
+                let m = keys.iter().map(|&(j, _)| x[j] * scale).fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f64> = keys.iter().map(|&(j, _)| f64::from(x[j] * scale - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (&(_, u), v) in keys.iter().zip(e) {
+                    if !is_text(u) {
+                        acc[u as usize] += v / z;
+                    }
+                }
+            }
+            let w = 1.0 / (observed.len().max(1) * group) as f64;
+            let col = st.column_mut(Bucket::Text, shape.layer, g);
+            for (c, a) in col.iter_mut().zip(acc) {
+                *c += (a * w) as f32;
+            }
+        }
     }
 }
 

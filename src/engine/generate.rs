@@ -206,6 +206,7 @@ impl Session<'_> {
                 .ctx_mut()
                 .decode(&mut batch)
                 .map_err(|e| Error::Llama { op: "decode", code: decode_code(&e) })?;
+            self.after_decode(self.n_past)?;
             self.n_past += 1;
             cells_used += 1;
         };

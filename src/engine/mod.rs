@@ -171,14 +171,15 @@ impl Engine {
         let split = match policy_cfg.kind {
             PolicyKind::Full => None,
             _ if !policy.applies(&modality) => None,
-            _ => Some(policy_cfg.split(prompt.n_tokens())?),
+            _ => Some(policy.budget_split(policy_cfg, &modality)?),
         };
         let prunes = split.is_some_and(|s| s.prunes());
         let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
         if prunes {
             self.check_prunable(prompt, request.is_some())?;
         }
-        Ok(Plan { policy, split, prunes, request, shrink: policy_cfg.shrink })
+        let decode_sink = (policy_cfg.decode_sink && policy_cfg.csp_n > 0.0).then_some(policy_cfg.csp_n);
+        Ok(Plan { policy, split, prunes, request, shrink: policy_cfg.shrink, granularity: policy_cfg.granularity, decode_sink })
     }
 
     /// [`Engine::run`] on a prepared prompt, with a choice of prefill path.
@@ -237,6 +238,10 @@ pub struct Plan {
     pub request: Option<StatRequest>,
     /// Move the pruned cache into a smaller context.
     pub shrink: bool,
+    /// `--kv-granularity` (the policy's own when `None`).
+    pub granularity: Option<policy::Granularity>,
+    /// n of the n-softmax applied at decode (`--csp-decode-sink`).
+    pub decode_sink: Option<f32>,
 }
 
 impl Plan {
@@ -251,7 +256,7 @@ impl Plan {
         let t = std::time::Instant::now();
         let modality = prompt.token_modalities();
         let input = policy::Input { modality: &modality, split, stats };
-        let retention = policy::retain(self.policy.as_ref(), &input)?;
+        let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
         pruning.score_ms = session.observe_ms() + session::ms(t);
         let ev = session.evict(prompt, &retention.keep)?;
         pruning.evict_ms = ev.ms;
@@ -261,6 +266,15 @@ impl Plan {
             let room = if n_predict >= 0 { n_predict as u32 } else { session.n_ctx().saturating_sub(prompt.n_tokens() as u32) };
             pruning.evict_ms += session.shrink(kept + room.max(1))?;
         }
+        let t = std::time::Instant::now();
+        if let Some(heads) = &retention.per_head {
+            session.apply_masks(prompt, heads)?;
+        }
+        if let Some(n) = self.decode_sink {
+            session.set_decode_sinks(n)?;
+        }
+        session.decode_eviction = self.policy.decode_eviction(&input, &retention);
+        pruning.evict_ms += session::ms(t);
         pruning.retention = Some(retention);
         Ok(pruning)
     }

@@ -102,6 +102,15 @@ pub struct RunReport {
     pub kv_attended: u32,
     /// Kept cells per modality.
     pub kept_per_modality: KeptPerModality,
+    /// How per-layer/per-head choices were applied: "global", "layer" or "head".
+    pub kv_granularity: &'static str,
+    /// Prompt cells physically kept when decoding starts: the union over layers and heads
+    /// (= `kv_cells_after` unless tokens were evaluated after pruning).
+    pub kv_cells_physical: usize,
+    /// Mean number of prompt cells a (layer, KV head) attends to (= physical at `global`).
+    pub kv_cells_effective: f64,
+    /// Cells masked in some layer by decode-time eviction (PrefixKV).
+    pub decode_evicted: usize,
     /// Milliseconds observing attention and selecting.
     pub score_ms: f64,
     /// Milliseconds removing and compacting cells.
@@ -187,6 +196,10 @@ impl RunReport {
             kv_bytes_after: kv.bytes_used(),
             kv_attended: kv.used_max_p1,
             kept_per_modality: kept,
+            kv_granularity: pruning.retention.as_ref().map_or("global", |r| r.granularity.name()),
+            kv_cells_physical: keep.iter().filter(|k| **k).count(),
+            kv_cells_effective: pruning.retention.as_ref().map_or(keep.len() as f64, Retention::effective),
+            decode_evicted: session.decode_evicted(),
             score_ms: pruning.score_ms,
             evict_ms: pruning.evict_ms,
             n_ctx: session.n_ctx(),

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::llama::observer::Observer;
 use crate::llama::{self, KvInfo, ObservedContext};
 use crate::observe::{AttentionStats, Reducer, StatRequest};
+use crate::policy::prefixkv::FixedPoint;
+use crate::policy::HeadKeep;
 use crate::span::Modality;
 
 /// How the prompt is evaluated.
@@ -65,6 +67,11 @@ pub struct Session<'e> {
     /// Logits of the prompt's last token, kept across eviction and shrinking.
     pub(super) first_logits: Option<Vec<f32>>,
     observe_ms: f64,
+    /// Flash attention is paused while the prefill is observed and resumed after it.
+    resume_flash_attn: bool,
+    /// Eviction while decoding (PrefixKV's fixed-point FIFO); entries are positions.
+    pub(super) decode_eviction: Option<FixedPoint>,
+    decode_evicted: usize,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -123,18 +130,13 @@ impl<'e> Session<'e> {
                 n_ctx_train,
             });
         }
-        // Observation reads attention probabilities, which flash attention never materialises.
+        // Observation reads attention probabilities, which flash attention never materialises:
+        // it is paused for the observed prefill and resumed for decoding (patch 0003).
         let observes = !observe.is_empty();
-        let fa = match (cfg.flash_attn, observes) {
-            (FlashAttn::On, true) => {
-                return Err(Error::Config {
-                    field: "-fa/--flash-attn",
-                    reason: "this policy observes attention, which needs flash attention off; use -fa off or auto".into(),
-                })
-            }
-            (_, true) | (FlashAttn::Off, false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
-            (FlashAttn::On, false) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            (FlashAttn::Auto, false) => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        let fa = match cfg.flash_attn {
+            FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
         };
         if observes && cfg.type_v.is_quantized() {
             return Err(Error::Config {
@@ -167,9 +169,13 @@ impl<'e> Session<'e> {
             );
             Observer::new(Some(reducer))
         });
-        let lctx = ObservedContext::new(engine.model(), params.clone(), observer)
+        let mut lctx = ObservedContext::new(engine.model(), params.clone(), observer)
             .map_err(|e| Error::Context { n_ctx, reason: e.to_string() })?;
         let flash_attn = llama::flash_attn_enabled(lctx.ctx());
+        let resume_flash_attn = observes && flash_attn;
+        if resume_flash_attn {
+            llama::set_flash_attn(lctx.ctx_mut(), false);
+        }
         if cfg.flash_attn == FlashAttn::On && !flash_attn {
             return Err(Error::Config {
                 field: "-fa/--flash-attn",
@@ -177,7 +183,20 @@ impl<'e> Session<'e> {
             });
         }
         tracing::debug!(n_ctx, n_batch, n_ubatch, flash_attn, observed = observes, "context created");
-        Ok(Self { engine, lctx, params, n_past: 0, n_ctx, n_batch, flash_attn, first_logits: None, observe_ms: 0.0 })
+        Ok(Self {
+            engine,
+            lctx,
+            params,
+            n_past: 0,
+            n_ctx,
+            n_batch,
+            flash_attn,
+            first_logits: None,
+            observe_ms: 0.0,
+            resume_flash_attn,
+            decode_eviction: None,
+            decode_evicted: 0,
+        })
     }
 
     /// The llama.cpp context.
@@ -262,6 +281,9 @@ impl<'e> Session<'e> {
             stats.observe_ms = obs.reducer_ms();
             self.observe_ms = stats.observe_ms;
             stats.prefill_ms = (stats.prefill_ms - stats.observe_ms).max(0.0);
+        }
+        if std::mem::take(&mut self.resume_flash_attn) {
+            self.flash_attn = llama::set_flash_attn(self.lctx.ctx_mut(), true);
         }
         let logits = self.last_logits().map(<[f32]>::to_vec);
         self.first_logits = logits;
@@ -421,7 +443,65 @@ impl<'e> Session<'e> {
                 self.lctx = lctx;
                 self.n_ctx = n;
                 self.n_batch = n_batch;
+                self.flash_attn = llama::flash_attn_enabled(self.lctx.ctx());
             }
+        }
+        Ok(())
+    }
+
+    /// Hides from each (layer, KV head) the cached prompt tokens it did not keep (its query
+    /// heads' bits in the layer's mask); call after eviction and compaction.
+    ///
+    /// # Errors
+    /// Models or caches the mask patch does not cover.
+    pub fn apply_masks(&mut self, prompt: &Prompt, heads: &HeadKeep) -> Result<()> {
+        let positions = prompt.positions().ok_or(Error::Unsupported { what: "per-head masks", reason: "M-RoPE positions".into() })?;
+        let n_head = self.engine.model().n_head() as usize;
+        let group = (n_head / heads.n_head_kv.max(1)).max(1);
+        if n_head > 64 {
+            return Err(Error::Unsupported { what: "per-head retention", reason: format!("{n_head} query heads (at most 64)") });
+        }
+        let union = heads.union();
+        for layer in 0..heads.n_layer {
+            for g in 0..heads.n_head_kv {
+                let keep = heads.get(layer, g);
+                let hidden: Vec<i32> = (0..heads.l).filter(|&t| union[t] && !keep[t]).map(|t| positions[t]).collect();
+                if hidden.is_empty() {
+                    continue;
+                }
+                let bits = (g * group..(g + 1) * group).fold(0u64, |b, h| b | (1u64 << h));
+                llama::mask_layer(self.lctx.ctx_mut(), layer, &hidden, bits)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// n-softmax at decode: a sink logit `ln n` for every head of every layer.
+    ///
+    /// # Errors
+    /// Models the sink patch does not cover.
+    pub fn set_decode_sinks(&mut self, n: f32) -> Result<()> {
+        let n_head = self.engine.model().n_head() as usize;
+        let sinks = vec![n.ln(); n_head];
+        for layer in 0..self.engine.model().n_layer() as usize {
+            llama::set_attn_sinks(self.lctx.ctx_mut(), layer, &sinks)?;
+        }
+        Ok(())
+    }
+
+    /// Cells masked so far by decode-time eviction.
+    #[must_use]
+    pub fn decode_evicted(&self) -> usize {
+        self.decode_evicted
+    }
+
+    /// After a token was decoded at `pos`: the decode-time policy's evictions, as masks.
+    pub(super) fn after_decode(&mut self, pos: i32) -> Result<()> {
+        let Some(fp) = self.decode_eviction.as_mut() else { return Ok(()) };
+        let dropped = fp.step(pos as usize);
+        self.decode_evicted += dropped.len();
+        for (layer, p) in dropped {
+            llama::mask_layer(self.lctx.ctx_mut(), layer, &[p as i32], u64::MAX)?;
         }
         Ok(())
     }
@@ -456,6 +536,9 @@ impl std::fmt::Debug for Snapshot {
 impl Session<'_> {
     /// Replaces sequence 0 by `state` (its cells land packed from cell 0).
     fn set_state(&mut self, state: &llama_cpp_2::context::session::SeqState) -> Result<()> {
+        // masks and sinks belong to the contents being replaced
+        llama::clear_overrides(self.lctx.ctx_mut(), self.engine.model().n_layer() as usize);
+        self.decode_eviction = None;
         self.lctx
             .ctx_mut()
             .clear_kv_cache_seq(Some(0), None, None)
@@ -500,6 +583,19 @@ impl Session<'_> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
+        if self.decode_eviction.is_some() {
+            // decode-time eviction acts after every step: one token at a time
+            let mut out = Vec::with_capacity(tokens.len());
+            for &t in tokens {
+                out.extend(self.teacher_forced_batch(&[t])?);
+                self.after_decode(self.n_past - 1)?;
+            }
+            return Ok(out);
+        }
+        self.teacher_forced_batch(tokens)
+    }
+
+    fn teacher_forced_batch(&mut self, tokens: &[i32]) -> Result<Vec<Vec<f32>>> {
         if tokens.len() > self.n_batch as usize {
             return Err(Error::Config { field: "-n/--n-predict", reason: format!("{} teacher-forced tokens exceed the batch size {}", tokens.len(), self.n_batch) });
         }

@@ -21,7 +21,7 @@ use crate::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use crate::engine::{Engine, PrefillMode};
 use crate::error::{Error, Result};
 use crate::observe::StatRequest;
-use crate::policy::{Budget, PolicyConfig, PolicyKind};
+use crate::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
 
 /// One case of the input JSONL.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -77,7 +77,7 @@ pub fn load_cases(path: &Path) -> Result<Vec<std::result::Result<Case, (String, 
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
     /// Policies (`full` gives the full cache's own row).
-    pub policies: Vec<PolicyKind>,
+    pub policies: Vec<PolicySpec>,
     /// Budgets for each pruning policy.
     pub budgets: Vec<Budget>,
     /// Answer length cap (greedy).
@@ -146,10 +146,10 @@ impl CaseResult {
 }
 
 /// The grid: (policy, budget) pairs, `full` once.
-fn grid(cfg: &EvalConfig) -> Vec<(PolicyKind, Option<Budget>)> {
+fn grid(cfg: &EvalConfig) -> Vec<(PolicySpec, Option<Budget>)> {
     let mut out = Vec::new();
     for &k in &cfg.policies {
-        if k == PolicyKind::Full {
+        if k.kind == PolicyKind::Full {
             out.push((k, None));
         } else {
             out.extend(cfg.budgets.iter().map(|&b| (k, Some(b))));
@@ -175,7 +175,7 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
     let grid = grid(cfg);
     let plans = grid
         .iter()
-        .map(|&(kind, budget)| engine.plan(&prompt, &PolicyConfig { kind, budget: budget.unwrap_or_default(), shrink: false, ..cfg.policy.clone() }))
+        .map(|&(kind, budget)| engine.plan(&prompt, &PolicyConfig { shrink: false, ..kind.config(&cfg.policy, budget.unwrap_or_default()) }))
         .collect::<Result<Vec<_>>>()?;
     // one observed prefill serves every plan
     let mut requests: Vec<StatRequest> = Vec::new();
@@ -226,7 +226,7 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
         session.restore(&pruned)?;
         let answer = session.generate(&greedy(cfg.n_predict), &mut |_| {})?;
         results.push(PolicyResult {
-            policy: kind.name().into(),
+            policy: kind.to_string(),
             budget: budget.map(|b| b.to_string()),
             kv_cells_after: kept,
             kl,

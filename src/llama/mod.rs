@@ -6,7 +6,9 @@
 //! * the last token's logits after such an evaluation (llama-cpp-2's own accessor only knows
 //!   about batches it decoded itself);
 //! * KV cache size and occupancy, and whether flash attention is on (our llama.cpp patch
-//!   `0001-llama-info-accessors`).
+//!   `0001-llama-info-accessors`);
+//! * per-(layer, head) masks, run-time attention sinks and pausing flash attention (patch
+//!   `0003-layer-head-masks-sinks-fa-toggle`).
 //!
 //! Every block states why it is sound. Pointers come from live llama-cpp-2 wrappers borrowed
 //! for the duration of the call, so they are non-null and not freed underneath us.
@@ -110,6 +112,69 @@ pub fn kv_info(ctx: &LlamaContext<'_>) -> Option<KvInfo> {
 pub fn flash_attn_enabled(ctx: &LlamaContext<'_>) -> bool {
     // SAFETY: a live llama_context; the function only reads its parameters.
     unsafe { sys::llama_flash_attn_enabled(ctx.as_raw()) }
+}
+
+/// Pauses (`false`) or resumes (`true`) flash attention (our patch `0003`): observation needs
+/// the attention probabilities, which flash attention never materialises, while decoding is
+/// faster with it. Resuming only works where it resolved to on at creation. Returns the state
+/// now in force.
+pub fn set_flash_attn(ctx: &mut LlamaContext<'_>, on: bool) -> bool {
+    // SAFETY: a live llama_context, borrowed mutably; the call only flips a parameter and asks
+    // the scheduler to reserve again before the next evaluation.
+    unsafe { sys::llama_set_flash_attn(ctx.as_raw(), on) }
+}
+
+/// Hides the cells at `positions` (sequence 0) from query heads `head_mask` (bit h = head h) of
+/// layer `layer` (our patch `0003`). Masking only; the cells stay allocated.
+///
+/// # Errors
+/// Unsupported memory/architecture, a layer out of range, more than 64 heads.
+pub fn mask_layer(ctx: &mut LlamaContext<'_>, layer: usize, positions: &[i32], head_mask: u64) -> Result<()> {
+    let il = i32::try_from(layer).map_err(|_| Error::Llama { op: "mask layer", code: -1 })?;
+    // SAFETY: a live llama_context borrowed mutably; `positions` is a valid slice for the
+    // duration of the call (the callee copies what it needs).
+    let ok = unsafe {
+        sys::llama_memory_seq_mask_layer(sys::llama_get_memory(ctx.as_raw()), 0, il, positions.as_ptr(), positions.len(), head_mask)
+    };
+    ok.then_some(()).ok_or(Error::Unsupported {
+        what: "per-layer/per-head retention",
+        reason: format!("llama.cpp refused a mask for layer {layer} (needs the llama architecture, a plain KV cache and at most 64 heads); use --kv-granularity global"),
+    })
+}
+
+/// Occupied cells hidden from query head `head` of `layer`; `None` when unsupported.
+#[must_use]
+pub fn layer_mask_count(ctx: &LlamaContext<'_>, layer: usize, head: usize) -> Option<usize> {
+    // SAFETY: a live llama_context; the call only reads the cache's metadata.
+    let n = unsafe { sys::llama_memory_layer_mask_count(sys::llama_get_memory(ctx.as_raw()), layer as i32, head as i32) };
+    usize::try_from(n).ok()
+}
+
+/// Removes every per-layer mask and sink (they are also dropped with the cache's contents).
+pub fn clear_overrides(ctx: &mut LlamaContext<'_>, n_layer: usize) {
+    // SAFETY: a live llama_context borrowed mutably; a null pointer with length 0 removes the
+    // sinks of a layer without reading anything.
+    unsafe {
+        let mem = sys::llama_get_memory(ctx.as_raw());
+        sys::llama_memory_layer_mask_clear(mem);
+        for il in 0..n_layer {
+            sys::llama_memory_set_attn_sinks(mem, il as i32, std::ptr::null(), 0);
+        }
+    }
+}
+
+/// Sets the attention sink logits of `layer`, one per query head (`ln n` gives n-softmax).
+///
+/// # Errors
+/// Unsupported memory or a length other than the layer's head count.
+pub fn set_attn_sinks(ctx: &mut LlamaContext<'_>, layer: usize, sinks: &[f32]) -> Result<()> {
+    // SAFETY: a live llama_context borrowed mutably; `sinks` is valid for `sinks.len()` floats
+    // during the call, which copies them.
+    let ok = unsafe { sys::llama_memory_set_attn_sinks(sys::llama_get_memory(ctx.as_raw()), layer as i32, sinks.as_ptr(), sinks.len()) };
+    ok.then_some(()).ok_or(Error::Unsupported {
+        what: "decode-time attention sinks",
+        reason: format!("llama.cpp refused sinks for layer {layer} (needs the llama architecture and a plain KV cache)"),
+    })
 }
 
 /// Evaluates one text chunk at positions `n_past..`, sequence 0, in batches of `n_batch`.

@@ -124,7 +124,7 @@ impl Policy for Csp {
                 keep.extend(select::top_k(&s_cross, split.candidates(), k_cross).into_iter().filter(|&t| !mark[t]));
                 keep.extend(split.recent_window());
                 let score = s_self.iter().zip(&s_cross).map(|(a, b)| a + b).collect();
-                out.push(HeadChoice { keep, score });
+                out.push(HeadChoice { layer: Some(layer), head: Some(head), keep, score });
             }
         }
         Ok(out)

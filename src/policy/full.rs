@@ -22,6 +22,6 @@ impl Policy for Full {
     }
     fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
         let l = input.split.l;
-        Ok(vec![HeadChoice { keep: (0..l).collect(), score: vec![0.0; l] }])
+        Ok(vec![HeadChoice { layer: None, head: None, keep: (0..l).collect(), score: vec![0.0; l] }])
     }
 }

@@ -1,11 +1,17 @@
 //! KV-cache eviction policies ("presses" in kvpress terms) and what they share.
 //!
-//! A policy turns attention statistics (or none) into, for every (layer, KV head), the prompt
-//! tokens that head would keep — the reference implementations select per head. llama.cpp has
-//! one set of cells for all layers and heads, so at `global` granularity the per-head choices
-//! become one keep-set by vote: a token's rank is the number of (layer, head) pairs keeping it,
-//! ties broken by its summed score, then by position ([`select::vote`]). The keep-set has
-//! exactly `B` cells.
+//! A policy turns attention statistics (or none) into, for every (layer, KV head) — or every
+//! layer, for PrefixKV and AirCache — the prompt tokens it would keep: the reference
+//! implementations select per head or per layer. llama.cpp has one set of cells for all layers
+//! and heads; [`Granularity`] says how the choices are honoured:
+//!
+//! * `global`: one keep-set by vote — a token's rank is the number of choices keeping it, ties
+//!   broken by its summed score, then by position ([`select::vote`]). Exactly `B` cells.
+//! * `layer`: each layer keeps its own set (its heads' choices voted down to the layer's
+//!   budget); `head`: each (layer, KV head) keeps its own choice, as the references do. The
+//!   cells no layer or head keeps are removed; the rest of what a layer or head drops is masked
+//!   in its attention only (our llama.cpp patch `0003`), so the physical cache is the union of
+//!   the sets and may exceed `B` ([`Retention::per_head`]).
 //!
 //! Budget `B` has one meaning for every policy: it counts everything kept — sinks, the recent
 //! window and selected tokens ([`Split`]).
@@ -16,12 +22,16 @@
 //! | `csp` | `csp.rs` | last O queries, n-softmax, by query modality |
 //! | `h2o` | `h2o.rs` | all prompt queries |
 //! | `snapkv` | `snapkv.rs` | last W queries |
+//! | `prefixkv` | `prefixkv.rs` | all prompt queries, head mean; per layer |
+//! | `aircache` | `aircache.rs` | elite text queries of the final ubatch; per layer |
 //! | `streaming` | `streaming.rs` | no |
 //! | `random` | `random.rs` | no |
 
+pub mod aircache;
 mod csp;
 mod full;
 mod h2o;
+pub mod prefixkv;
 mod random;
 pub mod select;
 mod snapkv;
@@ -34,7 +44,9 @@ use serde::Serialize;
 
 pub use csp::{preset as csp_preset, Csp, CSP_PRESETS};
 pub use full::Full;
+pub use aircache::AirCache;
 pub use h2o::H2o;
+pub use prefixkv::{PrefixKv, Profile};
 pub use random::Random;
 pub use snapkv::SnapKv;
 pub use streaming::Streaming;
@@ -60,15 +72,21 @@ pub enum PolicyKind {
     Streaming,
     /// Seeded random selection + recent window.
     Random,
+    /// PrefixKV: per-layer budgets from an offline profile, fixed-point eviction at decode.
+    PrefixKv,
+    /// AirCache: elite observation window, visual tokens only, per-layer budgets.
+    AirCache,
 }
 
 impl PolicyKind {
     /// All policies, in CLI order.
-    pub const ALL: [PolicyKind; 6] = [
+    pub const ALL: [PolicyKind; 8] = [
         PolicyKind::Full,
         PolicyKind::Csp,
         PolicyKind::H2o,
         PolicyKind::SnapKv,
+        PolicyKind::PrefixKv,
+        PolicyKind::AirCache,
         PolicyKind::Streaming,
         PolicyKind::Random,
     ];
@@ -83,6 +101,8 @@ impl PolicyKind {
             PolicyKind::SnapKv => "snapkv",
             PolicyKind::Streaming => "streaming",
             PolicyKind::Random => "random",
+            PolicyKind::PrefixKv => "prefixkv",
+            PolicyKind::AirCache => "aircache",
         }
     }
 
@@ -96,6 +116,10 @@ impl PolicyKind {
             PolicyKind::SnapKv => Box::new(SnapKv::default()),
             PolicyKind::Streaming => Box::new(Streaming::default()),
             PolicyKind::Random => Box::new(Random { seed: cfg.seed }),
+            PolicyKind::PrefixKv => Box::new(PrefixKv {
+                forget: cfg.prefixkv_profile.as_ref().and_then(|p| p.layers_for(cfg.budget).ok()).map(<[f64]>::to_vec),
+            }),
+            PolicyKind::AirCache => Box::new(AirCache { alpha: cfg.aircache_alpha, keep_sink: cfg.aircache_keep_sink, r_min: cfg.aircache_r_min }),
         }
     }
 }
@@ -113,6 +137,49 @@ impl FromStr for PolicyKind {
             let names: Vec<_> = PolicyKind::ALL.iter().map(|p| p.name()).collect();
             format!("unknown policy '{s}' (one of {})", names.join(", "))
         })
+    }
+}
+
+/// A policy with an optional granularity: `csp`, `csp@head`, `h2o@layer` (bench and eval
+/// lists compare granularities side by side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PolicySpec {
+    /// The policy.
+    pub kind: PolicyKind,
+    /// Its granularity; `None` = `--kv-granularity` or the policy's own.
+    pub granularity: Option<Granularity>,
+}
+
+impl From<PolicyKind> for PolicySpec {
+    fn from(kind: PolicyKind) -> Self {
+        Self { kind, granularity: None }
+    }
+}
+
+impl fmt::Display for PolicySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.granularity {
+            Some(g) => write!(f, "{}@{g}", self.kind),
+            None => write!(f, "{}", self.kind),
+        }
+    }
+}
+
+impl FromStr for PolicySpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('@') {
+            Some((k, g)) => Ok(Self { kind: k.parse()?, granularity: Some(g.parse()?) }),
+            None => Ok(Self { kind: s.parse()?, granularity: None }),
+        }
+    }
+}
+
+impl PolicySpec {
+    /// `base` with this policy (and granularity, when given).
+    #[must_use]
+    pub fn config(&self, base: &PolicyConfig, budget: Budget) -> PolicyConfig {
+        PolicyConfig { kind: self.kind, budget, granularity: self.granularity.or(base.granularity), ..base.clone() }
     }
 }
 
@@ -163,6 +230,46 @@ impl fmt::Display for Budget {
     }
 }
 
+/// `--kv-granularity`: how per-layer / per-head choices become a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One keep-set for the whole model (physical budget B).
+    Global,
+    /// One keep-set per layer (B per layer; physical cells = the union).
+    Layer,
+    /// One keep-set per (layer, KV head), as the references (B per head; physical = union).
+    Head,
+}
+
+impl Granularity {
+    /// CLI / JSON name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Granularity::Global => "global",
+            Granularity::Layer => "layer",
+            Granularity::Head => "head",
+        }
+    }
+}
+
+impl fmt::Display for Granularity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Granularity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Granularity::Global, Granularity::Layer, Granularity::Head]
+            .into_iter()
+            .find(|g| g.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown granularity '{s}' (one of global, layer, head)"))
+    }
+}
+
 /// Pruning settings (CLI: `--kv-policy`, `--kv-budget`, `--csp-*`, `--obs-window`, …).
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyConfig {
@@ -182,6 +289,19 @@ pub struct PolicyConfig {
     pub seed: u64,
     /// Move the pruned cache into a context sized to the kept cells plus generation room.
     pub shrink: bool,
+    /// `--kv-granularity`; `None` = the policy's own (global, or layer for PrefixKV/AirCache).
+    pub granularity: Option<Granularity>,
+    /// CSP: n-softmax at decode too (a sink logit ln n per head in every layer; paper Eq. 7).
+    pub decode_sink: bool,
+    /// PrefixKV: per-layer retention profile from `csp-llava calibrate` (uniform if none).
+    #[serde(skip)]
+    pub prefixkv_profile: Option<Profile>,
+    /// AirCache: elite threshold α (0.9).
+    pub aircache_alpha: f64,
+    /// AirCache: let the first prompt token (the attention sink) be elite.
+    pub aircache_keep_sink: bool,
+    /// AirCache: lowest per-layer visual retention (fraction of the budget r, 0.1).
+    pub aircache_r_min: f64,
 }
 
 impl Default for PolicyConfig {
@@ -195,6 +315,12 @@ impl Default for PolicyConfig {
             obs_window: None,
             seed: 0,
             shrink: false,
+            granularity: None,
+            decode_sink: false,
+            prefixkv_profile: None,
+            aircache_alpha: 0.9,
+            aircache_keep_sink: false,
+            aircache_r_min: 0.1,
         }
     }
 }
@@ -217,6 +343,18 @@ impl PolicyConfig {
         }
         if self.obs_window == Some(0) {
             return err("--obs-window", "must be at least 1 query".into());
+        }
+        if !(self.aircache_alpha > 0.0 && self.aircache_alpha <= 1.0) {
+            return err("--aircache-alpha", format!("{} is outside (0, 1]", self.aircache_alpha));
+        }
+        if !(0.0..=1.0).contains(&self.aircache_r_min) {
+            return err("--aircache-r-min", format!("{} is outside [0, 1]", self.aircache_r_min));
+        }
+        if self.decode_sink && self.kind != PolicyKind::Csp {
+            return err("--csp-decode-sink", format!("applies to --kv-policy csp, not {}", self.kind));
+        }
+        if let (Some(p), PolicyKind::PrefixKv) = (&self.prefixkv_profile, self.kind) {
+            p.layers_for(self.budget)?;
         }
         Ok(())
     }
@@ -297,10 +435,15 @@ pub struct Input<'a> {
     pub stats: Option<&'a AttentionStats>,
 }
 
-/// One (layer, KV head)'s choice — or the single choice of a policy without statistics.
+/// One (layer, KV head)'s choice, one layer's (`head: None`), or the single choice of a policy
+/// without statistics (`layer: None`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadChoice {
-    /// Token indices this head keeps (at most B, no duplicates).
+    /// The layer this choice is for; `None`: every layer.
+    pub layer: Option<usize>,
+    /// The KV head; `None`: every head of the layer.
+    pub head: Option<usize>,
+    /// Token indices kept (no duplicates; at most B, except per-layer budgets that average B).
     pub keep: Vec<usize>,
     /// A score per token (L values), summed across heads to break vote ties; also dumped.
     pub score: Vec<f32>,
@@ -320,6 +463,25 @@ pub trait Policy: fmt::Debug + Send + Sync {
         true
     }
 
+    /// The budget for a prompt with these token modalities (`B` of `L` by default).
+    ///
+    /// # Errors
+    /// A budget that keeps nothing.
+    fn budget_split(&self, cfg: &PolicyConfig, modality: &[Modality]) -> Result<Split> {
+        cfg.split(modality.len())
+    }
+
+    /// Granularity when `--kv-granularity` is not given.
+    fn natural_granularity(&self) -> Granularity {
+        Granularity::Global
+    }
+
+    /// Eviction while decoding, set up from the prefill's retention (PrefixKV's fixed-point
+    /// FIFO); `None` for policies that evict once.
+    fn decode_eviction(&self, _input: &Input<'_>, _retention: &Retention) -> Option<prefixkv::FixedPoint> {
+        None
+    }
+
     /// The per-head (or single) choices.
     ///
     /// # Errors
@@ -330,29 +492,130 @@ pub trait Policy: fmt::Debug + Send + Sync {
 /// The final retention of a prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retention {
-    /// Per prompt token: kept?
+    /// Per prompt token: kept in the cache (at `layer`/`head` granularity: by some layer or
+    /// head — the union).
     pub keep: Vec<bool>,
-    /// Number of (layer, head) choices keeping each token.
+    /// Number of choices keeping each token.
     pub votes: Vec<u32>,
     /// Score summed over choices.
     pub score: Vec<f32>,
+    /// The granularity applied.
+    pub granularity: Granularity,
+    /// What each (layer, KV head) attends to, at `layer`/`head` granularity.
+    pub per_head: Option<HeadKeep>,
 }
 
 impl Retention {
-    /// Cells kept.
+    /// Cells kept (physically).
     #[must_use]
     pub fn kept(&self) -> usize {
         self.keep.iter().filter(|k| **k).count()
     }
+
+    /// Mean number of tokens a (layer, KV head) attends to.
+    #[must_use]
+    pub fn effective(&self) -> f64 {
+        self.per_head.as_ref().map_or(self.kept() as f64, HeadKeep::mean_kept)
+    }
 }
 
-/// Runs a policy and votes its choices down to exactly `min(B, L)` tokens.
+/// Per-(layer, KV head) keep flags `[layer][head][token]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadKeep {
+    /// Layers.
+    pub n_layer: usize,
+    /// KV heads.
+    pub n_head_kv: usize,
+    /// Prompt tokens.
+    pub l: usize,
+    data: Vec<bool>,
+}
+
+impl HeadKeep {
+    /// Nothing kept.
+    #[must_use]
+    pub fn new(n_layer: usize, n_head_kv: usize, l: usize) -> Self {
+        Self { n_layer, n_head_kv, l, data: vec![false; n_layer * n_head_kv * l] }
+    }
+
+    /// What (layer, head) keeps.
+    #[must_use]
+    pub fn get(&self, layer: usize, head: usize) -> &[bool] {
+        let o = (layer * self.n_head_kv + head) * self.l;
+        &self.data[o..o + self.l]
+    }
+
+    fn get_mut(&mut self, layer: usize, head: usize) -> &mut [bool] {
+        let o = (layer * self.n_head_kv + head) * self.l;
+        &mut self.data[o..o + self.l]
+    }
+
+    /// Mean kept per (layer, head).
+    #[must_use]
+    pub fn mean_kept(&self) -> f64 {
+        let n = (self.n_layer * self.n_head_kv).max(1);
+        self.data.iter().filter(|k| **k).count() as f64 / n as f64
+    }
+
+    /// Tokens some layer or head keeps.
+    #[must_use]
+    pub fn union(&self) -> Vec<bool> {
+        let mut u = vec![false; self.l];
+        for c in self.data.chunks(self.l.max(1)) {
+            for (a, &b) in u.iter_mut().zip(c) {
+                *a |= b;
+            }
+        }
+        u
+    }
+}
+
+/// Runs a policy and turns its choices into a retention at `granularity` (the policy's own
+/// when `None`). At `global`: exactly `min(B, L)` tokens by vote.
 ///
 /// # Errors
 /// Policy errors (missing statistics).
-pub fn retain(policy: &dyn Policy, input: &Input<'_>) -> Result<Retention> {
+pub fn retain(policy: &dyn Policy, input: &Input<'_>, granularity: Option<Granularity>) -> Result<Retention> {
     let choices = policy.choose(input)?;
-    Ok(select::vote(&choices, input.split.l, input.split.b))
+    let g = granularity.unwrap_or_else(|| policy.natural_granularity());
+    let (l, b) = (input.split.l, input.split.b);
+    let mut global = select::vote(&choices, l, b);
+    let per_layer = choices.iter().any(|c| c.layer.is_some());
+    if g == Granularity::Global || !per_layer {
+        global.granularity = Granularity::Global;
+        return Ok(global);
+    }
+    let n_layer = choices.iter().filter_map(|c| c.layer).max().map_or(0, |m| m + 1);
+    let n_head_kv = input
+        .stats
+        .map(|s| s.n_head_kv)
+        .or_else(|| choices.iter().filter_map(|c| c.head).max().map(|m| m + 1))
+        .unwrap_or(1);
+    let mut heads = HeadKeep::new(n_layer, n_head_kv, l);
+    for layer in 0..n_layer {
+        let mine: Vec<&HeadChoice> = choices.iter().filter(|c| c.layer == Some(layer)).collect();
+        let per_head = mine.iter().any(|c| c.head.is_some());
+        if g == Granularity::Head && per_head {
+            for c in &mine {
+                let keep = heads.get_mut(layer, c.head.unwrap_or(0));
+                c.keep.iter().filter(|&&t| t < l).for_each(|&t| keep[t] = true);
+            }
+        } else {
+            // one set for the layer: its heads voted down to the budget, or the layer's choice
+            let set = if per_head {
+                let owned: Vec<HeadChoice> = mine.iter().map(|c| (*c).clone()).collect();
+                select::vote(&owned, l, b).keep
+            } else {
+                let mut k = vec![false; l];
+                mine.iter().flat_map(|c| &c.keep).filter(|&&t| t < l).for_each(|&t| k[t] = true);
+                k
+            };
+            for head in 0..n_head_kv {
+                heads.get_mut(layer, head).copy_from_slice(&set);
+            }
+        }
+    }
+    Ok(Retention { keep: heads.union(), votes: global.votes, score: global.score, granularity: g, per_head: Some(heads) })
 }
 
 /// Errors for policies that need statistics and got none.
@@ -372,7 +635,7 @@ pub(crate) fn per_head(stats: &AttentionStats, split: &Split, score: impl Fn(usi
             let s = score(layer, head);
             let mut keep = select::top_k(&s, split.candidates(), split.k);
             keep.extend(split.recent_window());
-            out.push(HeadChoice { keep, score: s });
+            out.push(HeadChoice { layer: Some(layer), head: Some(head), keep, score: s });
         }
     }
     out

@@ -29,6 +29,6 @@ impl Policy for Random {
         let score: Vec<f32> = (0..split.l).map(|_| rng.uniform()).collect();
         let mut keep = select::top_k(&score, split.candidates(), split.k);
         keep.extend(split.recent_window());
-        Ok(vec![HeadChoice { keep, score }])
+        Ok(vec![HeadChoice { layer: None, head: None, keep, score }])
     }
 }

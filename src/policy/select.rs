@@ -4,7 +4,7 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
-use super::{HeadChoice, Retention};
+use super::{Granularity, HeadChoice, Retention};
 
 /// Score descending, then index ascending; NaN ranks last.
 fn by_score_desc(scores: &[f32]) -> impl Fn(&usize, &usize) -> Ordering + '_ {
@@ -80,7 +80,7 @@ pub fn vote(choices: &[HeadChoice], l: usize, b: usize) -> Retention {
     for &t in order.iter().take(b) {
         keep[t] = true;
     }
-    Retention { keep, votes, score }
+    Retention { keep, votes, score, granularity: Granularity::Global, per_head: None }
 }
 
 #[cfg(test)]
@@ -106,9 +106,9 @@ mod tests {
     fn vote_ranks_by_count_then_score_then_position() {
         let l = 6;
         let choices = vec![
-            HeadChoice { keep: vec![0, 5], score: vec![0.0, 3.0, 1.0, 1.0, 0.0, 0.0] },
-            HeadChoice { keep: vec![1, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
-            HeadChoice { keep: vec![2, 3, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
+            HeadChoice { layer: None, head: None, keep: vec![0, 5], score: vec![0.0, 3.0, 1.0, 1.0, 0.0, 0.0] },
+            HeadChoice { layer: None, head: None, keep: vec![1, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
+            HeadChoice { layer: None, head: None, keep: vec![2, 3, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
         ];
         // votes: 0:1 1:1 2:1 3:1 4:0 5:3; scores 1:3, 2:1, 3:1
         let r = vote(&choices, l, 3);

@@ -40,6 +40,6 @@ impl Policy for Streaming {
         for &t in &keep {
             score[t] = 1.0;
         }
-        Ok(vec![HeadChoice { keep, score }])
+        Ok(vec![HeadChoice { layer: None, head: None, keep, score }])
     }
 }

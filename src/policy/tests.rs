@@ -26,7 +26,7 @@ fn kept(r: &Retention) -> Vec<usize> {
 }
 
 fn run(p: &dyn Policy, s: Option<&AttentionStats>, modality: &[Modality], split: Split) -> Retention {
-    retain(p, &Input { modality, split, stats: s }).unwrap()
+    retain(p, &Input { modality, split, stats: s }, None).unwrap()
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn policies_needing_statistics_say_so() {
     for p in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
         let pol = p.build(&PolicyConfig::default());
         assert!(pol.request(&split6(), None).is_some());
-        assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None }).is_err());
+        assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None }, None).is_err());
     }
 }
 
@@ -169,14 +169,14 @@ fn budget_invariants_hold_for_random_cases() {
         for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random] {
             let p = kind.build(&cfg);
             let input = Input { modality: &modality, split, stats: Some(&s) };
-            let r = retain(p.as_ref(), &input).unwrap();
+            let r = retain(p.as_ref(), &input, None).unwrap();
             assert_eq!(r.kept(), split.b.min(l), "case {case} {kind}: kept");
             assert_eq!(split.b, budget_cells(budget, l), "case {case}");
             for t in split.recent_window() {
                 assert!(r.keep[t], "case {case} {kind}: recent token {t} of {l} evicted (r = {})", split.r);
             }
             assert!(r.keep[l - 1], "case {case} {kind}: last token");
-            assert_eq!(retain(p.as_ref(), &input).unwrap(), r, "case {case} {kind}: deterministic");
+            assert_eq!(retain(p.as_ref(), &input, None).unwrap(), r, "case {case} {kind}: deterministic");
         }
     }
 }

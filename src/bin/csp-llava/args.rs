@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, SamplingConfig};
-use csp_llava::policy::{csp_preset, Budget, PolicyConfig, PolicyKind, CSP_PRESETS};
+use csp_llava::policy::{csp_preset, Budget, Granularity, PolicyConfig, PolicyKind, PolicySpec, Profile, CSP_PRESETS};
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
 ///
@@ -103,11 +103,63 @@ pub struct ModelArgs {
     /// More logs on stderr.
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     pub verbose: u8,
+    #[command(flatten)]
+    pub extra: PolicyExtra,
 }
 
 impl ModelArgs {
-    fn policy(&self) -> PolicyConfig {
-        PolicyConfig { cross_ratio: self.csp_cross_ratio, recent_bias: self.csp_recent_bias, obs_window: self.obs_window, ..PolicyConfig::default() }
+    fn policy(&self) -> Result<PolicyConfig, String> {
+        self.extra.apply(PolicyConfig {
+            cross_ratio: self.csp_cross_ratio,
+            recent_bias: self.csp_recent_bias,
+            obs_window: self.obs_window,
+            ..PolicyConfig::default()
+        })
+    }
+}
+
+/// Pruning flags shared by the run, bench and eval commands.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyExtra {
+    /// How per-layer/per-head choices become the cache: global (one keep-set, B cells), layer or
+    /// head (each keeps its own B; the rest of the union is masked per layer/head)
+    /// [default: global; layer for prefixkv and aircache]. Lists accept `policy@granularity`.
+    #[arg(long = "kv-granularity", value_name = "global|layer|head", help_heading = "KV cache pruning")]
+    pub kv_granularity: Option<Granularity>,
+    /// CSP: also apply the n-softmax while decoding (a sink logit ln n per head; paper Eq. 7 —
+    /// the released code scores with it only).
+    #[arg(long = "csp-decode-sink", help_heading = "KV cache pruning")]
+    pub csp_decode_sink: bool,
+    /// PrefixKV: per-layer retention profile written by `csp-llava calibrate` [default: the
+    /// budget in every layer].
+    #[arg(long = "prefixkv-profile", value_name = "FILE.json", help_heading = "KV cache pruning")]
+    pub prefixkv_profile: Option<PathBuf>,
+    /// AirCache: elite window threshold α (relative to the strongest text key).
+    #[arg(long = "aircache-alpha", value_name = "A", default_value_t = 0.9, help_heading = "KV cache pruning")]
+    pub aircache_alpha: f64,
+    /// AirCache: let the first prompt token (attention sink) join the elite window.
+    #[arg(long = "aircache-keep-sink", help_heading = "KV cache pruning")]
+    pub aircache_keep_sink: bool,
+    /// AirCache: lowest per-layer visual retention, as a fraction of the budget.
+    #[arg(long = "aircache-r-min", value_name = "F", default_value_t = 0.1, help_heading = "KV cache pruning")]
+    pub aircache_r_min: f64,
+}
+
+impl PolicyExtra {
+    pub fn apply(&self, cfg: PolicyConfig) -> Result<PolicyConfig, String> {
+        let prefixkv_profile = match &self.prefixkv_profile {
+            Some(p) => Some(Profile::load(p).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(PolicyConfig {
+            granularity: self.kv_granularity,
+            decode_sink: self.csp_decode_sink,
+            prefixkv_profile,
+            aircache_alpha: self.aircache_alpha,
+            aircache_keep_sink: self.aircache_keep_sink,
+            aircache_r_min: self.aircache_r_min,
+            ..cfg
+        })
     }
 }
 
@@ -121,7 +173,7 @@ pub struct EvalArgs {
     pub data: PathBuf,
     /// Policies, comma-separated (`full` gives the full cache's own accuracy).
     #[arg(long = "kv-policy", value_name = "P[,P…]", value_delimiter = ',', default_value = "full,csp,h2o,snapkv,streaming,random")]
-    pub kv_policy: Vec<PolicyKind>,
+    pub kv_policy: Vec<PolicySpec>,
     /// Budgets, comma-separated.
     #[arg(long = "kv-budget", value_name = "B[,B…]", value_delimiter = ',', default_value = "0.1,0.2")]
     pub kv_budget: Vec<Budget>,
@@ -145,15 +197,15 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
-    pub fn config(&self) -> csp_llava::eval::EvalConfig {
-        csp_llava::eval::EvalConfig {
+    pub fn config(&self) -> Result<csp_llava::eval::EvalConfig, String> {
+        Ok(csp_llava::eval::EvalConfig {
             policies: self.kv_policy.clone(),
             budgets: self.kv_budget.clone(),
             n_predict: self.n_predict,
             ctx: ContextConfig { n_ctx: self.common.ctx_size, flash_attn: fa(self.common.flash_attn), ..ContextConfig::default() },
-            policy: self.common.policy(),
+            policy: self.common.policy()?,
             question_after_pruning: self.question_after_pruning,
-        }
+        })
     }
 }
 
@@ -179,7 +231,7 @@ pub struct BenchArgs {
     /// Policies, comma-separated (a reference row and a flash-attention-off `full` row are
     /// always measured).
     #[arg(long = "kv-policy", value_name = "P[,P…]", value_delimiter = ',', default_value = "csp,h2o,snapkv,streaming,random")]
-    pub kv_policy: Vec<PolicyKind>,
+    pub kv_policy: Vec<PolicySpec>,
     /// Budgets, comma-separated (fractions with a decimal point, or cell counts).
     #[arg(long = "kv-budget", value_name = "B[,B…]", value_delimiter = ',', default_value = "0.1,0.2,0.5")]
     pub kv_budget: Vec<Budget>,
@@ -213,8 +265,8 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    pub fn config(&self) -> csp_llava::bench::BenchConfig {
-        csp_llava::bench::BenchConfig {
+    pub fn config(&self) -> Result<csp_llava::bench::BenchConfig, String> {
+        Ok(csp_llava::bench::BenchConfig {
             images: self.images.clone(),
             image_files: self.image_files.clone(),
             policies: self.kv_policy.clone(),
@@ -230,8 +282,8 @@ impl BenchArgs {
                 type_v: self.cache_type_v,
                 ..ContextConfig::default()
             },
-            policy: PolicyConfig { shrink: self.kv_shrink, ..self.common.policy() },
-        }
+            policy: PolicyConfig { shrink: self.kv_shrink, ..self.common.policy()? },
+        })
     }
 }
 
@@ -363,6 +415,8 @@ pub struct RunArgs {
     /// rest of -c when -n is -1), freeing the large buffer.
     #[arg(long = "kv-shrink", help_heading = "KV cache pruning")]
     pub kv_shrink: bool,
+    #[command(flatten)]
+    pub extra: PolicyExtra,
     /// Write one JSON line per prompt position (modality, image, kept, votes, score).
     #[arg(long = "dump-retention", value_name = "FILE", help_heading = "KV cache pruning")]
     pub dump_retention: Option<PathBuf>,
@@ -408,6 +462,7 @@ impl RunArgs {
             obs_window: self.obs_window,
             seed: u64::try_from(self.seed).unwrap_or(0),
             shrink: self.kv_shrink,
+            ..self.extra.apply(PolicyConfig::default())?
         })
     }
 

@@ -105,7 +105,7 @@ fn load(a: &args::ModelArgs) -> Result<Engine> {
 }
 
 fn bench(a: &args::BenchArgs) -> Result<()> {
-    let cfg = a.config();
+    let cfg = a.config().map_err(anyhow::Error::msg)?;
     cfg.ctx.validate()?;
     for b in &cfg.budgets {
         csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate()?;
@@ -185,7 +185,7 @@ fn prompt_layout(model: &Path, mmproj: &Path) -> Result<()> {
 
 fn eval(a: &args::EvalArgs) -> Result<()> {
     use csp_llava::eval::{self, CaseResult};
-    let cfg = a.config();
+    let cfg = a.config().map_err(anyhow::Error::msg)?;
     cfg.ctx.validate()?;
     for b in &cfg.budgets {
         csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate()?;
