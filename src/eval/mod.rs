@@ -11,6 +11,7 @@
 //! * a free greedy run: ROUGE-L F1 against the full cache's answer, and, where the case has an
 //!   `answer`, exact match (SQuAD normalisation) and "answer contained".
 
+pub mod calibrate;
 pub mod metrics;
 
 use std::path::{Path, PathBuf};

@@ -70,6 +70,19 @@ impl Observer {
         }
     }
 
+    /// Captures, at the next evaluations, each layer's raw logits `kq-<il>`, the logits plus the
+    /// per-head mask `kq_plus_kq_b-<il>` (masked layers only) and the probabilities
+    /// `kq_soft_max-<il>` (tests: what each head attends to after masking, sinks).
+    pub fn capture_attention(&self, layers: usize) {
+        let mut s = self.lock();
+        s.active = true;
+        for il in 0..layers {
+            s.capture.push((format!("kq-{il}"), sys::GGML_OP_MUL_MAT));
+            s.capture.push((format!("kq_plus_kq_b-{il}"), sys::GGML_OP_ADD));
+            s.capture.push((format!("kq_soft_max-{il}"), sys::GGML_OP_SOFT_MAX));
+        }
+    }
+
     /// Stops observing (decode steps are not observed).
     pub fn deactivate(&self) {
         self.lock().active = false;

@@ -39,6 +39,10 @@ pub enum Command {
     /// Fidelity (KL, top-1 agreement, ROUGE-L against the full cache) and accuracy of each
     /// policy × budget on a JSONL set of cases.
     Eval(EvalArgs),
+    /// PrefixKV's offline profile: per-layer retention for each budget from the attention of a
+    /// few calibration cases (same JSONL as eval); use it with
+    /// `--kv-policy prefixkv --prefixkv-profile FILE`.
+    Calibrate(CalibrateArgs),
     /// Print how prompts are laid out for the model (text token ids and image slots), one JSON
     /// line per input line `{"prompt": …, "n_images": K, "raw": false}` on stdin — what the projector
     /// training needs to build exactly the sequences csp-llava evaluates.
@@ -207,6 +211,24 @@ impl EvalArgs {
             question_after_pruning: self.question_after_pruning,
         })
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub common: ModelArgs,
+    /// Calibration cases, one JSON object per line (as for eval; answers are not used).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: PathBuf,
+    /// Retained budgets to calibrate (fractions; 0.2 keeps 20%).
+    #[arg(long = "kv-budget", value_name = "B[,B…]", value_delimiter = ',', default_value = "0.1,0.2,0.5")]
+    pub kv_budget: Vec<Budget>,
+    /// Use only the first N cases (the PrefixKV paper finds 10 enough).
+    #[arg(long = "max-cases", value_name = "N", default_value_t = 10)]
+    pub max_cases: usize,
+    /// Where to write the profile.
+    #[arg(long, value_name = "FILE.json")]
+    pub out: PathBuf,
 }
 
 /// Output format of `bench`.

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Some(Command::Demo { run, .. }) => run.verbose,
         Some(Command::Bench(b)) => b.common.verbose,
         Some(Command::Eval(e)) => e.common.verbose,
+        Some(Command::Calibrate(c)) => c.common.verbose,
         _ => cli.run.verbose,
     };
     init_tracing(verbose);
@@ -66,6 +67,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Some(Command::Demo { dir, run }) => demo(dir, run),
         Some(Command::Bench(b)) => bench(&b),
         Some(Command::Eval(e)) => eval(&e),
+        Some(Command::Calibrate(c)) => calibrate(&c),
         Some(Command::PromptLayout { model, mmproj }) => prompt_layout(&model, &mmproj),
         None => run(&cli.run),
     }
@@ -180,6 +182,42 @@ fn prompt_layout(model: &Path, mmproj: &Path) -> Result<()> {
         writeln!(out, "{}", serde_json::json!({ "chunks": chunks }))?;
     }
     let _ = std::fs::remove_file(&blank);
+    Ok(())
+}
+
+fn calibrate(a: &args::CalibrateArgs) -> Result<()> {
+    use csp_llava::policy::Budget;
+    let budgets = a
+        .kv_budget
+        .iter()
+        .map(|b| match b {
+            Budget::Fraction(f) => Ok(*f),
+            Budget::Cells(n) => Err(anyhow::anyhow!("--kv-budget: PrefixKV profiles are per fraction; write {n} as a fraction like 0.2")),
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    let mut cases = Vec::new();
+    for c in csp_llava::eval::load_cases(&a.data)? {
+        match c {
+            Ok(c) => cases.push(c),
+            Err((id, e)) => eprintln!("csp-llava: skipping case {id}: {e}"),
+        }
+    }
+    cases.truncate(a.max_cases);
+    let engine = load(&a.common)?;
+    let ctx = csp_llava::config::ContextConfig { n_ctx: a.common.ctx_size, ..Default::default() };
+    let bar = if std::io::stderr().is_terminal() && a.common.verbose == 0 {
+        ProgressBar::new(cases.len() as u64).with_style(ProgressStyle::with_template("calibrate [{bar:30}] {pos}/{len} cases {elapsed}").expect("valid template").progress_chars("=> "))
+    } else {
+        ProgressBar::hidden()
+    };
+    let profile = csp_llava::eval::calibrate::calibrate(&engine, &cases, &budgets, &ctx, &mut |i| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    std::fs::write(&a.out, serde_json::to_string_pretty(&profile)? + "\n").with_context(|| format!("cannot write {}", a.out.display()))?;
+    for e in &profile.budgets {
+        let fmt: Vec<String> = e.retain.iter().map(|r| format!("{r:.2}")).collect();
+        eprintln!("budget {}: retained per layer [{}]", e.budget, fmt.join(" "));
+    }
+    eprintln!("wrote {} ({} cases)", a.out.display(), profile.samples);
     Ok(())
 }
 
