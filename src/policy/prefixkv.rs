@@ -360,10 +360,10 @@ mod tests {
             let n_layer = 1 + rng.below(5);
             let l = 3 + rng.below(30);
             let scores: Vec<Vec<f32>> = (0..n_layer)
-                .map(|_| (0..l).map(|_| if rng.uniform() < 0.2 { 0.0 } else { rng.uniform().powi(3) as f32 }).collect())
+                .map(|_| (0..l).map(|_| if rng.uniform() < 0.2 { 0.0 } else { rng.uniform().powi(3) }).collect())
                 .collect();
             let curves: Vec<Vec<f64>> = scores.iter().map(|s| lorenz(s)).collect();
-            let target = rng.uniform() * (l * n_layer) as f64;
+            let target = f64::from(rng.uniform()) * (l * n_layer) as f64;
             let got = search_threshold(&curves, target, START_SIZE + 1);
             let want = brute(&curves, target, START_SIZE + 1);
             let (g, w) = (got.iter().sum::<usize>() as f64, want.iter().sum::<usize>() as f64);
