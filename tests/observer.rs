@@ -46,6 +46,7 @@ fn observer_matches_recomputation_from_q_and_k() {
         let first_row = match rows {
             Rows::Last(w) => l - w,
             Rows::All => 0,
+            Rows::Elite { .. } => unreachable!("not requested here"),
         };
         let mut max_err = 0f64;
         for il in 0..n_layer {
@@ -90,4 +91,88 @@ fn observer_matches_recomputation_from_q_and_k() {
         let total: f32 = (0..n_layer).flat_map(|il| (0..n_head_kv).map(move |g| (il, g))).map(|(il, g)| stats.total(il, g).iter().sum::<f32>()).sum();
         assert!(total > 1.0);
     }
+}
+
+/// AirCache's elite window ([`Rows::Elite`]) against the same f64 recomputation: the last
+/// token's text-only attention picks the elite text keys per layer (head mean, α = 0.9, first
+/// token excluded); the elite queries of the final ubatch attend over the image keys and the
+/// elite text keys; image columns get the mean over those rows and heads.
+#[test]
+fn elite_window_matches_recomputation() {
+    let mut cfg = ModelConfig::new(support::model(), support::mmproj());
+    cfg.threads = 2;
+    let engine = Engine::load(&cfg).unwrap();
+    let req = Request { images: (0..3).map(support::image).collect(), prompt: "Which of these images has a red shape in it?".into(), ..Default::default() };
+    let prompt = engine.prepare(&req).unwrap();
+    let l = prompt.n_tokens();
+    let modality = prompt.token_modalities();
+    let is_text = |u: usize| modality[u] == Modality::Text;
+    let ctx = ContextConfig { n_ctx: 1024, n_ubatch: 128, flash_attn: FlashAttn::Off, type_k: CacheType::F32, type_v: CacheType::F32, ..Default::default() };
+    let n_layer = tiny::text::N_LAYER as usize;
+    let (n_head, n_head_kv) = (tiny::text::N_HEAD as usize, tiny::text::N_HEAD_KV as usize);
+    let head_dim = (tiny::text::N_EMBD / tiny::text::N_HEAD) as usize;
+    let group = n_head / n_head_kv;
+    let alpha = 0.9;
+    let last_span = prompt.spans.last().unwrap().n_tokens();
+    assert!(last_span <= 128, "the final text chunk is one ubatch");
+    let first_obs = l - last_span;
+
+    let mut session = engine.session(&prompt, &ctx, vec![StatRequest { rows: Rows::Elite { alpha, keep_sink: false }, n: 0.0 }]).unwrap();
+    session.observer().unwrap().capture_qk(n_layer);
+    session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+    let captured = session.observer().unwrap().take_captured();
+    let stats = session.take_stats(&prompt).unwrap().remove(0);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut max_err = 0f64;
+    let mut total = 0f64;
+    for il in 0..n_layer {
+        let gather = |name: &str| -> Vec<f32> { captured.iter().filter(|c| c.name == name).flat_map(|c| c.data.iter().copied()).collect() };
+        let q = gather(&format!("Qcur-{il}"));
+        let k = gather(&format!("Kcur-{il}"));
+        let logit = |h: usize, t: usize, u: usize| -> f64 {
+            let qv = &q[(t * n_head + h) * head_dim..][..head_dim];
+            let kv = &k[(u * n_head_kv + h / group) * head_dim..][..head_dim];
+            qv.iter().zip(kv).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() * scale
+        };
+        let softmax = |h: usize, t: usize, keys: &[usize]| -> Vec<f64> {
+            let x: Vec<f64> = keys.iter().map(|&u| logit(h, t, u)).collect();
+            let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
+            x.iter().map(|v| (v - m).exp() / z).collect()
+        };
+        let text_keys: Vec<usize> = (0..l).filter(|&u| is_text(u)).collect();
+        let mut att = vec![0f64; text_keys.len()];
+        for h in 0..n_head {
+            for (a, p) in att.iter_mut().zip(softmax(h, l - 1, &text_keys)) {
+                *a += p / n_head as f64;
+            }
+        }
+        let top = text_keys.iter().zip(&att).filter(|(u, _)| **u != 0).map(|(_, a)| *a).fold(0.0, f64::max);
+        let mut elite: Vec<usize> = text_keys.iter().zip(&att).filter(|(u, a)| **u != 0 && **a >= f64::from(alpha) * top).map(|(u, _)| *u).collect();
+        if !elite.contains(&(l - 1)) {
+            elite.push(l - 1);
+        }
+        let observed: Vec<usize> = elite.iter().copied().filter(|&e| e >= first_obs).collect();
+        let mut want = vec![vec![0f64; l]; n_head_kv];
+        for h in 0..n_head {
+            for &e in &observed {
+                let keys: Vec<usize> = (0..=e).filter(|&u| !is_text(u) || elite.contains(&u)).collect();
+                for (&u, p) in keys.iter().zip(softmax(h, e, &keys)) {
+                    if !is_text(u) {
+                        want[h / group][u] += p / (observed.len() * group) as f64;
+                    }
+                }
+            }
+        }
+        for g in 0..n_head_kv {
+            let got = stats.column(Bucket::Text, il, g);
+            for u in 0..l {
+                max_err = max_err.max((f64::from(got[u]) - want[g][u]).abs());
+                total += want[g][u];
+            }
+        }
+    }
+    eprintln!("elite: max err {max_err:e}, total {total}");
+    assert!(total > 0.1, "elite queries see the images");
+    assert!(max_err <= 1e-4, "max |Δ| = {max_err}");
 }
