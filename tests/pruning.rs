@@ -79,17 +79,26 @@ fn budget_point_two_prunes_compacts_and_still_generates() {
 }
 
 #[test]
-fn observing_policies_turn_flash_attention_off() {
+fn observing_policies_pause_flash_attention_for_the_prefill_only() {
     let e = engine();
     let req = four_images();
+    let full = run(&e, &req, FlashAttn::Auto, PolicyKind::Full, Budget::Fraction(1.0), false);
     for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
+        // observed with flash attention off, decoded with it as resolved for the full cache
         let r = run(&e, &req, FlashAttn::Auto, kind, Budget::Fraction(0.2), false);
-        assert_eq!(r.flash_attn, "off", "{kind}");
+        assert_eq!(r.flash_attn, full.flash_attn, "{kind}");
         assert!(r.score_ms > 0.0);
-        let ctx = ContextConfig { n_ctx: 1024, flash_attn: FlashAttn::On, ..Default::default() };
+        let r = run(&e, &req, FlashAttn::Off, kind, Budget::Fraction(0.2), false);
+        assert_eq!(r.flash_attn, "off", "{kind}: -fa off stays off");
+        // same selection, same text whether decoding runs with flash attention or not
+        let on = run(&e, &req, FlashAttn::On, kind, Budget::Fraction(0.2), false);
+        assert_eq!(on.flash_attn, "on", "{kind}: -fa on is honoured for decoding");
+        assert_eq!(on.kv_cells_after, r.kv_cells_after);
+        // a quantized V cache needs flash attention, which observation cannot use
+        let ctx = ContextConfig { n_ctx: 1024, type_v: csp_llava::CacheType::Q8_0, ..Default::default() };
         let policy = PolicyConfig { kind, ..Default::default() };
         let err = e.run(&req, &ctx, &greedy(2), &policy, &mut |_| {}).unwrap_err().to_string();
-        assert!(err.contains("flash attention off"), "{err}");
+        assert!(err.contains("-ctv"), "{err}");
     }
     // policies that do not observe keep flash attention as requested
     for kind in [PolicyKind::Streaming, PolicyKind::Random] {
@@ -169,7 +178,7 @@ fn cli_flags_json_and_dump() {
     bad(&["--kv-policy", "h2o", "--kv-budget", "0"], "keeps nothing");
     bad(&["--kv-policy", "csp", "--csp-cross-ratio", "2"], "--csp-cross-ratio");
     bad(&["--kv-policy", "csp", "--csp-preset", "NoSuchSet"], "unknown --csp-preset");
-    bad(&["--kv-policy", "snapkv", "-fa", "on"], "flash attention off");
+    bad(&["--kv-policy", "snapkv", "-ctv", "q8_0"], "quantized V cache");
     bad(&["--kv-policy", "h2o", "--kv-budget", "0.001"], "keeps no cell");
     bad(&["--kv-policy", "pyramid"], "unknown policy");
 }
