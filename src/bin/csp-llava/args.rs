@@ -92,7 +92,7 @@ pub struct ModelArgs {
     /// Context size [default: 0 = the model's trained context].
     #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
     pub ctx_size: u32,
-    /// Flash attention (written `-fa`); policies that observe attention need it off.
+    /// Flash attention (written `-fa`); policies that observe attention pause it for the prompt.
     #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
     pub flash_attn: FaArg,
     /// CSP cross ratio.
@@ -409,7 +409,7 @@ pub struct RunArgs {
     /// KV cache type for V (written `-ctv`); quantized types need flash attention.
     #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
     pub cache_type_v: CacheType,
-    /// KV cache policy: full (no pruning), csp, h2o, snapkv, streaming, random.
+    /// KV cache policy: full (no pruning), csp, h2o, snapkv, prefixkv, aircache, streaming, random.
     #[arg(long = "kv-policy", value_name = "NAME", default_value = "full", help_heading = "KV cache pruning")]
     pub kv_policy: PolicyKind,
     /// Cells to keep: a fraction of the prompt with a decimal point (0.2 = 20%) or a cell count
