@@ -429,17 +429,17 @@ impl Reducer {
         let n_head_kv = self.stats[k].n_head_kv;
         let group = (shape.n_head / n_head_kv).max(1);
         let n_tokens = self.stats[k].n_tokens;
+        // keys of each observed elite row (the same for every head): media + elite text, causal
+        let row_keys: Vec<Vec<(usize, u32)>> = observed
+            .iter()
+            .map(|&(_, t)| cols.iter().copied().filter(|&(_, u)| u <= t && (!is_text(u) || elite.binary_search(&u).is_ok())).collect())
+            .collect();
         let st = &mut self.stats[k];
         st.n_rows = [observed.len(), 0];
         for h in 0..shape.n_head {
             let g = (h / group).min(n_head_kv - 1);
             let mut acc = vec![0f64; n_tokens];
-            for &(r, t) in &observed {
-                let keys: Vec<(usize, u32)> = cols
-                    .iter()
-                    .copied()
-                    .filter(|&(_, u)| u <= t && (!is_text(u) || elite.binary_search(&u).is_ok()))
-                    .collect();
+            for (&(r, _), keys) in observed.iter().zip(&row_keys) {
                 let x = row(h, r);
                 let m = keys.iter().map(|&(j, _)| x[j] * scale).fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f64> = keys.iter().map(|&(j, _)| f64::from(x[j] * scale - m).exp()).collect();

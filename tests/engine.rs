@@ -2,16 +2,12 @@
 
 mod support;
 
-use csp_llava::config::{ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
+use csp_llava::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use csp_llava::engine::PrefillMode;
 use csp_llava::span::Modality;
 use csp_llava::{Engine, PolicyConfig};
 
-fn engine() -> Engine {
-    let mut cfg = ModelConfig::new(support::model(), support::mmproj());
-    cfg.threads = 2;
-    Engine::load(&cfg).expect("tiny model loads")
-}
+use support::engine;
 
 fn three_images(prompt: &str) -> Request {
     Request {

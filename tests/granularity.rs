@@ -7,17 +7,13 @@ mod support;
 
 use std::process::Command;
 
-use csp_llava::config::{ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
+use csp_llava::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use csp_llava::engine::{PrefillMode, Session};
 use csp_llava::llama;
 use csp_llava::policy::{Budget, Granularity, PolicyConfig, PolicyKind, Retention};
 use csp_llava::{Engine, RunReport};
 
-fn engine() -> Engine {
-    let mut cfg = ModelConfig::new(support::model(), support::mmproj());
-    cfg.threads = 2;
-    Engine::load(&cfg).unwrap()
-}
+use support::engine;
 
 fn four_images() -> Request {
     Request { images: (0..4).map(support::image).collect(), prompt: "Which image shows a circle?".into(), ..Default::default() }
@@ -277,30 +273,21 @@ fn calibrate_writes_a_profile_prefixkv_uses() {
 
 #[test]
 fn granularity_flag_and_bad_values() {
-    let bin = env!("CARGO_BIN_EXE_csp-llava");
-    let out = Command::new(bin)
-        .arg("-m")
-        .arg(support::model())
-        .arg("--mmproj")
-        .arg(support::mmproj())
-        .arg("--image")
-        .arg(support::image(0))
-        .args(["-p", "x", "-n", "2", "-t", "1", "--kv-policy", "csp", "--kv-granularity", "diagonal"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("global, layer, head"));
-    let out = Command::new(bin)
-        .arg("-m")
-        .arg(support::model())
-        .arg("--mmproj")
-        .arg(support::mmproj())
-        .arg("--image")
-        .arg(support::image(0))
-        .args(["-p", "x", "-n", "2", "-t", "1", "--kv-policy", "h2o", "--csp-decode-sink"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--csp-decode-sink"));
+    let fails_with = |extra: &[&str], needle: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_csp-llava"))
+            .arg("-m")
+            .arg(support::model())
+            .arg("--mmproj")
+            .arg(support::mmproj())
+            .arg("--image")
+            .arg(support::image(0))
+            .args(["-p", "x", "-n", "2", "-t", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "{extra:?}");
+    };
+    fails_with(&["--kv-policy", "csp", "--kv-granularity", "diagonal"], "global, layer, head");
+    fails_with(&["--kv-policy", "h2o", "--csp-decode-sink"], "--csp-decode-sink");
 }
-

@@ -5,15 +5,11 @@ mod support;
 
 use std::process::Command;
 
-use csp_llava::config::{ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
+use csp_llava::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use csp_llava::policy::{Budget, PolicyConfig, PolicyKind};
 use csp_llava::{Engine, RunReport};
 
-fn engine() -> Engine {
-    let mut cfg = ModelConfig::new(support::model(), support::mmproj());
-    cfg.threads = 2;
-    Engine::load(&cfg).unwrap()
-}
+use support::engine;
 
 fn four_images() -> Request {
     Request { images: (0..4).map(support::image).collect(), prompt: "Which image shows a circle?".into(), ..Default::default() }

@@ -30,6 +30,13 @@ pub fn image(i: usize) -> PathBuf {
     tiny_dir().join(tiny::image_file(i))
 }
 
+/// The tiny model loaded with 2 threads.
+pub fn engine() -> csp_llava::Engine {
+    let mut cfg = csp_llava::ModelConfig::new(model(), mmproj());
+    cfg.threads = 2;
+    csp_llava::Engine::load(&cfg).expect("tiny model loads")
+}
+
 /// A scratch directory for files a test makes (kept alive for the process).
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
