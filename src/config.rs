@@ -146,6 +146,79 @@ pub struct ContextConfig {
     pub type_k: CacheType,
     /// V cache type (`-ctv`, default f16).
     pub type_v: CacheType,
+    /// `--kv-max-cells`: bounded prefill — the cache never holds more cells than this while the
+    /// prompt is read (the policy evicts before every chunk that would not fit); the context is
+    /// allocated for this many cells unless `-c` asks for more.
+    pub kv_max_cells: Option<KvCap>,
+    /// `--kv-reserve`: cells left free after each bounded-prefill eviction, for the text that
+    /// follows and for generation (default: see [`KvCap::default_reserve`]).
+    pub kv_reserve: Option<u32>,
+    /// `--kv-shift`: renumber positions after each eviction so they stay inside the trained
+    /// context (1-D RoPE models only).
+    pub kv_shift: bool,
+}
+
+/// `--kv-max-cells`: a number of cells, or a fraction of the prompt's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum KvCap {
+    /// This many cells (a bare integer).
+    Cells(u32),
+    /// `0 < f ≤ 1` of the prompt's tokens, rounded up (written with a decimal point).
+    Fraction(f64),
+}
+
+impl KvCap {
+    /// The cap for a prompt of `n_tokens` tokens.
+    #[must_use]
+    pub fn cells(self, n_tokens: usize) -> u32 {
+        match self {
+            KvCap::Cells(n) => n,
+            KvCap::Fraction(f) => ((f * n_tokens as f64).ceil() as u32).max(1),
+        }
+    }
+
+    /// The default `--kv-reserve` for a cap of `cap` cells: the generation length (at least 32)
+    /// when `-n` is given, at most a quarter of the cap; a quarter of the cap for `-n -1`.
+    #[must_use]
+    pub fn default_reserve(cap: u32, n_predict: i32) -> u32 {
+        let quarter = cap / 4;
+        if n_predict < 0 {
+            quarter
+        } else {
+            (n_predict as u32).max(32).min(quarter)
+        }
+    }
+}
+
+impl std::str::FromStr for KvCap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.contains('.') {
+            let f: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(format!("fraction {s} of the prompt is outside (0, 1]; write a cell count without a decimal point"));
+            }
+            Ok(KvCap::Fraction(f))
+        } else {
+            let n: u32 = s.parse().map_err(|_| format!("'{s}' is neither a cell count (4096) nor a fraction of the prompt (0.25)"))?;
+            if n < 2 {
+                return Err(format!("{n} cell(s) cannot hold a chunk and the text before it"));
+            }
+            Ok(KvCap::Cells(n))
+        }
+    }
+}
+
+impl std::fmt::Display for KvCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvCap::Cells(n) => write!(f, "{n}"),
+            KvCap::Fraction(x) if x.fract() == 0.0 => write!(f, "{x:.1}"),
+            KvCap::Fraction(x) => write!(f, "{x}"),
+        }
+    }
 }
 
 impl Default for ContextConfig {
@@ -157,6 +230,9 @@ impl Default for ContextConfig {
             flash_attn: FlashAttn::Auto,
             type_k: CacheType::F16,
             type_v: CacheType::F16,
+            kv_max_cells: None,
+            kv_reserve: None,
+            kv_shift: false,
         }
     }
 }
@@ -178,6 +254,10 @@ impl ContextConfig {
                 "-ctv/--cache-type-v",
                 &format!("a quantized V cache ({}) needs flash attention; drop -fa off or use -ctv f16", self.type_v.name()),
             ));
+        }
+        if self.kv_max_cells.is_none() && (self.kv_reserve.is_some() || self.kv_shift) {
+            let flag = if self.kv_shift { "--kv-shift" } else { "--kv-reserve" };
+            return Err(cfg_err(flag, "applies to a bounded prefill; add --kv-max-cells"));
         }
         Ok(())
     }

@@ -28,7 +28,7 @@ pub mod policy;
 pub mod rng;
 pub mod span;
 
-pub use config::{CacheType, ContextConfig, FlashAttn, ModelConfig, Request, SamplingConfig};
+pub use config::{CacheType, ContextConfig, FlashAttn, KvCap, ModelConfig, Request, SamplingConfig};
 pub use engine::{Engine, Event, Prompt, RunReport, Session};
 pub use policy::{Budget, PolicyConfig, PolicyKind};
 pub use error::{Error, Result};

@@ -14,6 +14,10 @@
 //!   observation for models where that does not hold).
 //! * n-softmax: `p_j = exp(x_j) / (n + Σ exp(x_i))` with `x = scale·q·k` (CSP, methods §1.2);
 //!   n = 0 is the ordinary softmax.
+//! * Bounded prefill (`--kv-max-cells`): the cache is pruned while the prompt is read. Windows
+//!   then end at the next eviction point (the *horizon*) instead of the prompt's end; after the
+//!   eviction the survivors are packed into the first cells ([`Reducer::on_compact`]), window
+//!   sums restart and `Rows::All` sums keep accumulating (H2O's running heavy hitters).
 //! * Grouped-query attention: query heads sharing a KV head are averaged (the mean aggregation
 //!   of KVCache-Factory), because the cache — and so eviction — is per KV head.
 
@@ -132,6 +136,30 @@ impl AttentionStats {
         &mut self.data[o..o + self.n_tokens]
     }
 
+    /// The statistics of the tokens `tokens` (prompt indices), in that order: the columns a
+    /// policy sees when it ranks only what the cache still holds.
+    #[must_use]
+    pub fn gather(&self, tokens: &[usize]) -> Self {
+        let mut out = Self::new(self.n_layer, self.n_head_kv, tokens.len());
+        out.n_rows = self.n_rows;
+        for b in [Bucket::Text, Bucket::Media] {
+            for layer in 0..self.n_layer {
+                for head in 0..self.n_head_kv {
+                    let src = self.column(b, layer, head);
+                    for (d, &t) in out.column_mut(b, layer, head).iter_mut().zip(tokens) {
+                        *d = src[t];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn clear(&mut self) {
+        self.n_rows = [0; 2];
+        self.data.iter_mut().for_each(|v| *v = 0.0);
+    }
+
     /// Text + media sums.
     #[must_use]
     pub fn total(&self, layer: usize, head: usize) -> Vec<f32> {
@@ -167,6 +195,8 @@ pub struct Reducer {
     /// prompt token index of the first row of the current ubatch, and its row count
     ubatch: (u32, usize),
     next_token: u32,
+    /// Windows end here: the prompt's end, or the next eviction of a bounded prefill.
+    horizon: usize,
     threads: usize,
     stats: Vec<AttentionStats>,
     /// Milliseconds spent reducing.
@@ -185,6 +215,7 @@ impl Reducer {
             cell_token: Vec::new(),
             ubatch: (0, 0),
             next_token: 0,
+            horizon: modality.len(),
             threads: threads.max(1),
             stats,
             ms: 0.0,
@@ -209,6 +240,25 @@ impl Reducer {
         self.next_token as usize
     }
 
+    /// Bounded prefill: the windows of the following ubatches end before token `horizon` (the
+    /// next eviction point; the prompt's length for the final pass).
+    pub fn set_horizon(&mut self, horizon: usize) {
+        self.horizon = horizon.min(self.bucket.len());
+    }
+
+    /// After an eviction packed the surviving tokens (`kept(token)`) into the first cells, in
+    /// their cell order: remaps cells to tokens and restarts window statistics (`Rows::All`
+    /// keeps its running sums).
+    pub fn on_compact(&mut self, kept: &dyn Fn(usize) -> bool) {
+        let survivors: Vec<Option<u32>> = self.cell_token.iter().filter(|u| u.is_some_and(|u| kept(u as usize))).copied().collect();
+        self.cell_token = survivors;
+        for (req, st) in self.reqs.iter().zip(&mut self.stats) {
+            if req.rows != Rows::All {
+                st.clear();
+            }
+        }
+    }
+
     /// A new ubatch: its tokens (the next prompt tokens, in order) were written to `cells`.
     pub fn on_ubatch(&mut self, cells: &[i64]) {
         self.ubatch = (self.next_token, cells.len());
@@ -224,7 +274,7 @@ impl Reducer {
 
     /// First prompt token index request `k` reads rows from.
     fn first_row(&self, k: usize) -> usize {
-        let n_prompt = self.bucket.len();
+        let n_prompt = self.horizon;
         match self.reqs[k].rows {
             Rows::All => 0,
             Rows::Last(w) => n_prompt.saturating_sub(w),
@@ -244,7 +294,7 @@ impl Reducer {
     #[must_use]
     pub fn wanted_rows(&self) -> std::ops::Range<usize> {
         let (first, n) = self.ubatch;
-        let n_prompt = self.bucket.len();
+        let n_prompt = self.horizon;
         let from = (0..self.reqs.len()).map(|k| self.first_row(k)).min().unwrap_or(n_prompt);
         let first = first as usize;
         // rows beyond the prompt (decode) are never wanted
@@ -364,7 +414,7 @@ impl Reducer {
         }
         for k in 0..self.reqs.len() {
             if let Rows::Elite { alpha, keep_sink } = self.reqs[k].rows {
-                if firsts[k] < n_tokens {
+                if firsts[k] < self.horizon {
                     self.reduce_elite(k, shape, &cols, &row_tokens, rows.start, alpha, keep_sink, head_rows);
                 }
             }
@@ -387,8 +437,7 @@ impl Reducer {
         keep_sink: bool,
         head_rows: &(dyn Fn(usize) -> &'s [f32] + Sync),
     ) {
-        let n_prompt = self.bucket.len();
-        let last = (n_prompt - 1) as u32;
+        let last = (self.horizon - 1) as u32;
         let Some(r_last) = row_tokens.iter().position(|&t| t == last) else { return };
         let first_row = self.first_row(k);
         let scale = self.scale;

@@ -12,6 +12,7 @@ mod generate;
 pub mod prompt;
 mod report;
 mod session;
+pub mod stream;
 
 use std::cell::{Ref, RefCell};
 
@@ -23,12 +24,13 @@ pub use generate::{Event, Generated, StopReason};
 pub use prompt::Prompt;
 pub use report::{human_bytes, Pruning, RetainedToken, RunReport};
 pub use session::{EvictStats, PrefillMode, PrefillStats, Session, Snapshot};
+pub use stream::{Bounded, Eviction};
 
 use crate::config::{ContextConfig, ModelConfig, Request, SamplingConfig};
 use crate::observe::StatRequest;
 use crate::policy::{self, PolicyConfig, PolicyKind};
 use crate::error::{Error, Result};
-use crate::llama;
+use crate::llama::{self, KvInfo};
 
 /// A loaded text model + projector.
 pub struct Engine {
@@ -139,7 +141,75 @@ impl Engine {
     /// # Errors
     /// Invalid settings, a prompt longer than the context, context creation failures.
     pub fn session(&self, prompt: &Prompt, ctx: &ContextConfig, observe: Vec<StatRequest>) -> Result<Session<'_>> {
-        Session::new(self, prompt, ctx, observe)
+        let bounded = ctx.kv_max_cells.map(|cap| Bounded::new(prompt, ctx, cap, -1)).transpose()?;
+        Session::new(self, prompt, ctx, observe, bounded)
+    }
+
+    /// Prefill (bounded by `--kv-max-cells` when set: evicting with the plan's policy while the
+    /// prompt is read), the prompt-end pruning pass and the deferred question: the session
+    /// generation starts from.
+    ///
+    /// # Errors
+    /// Invalid settings, images larger than the cap, llama.cpp and policy failures.
+    pub fn prefill_pruned(
+        &self,
+        prompt: &Prompt,
+        ctx: &ContextConfig,
+        plan: &Plan,
+        n_predict: i32,
+        mode: PrefillMode,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Prefilled<'_>> {
+        let bounded = ctx.kv_max_cells.map(|cap| Bounded::new(prompt, ctx, cap, n_predict)).transpose()?;
+        if let Some(b) = &bounded {
+            self.check_bounded(prompt, plan, b, n_predict)?;
+        }
+        let evicts = bounded.as_ref().is_some_and(Bounded::evicts);
+        let observe = if evicts { plan.stream_request } else { plan.request };
+        let mut session = Session::new(self, prompt, ctx, observe.into_iter().collect(), bounded)?;
+        if ctx.kv_shift && !llama::can_shift(session.context()) {
+            return Err(Error::Unsupported { what: "--kv-shift", reason: "llama.cpp cannot shift this model's cached positions".into() });
+        }
+        let prefill = if evicts { session.prefill_bounded(prompt, plan, on_event)? } else { session.prefill(prompt, mode, on_event)? };
+        let kv_before = session.kv_info();
+        let stats = session.take_stats(prompt)?;
+        let pruning = plan.apply(&mut session, prompt, stats.first(), n_predict)?;
+        session.eval_deferred(prompt)?;
+        Ok(Prefilled { session, prefill, kv_before, pruning })
+    }
+
+    /// What a bounded prefill needs of the model and the policy.
+    fn check_bounded(&self, prompt: &Prompt, plan: &Plan, b: &Bounded, n_predict: i32) -> Result<()> {
+        if b.evicts() {
+            if plan.kind == PolicyKind::Full {
+                return Err(Error::Config {
+                    field: "--kv-max-cells",
+                    reason: format!(
+                        "the prompt ({} tokens) does not fit in {} cells and --kv-policy full evicts nothing; choose a policy (csp, h2o, snapkv, streaming …) or raise the cap",
+                        prompt.n_tokens(),
+                        b.cap
+                    ),
+                });
+            }
+            self.check_prunable(prompt, plan.stream_request.is_some())?;
+        }
+        if b.shift && (self.mtmd().decode_use_mrope() || prompt.positions().is_none()) {
+            return Err(Error::Unsupported {
+                what: "--kv-shift",
+                reason: "this model gives images 2-D positions (M-RoPE); shifting positions needs 1-D RoPE — drop --kv-shift".into(),
+            });
+        }
+        let n_ctx_train = self.model.n_ctx_train() as usize;
+        let last_pos = prompt.n_tokens() + b.n_deferred + n_predict.max(0) as usize;
+        if !b.shift && b.evicts() && last_pos > n_ctx_train {
+            tracing::warn!(
+                positions = last_pos,
+                n_ctx_train,
+                "positions will pass the model's trained context ({n_ctx_train}) although the cache holds at most {} cells; --kv-shift keeps them inside it",
+                b.cap
+            );
+        }
+        Ok(())
     }
 
     /// The whole job: prepare, prefill chunk by chunk (observing attention if the policy needs
@@ -179,7 +249,23 @@ impl Engine {
             self.check_prunable(prompt, request.is_some())?;
         }
         let decode_sink = (policy_cfg.decode_sink && policy_cfg.csp_n > 0.0).then_some(policy_cfg.csp_n);
-        Ok(Plan { policy, split, prunes, request, shrink: policy_cfg.shrink, granularity: policy_cfg.granularity, decode_sink })
+        // a bounded prefill evicts even where the prompt-end pass would not (text-only CSP)
+        let stream_request = match policy_cfg.kind {
+            PolicyKind::Full => None,
+            _ => split.or_else(|| policy.budget_split(policy_cfg, &modality).ok()).and_then(|s| policy.request(&s, policy_cfg.obs_window)),
+        };
+        Ok(Plan {
+            kind: policy_cfg.kind,
+            policy,
+            split,
+            prunes,
+            request,
+            stream_request,
+            recent_bias: policy_cfg.recent_bias,
+            shrink: policy_cfg.shrink,
+            granularity: policy_cfg.granularity,
+            decode_sink,
+        })
     }
 
     /// [`Engine::run`] on a prepared prompt, with a choice of prefill path.
@@ -196,12 +282,7 @@ impl Engine {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<RunReport> {
         let plan = self.plan(prompt, policy_cfg)?;
-        let mut session = self.session(prompt, ctx, plan.request.into_iter().collect())?;
-        let prefill = session.prefill(prompt, mode, on_event)?;
-        let kv_before = session.kv_info();
-        let stats = session.take_stats(prompt)?;
-        let pruning = plan.apply(&mut session, prompt, stats.first(), sampling.n_predict)?;
-        session.eval_deferred(prompt)?;
+        let Prefilled { mut session, prefill, kv_before, pruning } = self.prefill_pruned(prompt, ctx, &plan, sampling.n_predict, mode, on_event)?;
         let kv_after = session.kv_info();
         let generated = session.generate(sampling, on_event)?;
         Ok(RunReport::new(prompt, &session, &prefill, kv_before, kv_after, plan.policy.name(), pruning, generated))
@@ -225,9 +306,24 @@ impl Engine {
     }
 }
 
+/// A prefilled and pruned session: see [`Engine::prefill_pruned`].
+#[derive(Debug)]
+pub struct Prefilled<'e> {
+    /// The session, ready to generate.
+    pub session: Session<'e>,
+    /// Prefill timings.
+    pub prefill: PrefillStats,
+    /// The cache before the prompt-end pass.
+    pub kv_before: KvInfo,
+    /// What the prompt-end pass did.
+    pub pruning: Pruning,
+}
+
 /// A policy applied to one prompt: see [`Engine::plan`].
 #[derive(Debug)]
 pub struct Plan {
+    /// The policy's registry entry.
+    pub kind: PolicyKind,
     /// The policy.
     pub policy: Box<dyn policy::Policy>,
     /// Its budget, when it applies to the prompt.
@@ -236,6 +332,11 @@ pub struct Plan {
     pub prunes: bool,
     /// The attention statistics it needs.
     pub request: Option<StatRequest>,
+    /// The statistics a bounded prefill's evictions need (also where the prompt-end pass does
+    /// not prune).
+    pub stream_request: Option<StatRequest>,
+    /// `--csp-recent-bias`, for budgets resolved on what a bounded cache holds.
+    pub recent_bias: f64,
     /// Move the pruned cache into a smaller context.
     pub shrink: bool,
     /// `--kv-granularity` (the policy's own when `None`).
@@ -246,21 +347,48 @@ pub struct Plan {
 
 impl Plan {
     /// Scores, evicts and compacts (and shrinks) a prefilled session; `stats` must answer
-    /// `self.request`. `n_predict` sizes the room kept by `--kv-shrink`.
+    /// `self.request`. `n_predict` sizes the room kept by `--kv-shrink`. On a bounded session the
+    /// budget `B` (of the whole prompt) is applied to what the cache holds, within the room the
+    /// cap leaves for the deferred question and the reserve.
     ///
     /// # Errors
     /// Missing statistics; llama.cpp refusals.
     pub fn apply(&self, session: &mut Session<'_>, prompt: &Prompt, stats: Option<&crate::observe::AttentionStats>, n_predict: i32) -> Result<Pruning> {
         let mut pruning = Pruning { split: self.split, ..Pruning::default() };
-        let Some(split) = self.split.filter(|_| self.prunes) else { return Ok(pruning) };
+        let cached = session.cached_tokens();
+        let limit = session.bounded.as_ref().map(Bounded::final_limit);
+        let over = limit.is_some_and(|m| cached.len() > m);
+        let split = self.split.filter(|_| self.prunes);
+        if split.is_none() && !over {
+            return Ok(pruning);
+        }
         let t = std::time::Instant::now();
-        let modality = prompt.token_modalities();
-        let input = policy::Input { modality: &modality, split, stats };
-        let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
+        let whole = cached.len() == prompt.n_tokens() && !over;
+        let (retention, decode_eviction) = if let (true, Some(split)) = (whole, split) {
+            let modality = prompt.token_modalities();
+            let input = policy::Input { modality: &modality, split, stats };
+            let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
+            let fp = self.policy.decode_eviction(&input, &retention);
+            (retention, fp.map(|fp| (fp, None)))
+        } else {
+            // what a bounded cache holds, ranked as a prompt of its own
+            let b = split.map_or(cached.len(), |s| s.b).min(cached.len()).min(limit.unwrap_or(usize::MAX));
+            let granularity = if split.is_some() { self.granularity } else { Some(policy::Granularity::Global) };
+            let gathered = stats.map(|s| s.gather(&cached));
+            let view = stream::View::new(prompt, cached, gathered);
+            let sel = view.retain(self, b, granularity)?;
+            let fp = self.policy.decode_eviction(&view.input(sel.split), &sel.sub);
+            (sel.full, fp.map(|fp| (fp, Some(view.tokens))))
+        };
         pruning.score_ms = session.observe_ms() + session::ms(t);
-        let ev = session.evict(prompt, &retention.keep)?;
+        let n_read = session.n_read;
+        let ev = session.evict(&retention.keep)?;
         pruning.evict_ms = ev.ms;
         pruning.pruned = ev.removed > 0;
+        if session.bounded.is_some() && ev.removed > 0 {
+            let kept = session.cached_tokens().len();
+            session.evictions.push(stream::Eviction { at_token: n_read, removed: ev.removed, kept, ms: session::ms(t) });
+        }
         if self.shrink {
             let kept = retention.kept() as u32;
             let room = if n_predict >= 0 { n_predict as u32 } else { session.n_ctx().saturating_sub(prompt.n_tokens() as u32) };
@@ -268,12 +396,20 @@ impl Plan {
         }
         let t = std::time::Instant::now();
         if let Some(heads) = &retention.per_head {
-            session.apply_masks(prompt, heads)?;
+            session.apply_masks(heads)?;
         }
         if let Some(n) = self.decode_sink {
             session.set_decode_sinks(n)?;
         }
-        session.decode_eviction = self.policy.decode_eviction(&input, &retention);
+        session.decode_eviction = decode_eviction.map(|(mut fp, view)| {
+            // entries are prompt (or view) indices; the cache knows positions
+            let pos = session.token_pos.clone();
+            match view {
+                Some(tokens) => fp.remap(|i| pos[tokens[i]] as usize),
+                None => fp.remap(|t| pos[t] as usize),
+            }
+            fp
+        });
         pruning.evict_ms += session::ms(t);
         pruning.retention = Some(retention);
         Ok(pruning)

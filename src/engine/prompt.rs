@@ -27,6 +27,8 @@ pub struct Prompt {
     pub deferred: Vec<Span>,
     /// Tokens per image, in `--image` order.
     pub image_tokens: Vec<usize>,
+    /// The images' paths as given, in `--image` order (for messages).
+    pub image_names: Vec<String>,
 }
 
 impl std::fmt::Debug for Prompt {
@@ -234,7 +236,8 @@ pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request) -> Re
         ));
     }
     let image_tokens = media_tokens(&spans, req.images.len());
-    Ok(Prompt { text, chunks, spans, deferred: Vec::new(), image_tokens })
+    let image_names = req.images.iter().map(|p| p.display().to_string()).collect();
+    Ok(Prompt { text, chunks, spans, deferred: Vec::new(), image_tokens, image_names })
 }
 
 #[cfg(test)]

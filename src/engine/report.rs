@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::generate::{Generated, StopReason};
 use super::session::{PrefillStats, Session};
+use super::stream::Eviction;
 use super::Prompt;
 use crate::llama::KvInfo;
 use crate::policy::{Retention, Split};
@@ -117,6 +118,18 @@ pub struct RunReport {
     pub evict_ms: f64,
     /// Context size.
     pub n_ctx: u32,
+    /// `--kv-max-cells` in cells (absent without a cap).
+    pub kv_max_cells: Option<u32>,
+    /// The most cells the cache ever held (llama.cpp's high-water mark).
+    pub kv_cells_peak: u32,
+    /// Evictions while the prompt was read (bounded prefill) and at its end.
+    pub evictions: Vec<Eviction>,
+    /// The highest position written (prompt or generated).
+    pub max_pos: i32,
+    /// The model's trained context.
+    pub n_ctx_train: u32,
+    /// Whether positions passed the trained context (see `--kv-shift`).
+    pub past_trained_ctx: bool,
     /// Sampler seed.
     pub seed: u32,
     /// Why generation stopped: "eos", "length" or "context".
@@ -203,6 +216,12 @@ impl RunReport {
             score_ms: pruning.score_ms,
             evict_ms: pruning.evict_ms,
             n_ctx: session.n_ctx(),
+            kv_max_cells: session.bounded.as_ref().map(|b| b.cap),
+            kv_cells_peak: session.kv_cells_peak(),
+            evictions: session.evictions().to_vec(),
+            max_pos: session.max_pos(),
+            n_ctx_train: session.n_ctx_train(),
+            past_trained_ctx: session.max_pos() >= session.n_ctx_train() as i32,
             seed: generated.seed,
             stop: generated.stop,
             retention,

@@ -10,6 +10,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_sys_2 as sys;
 
 use super::generate::Event;
+use super::stream::{Bounded, Eviction};
 use super::{Engine, Prompt};
 use crate::config::{CacheType, ContextConfig, FlashAttn};
 use crate::error::{Error, Result};
@@ -72,6 +73,18 @@ pub struct Session<'e> {
     /// Eviction while decoding (PrefixKV's fixed-point FIFO); entries are positions.
     pub(super) decode_eviction: Option<FixedPoint>,
     decode_evicted: usize,
+    /// Current position of every prompt token read, −1 once evicted (empty under M-RoPE).
+    pub(super) token_pos: Vec<i32>,
+    /// Prompt tokens read so far.
+    pub(super) n_read: usize,
+    /// The bounded prefill (`--kv-max-cells`), when the session has a cap.
+    pub(super) bounded: Option<Bounded>,
+    /// Evictions so far (bounded prefill, then the prompt-end pass).
+    pub(super) evictions: Vec<Eviction>,
+    /// Most cells ever occupied in contexts this session replaced (`--kv-shrink`).
+    cells_peak: u32,
+    /// Highest position written so far.
+    max_pos: i32,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -107,21 +120,35 @@ fn attention_scale(engine: &Engine) -> f32 {
             return s;
         }
     }
-    let head_dim = model
+    1.0 / (head_dim(engine) as f32).sqrt()
+}
+
+/// Elements per key head (`{arch}.attention.key_length`, else n_embd / n_head).
+fn head_dim(engine: &Engine) -> u32 {
+    let model = engine.model();
+    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
+    model
         .meta_val_str(&format!("{arch}.attention.key_length"))
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or_else(|| (model.n_embd() as u32 / model.n_head().max(1)).max(1));
-    1.0 / (head_dim as f32).sqrt()
+        .unwrap_or_else(|| (model.n_embd() as u32 / model.n_head().max(1)).max(1))
 }
 
 impl<'e> Session<'e> {
-    pub(super) fn new(engine: &'e Engine, prompt: &Prompt, cfg: &ContextConfig, observe: Vec<StatRequest>) -> Result<Self> {
+    pub(super) fn new(engine: &'e Engine, prompt: &Prompt, cfg: &ContextConfig, observe: Vec<StatRequest>, bounded: Option<Bounded>) -> Result<Self> {
         cfg.validate()?;
         let n_ctx_train = engine.model().n_ctx_train();
-        let n_ctx = if cfg.n_ctx == 0 { n_ctx_train } else { cfg.n_ctx };
+        let n_ctx = match &bounded {
+            // the KV buffer holds the cap (or -c, if larger), not the prompt
+            Some(b) if cfg.n_ctx != 0 && cfg.n_ctx < b.cap => {
+                return Err(Error::Config { field: "-c/--ctx-size", reason: format!("{} is smaller than --kv-max-cells ({} cells)", cfg.n_ctx, b.cap) });
+            }
+            Some(b) => cfg.n_ctx.max(b.cap),
+            None if cfg.n_ctx == 0 => n_ctx_train,
+            None => cfg.n_ctx,
+        };
         let n_tokens = prompt.n_tokens();
-        if n_tokens > n_ctx as usize || prompt.n_positions() > n_ctx as i32 {
+        if bounded.is_none() && (n_tokens > n_ctx as usize || prompt.n_positions() > n_ctx as i32) {
             return Err(Error::PromptTooLong {
                 n_tokens,
                 n_image_tokens: prompt.image_tokens.iter().sum(),
@@ -143,6 +170,13 @@ impl<'e> Session<'e> {
                 field: "-ctv/--cache-type-v",
                 reason: "a quantized V cache needs flash attention, which this policy cannot use while it observes; use -ctv f16".into(),
             });
+        }
+        let hd = head_dim(engine);
+        for (flag, t) in [("-ctk/--cache-type-k", cfg.type_k), ("-ctv/--cache-type-v", cfg.type_v)] {
+            // every quantized cache type llama.cpp offers has blocks of 32 values
+            if t.is_quantized() && hd % 32 != 0 {
+                return Err(Error::Config { field: flag, reason: format!("{} stores blocks of 32 values; this model's heads have {hd}", t.name()) });
+            }
         }
         let n_batch = cfg.n_batch.min(n_ctx);
         let n_ubatch = cfg.n_ubatch.min(n_batch);
@@ -196,7 +230,35 @@ impl<'e> Session<'e> {
             resume_flash_attn,
             decode_eviction: None,
             decode_evicted: 0,
+            token_pos: Vec::new(),
+            n_read: 0,
+            bounded,
+            evictions: Vec::new(),
+            cells_peak: 0,
+            max_pos: -1,
         })
+    }
+
+    /// The most cells the cache has ever held in this session (llama.cpp's own count).
+    #[must_use]
+    pub fn kv_cells_peak(&self) -> u32 {
+        self.cells_peak.max(self.kv_info().n_used_peak)
+    }
+
+    /// The highest position written so far (prompt or generated).
+    #[must_use]
+    pub fn max_pos(&self) -> i32 {
+        self.max_pos.max(self.n_past - 1)
+    }
+
+    /// The model's trained context.
+    #[must_use]
+    pub fn n_ctx_train(&self) -> u32 {
+        self.engine.model().n_ctx_train()
+    }
+
+    pub(super) fn note_pos(&mut self) {
+        self.max_pos = self.max_pos.max(self.n_past - 1);
     }
 
     /// The llama.cpp context.
@@ -269,7 +331,23 @@ impl<'e> Session<'e> {
         mode: PrefillMode,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<PrefillStats> {
+        if self.bounded.as_ref().is_some_and(Bounded::evicts) {
+            return Err(Error::Config {
+                field: "--kv-max-cells",
+                reason: "this prompt needs evictions while it is read: use Engine::prefill_pruned or Session::prefill_bounded".into(),
+            });
+        }
         let res = self.prefill_inner(prompt, mode, on_event);
+        if res.is_ok() {
+            self.token_pos = prompt.positions().unwrap_or_default();
+            self.n_read = prompt.n_tokens();
+            self.note_pos();
+        }
+        self.finish_prefill(res)
+    }
+
+    /// Stops observing, resumes flash attention and keeps the last logits after a prefill.
+    pub(super) fn finish_prefill(&mut self, res: Result<PrefillStats>) -> Result<PrefillStats> {
         if res.is_err() {
             if let Some(e) = self.observer_error() {
                 return Err(e);
@@ -382,39 +460,83 @@ impl<'e> Session<'e> {
         Ok(reducer.into_stats())
     }
 
-    /// Removes the prompt tokens not in `keep` from the KV cache and compacts the survivors
-    /// into cells `0..kept`, so attention spans only them. Positions are not renumbered.
+    /// Removes the cached prompt tokens not in `keep` (one flag per prompt token) and compacts
+    /// the survivors into cells `0..kept`, so attention spans only them. Positions are kept, or
+    /// renumbered `0..kept` with `--kv-shift`.
     ///
     /// # Errors
     /// Models whose positions are not one per token (M-RoPE), llama.cpp refusals.
-    pub fn evict(&mut self, prompt: &Prompt, keep: &[bool]) -> Result<EvictStats> {
+    pub fn evict(&mut self, keep: &[bool]) -> Result<EvictStats> {
         let t = Instant::now();
-        let positions = prompt.positions().ok_or_else(|| Error::Unsupported {
-            what: "pruning",
-            reason: "this model gives image tokens 2-D positions (M-RoPE); removing single tokens needs cell-level removal, which csp-llava does not have yet".into(),
-        })?;
+        if self.token_pos.len() < self.n_read {
+            return Err(Error::Unsupported {
+                what: "pruning",
+                reason: "this model gives image tokens 2-D positions (M-RoPE); removing single tokens needs cell-level removal, which csp-llava does not have yet".into(),
+            });
+        }
+        let cached = self.cached_tokens();
+        let dropped = |t: usize| !keep.get(t).copied().unwrap_or(true);
         let mut removed = 0;
         let mut i = 0;
-        while i < keep.len() {
-            if keep[i] {
+        while i < cached.len() {
+            if !dropped(cached[i]) {
                 i += 1;
                 continue;
             }
+            // a run of dropped tokens with no kept one between them: one position range
             let start = i;
-            while i < keep.len() && !keep[i] && positions[i] == positions[start] + (i - start) as i32 {
+            while i < cached.len() && dropped(cached[i]) {
                 i += 1;
             }
-            let (p0, p1) = (positions[start], positions[i - 1] + 1);
+            let (p0, p1) = (self.token_pos[cached[start]], self.token_pos[cached[i - 1]] + 1);
             self.lctx
                 .ctx_mut()
                 .kv_cache_seq_rm(0, Some(p0 as u32), Some(p1 as u32))
                 .map_err(|_| Error::Llama { op: "remove KV cells", code: -1 })?;
+            for &u in &cached[start..i] {
+                self.token_pos[u] = -1;
+            }
             removed += i - start;
         }
         if removed > 0 {
             self.compact(None)?;
+            if let Some(obs) = self.lctx.observer() {
+                let pos = &self.token_pos;
+                obs.with_reducer(|r| r.on_compact(&|u| pos.get(u).is_some_and(|&p| p >= 0)));
+            }
+            if self.bounded.as_ref().is_some_and(|b| b.shift) {
+                self.shift_positions()?;
+            }
         }
         Ok(EvictStats { removed, ms: ms(t) })
+    }
+
+    /// `--kv-shift`: renumbers the cached prompt tokens `0..n` (RoPE re-applied to their keys
+    /// now), so positions stay inside the trained context.
+    fn shift_positions(&mut self) -> Result<()> {
+        self.note_pos();
+        let cached = self.cached_tokens();
+        let mut i = 0;
+        while i < cached.len() {
+            let delta = i as i32 - self.token_pos[cached[i]];
+            let start = i;
+            while i < cached.len() && i as i32 - self.token_pos[cached[i]] == delta {
+                i += 1;
+            }
+            if delta != 0 {
+                let (p0, p1) = (self.token_pos[cached[start]], self.token_pos[cached[i - 1]] + 1);
+                self.lctx
+                    .ctx_mut()
+                    .kv_cache_seq_add(0, Some(p0 as u32), Some(p1 as u32), delta)
+                    .map_err(|_| Error::Llama { op: "shift KV positions", code: -1 })?;
+            }
+        }
+        for (i, &u) in cached.iter().enumerate() {
+            self.token_pos[u] = i as i32;
+        }
+        self.n_past = cached.len() as i32;
+        llama::apply_kv_updates(self.lctx.ctx_mut());
+        Ok(())
     }
 
     /// Packs the sequence's cells to the front (state save, clear, restore); with `cells`,
@@ -440,6 +562,7 @@ impl<'e> Session<'e> {
                 lctx.ctx_mut()
                     .state_seq_set(&state, 0)
                     .map_err(|e| Error::Prompt(format!("cannot move the pruned cache: {e}")))?;
+                self.cells_peak = self.kv_cells_peak();
                 self.lctx = lctx;
                 self.n_ctx = n;
                 self.n_batch = n_batch;
@@ -454,8 +577,11 @@ impl<'e> Session<'e> {
     ///
     /// # Errors
     /// Models or caches the mask patch does not cover.
-    pub fn apply_masks(&mut self, prompt: &Prompt, heads: &HeadKeep) -> Result<()> {
-        let positions = prompt.positions().ok_or(Error::Unsupported { what: "per-head masks", reason: "M-RoPE positions".into() })?;
+    pub fn apply_masks(&mut self, heads: &HeadKeep) -> Result<()> {
+        if self.token_pos.len() < heads.l {
+            return Err(Error::Unsupported { what: "per-head masks", reason: "M-RoPE positions".into() });
+        }
+        let positions = self.token_pos.clone();
         let n_head = self.engine.model().n_head() as usize;
         let group = (n_head / heads.n_head_kv.max(1)).max(1);
         if n_head > 64 {
@@ -465,7 +591,7 @@ impl<'e> Session<'e> {
         for layer in 0..heads.n_layer {
             for g in 0..heads.n_head_kv {
                 let keep = heads.get(layer, g);
-                let hidden: Vec<i32> = (0..heads.l).filter(|&t| union[t] && !keep[t]).map(|t| positions[t]).collect();
+                let hidden: Vec<i32> = (0..heads.l).filter(|&t| union[t] && !keep[t] && positions[t] >= 0).map(|t| positions[t]).collect();
                 if hidden.is_empty() {
                     continue;
                 }
@@ -525,6 +651,8 @@ pub struct Snapshot {
     state: llama_cpp_2::context::session::SeqState,
     logits: Option<Vec<f32>>,
     n_past: i32,
+    token_pos: Vec<i32>,
+    n_read: usize,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -560,7 +688,7 @@ impl Session<'_> {
             .ctx()
             .state_seq_get(0, LlamaStateSeqFlags::empty())
             .map_err(|e| Error::Prompt(format!("cannot save the sequence state: {e}")))?;
-        Ok(Snapshot { state, logits: self.first_logits.clone(), n_past: self.n_past })
+        Ok(Snapshot { state, logits: self.first_logits.clone(), n_past: self.n_past, token_pos: self.token_pos.clone(), n_read: self.n_read })
     }
 
     /// Restores a snapshot in place of the current sequence.
@@ -571,6 +699,8 @@ impl Session<'_> {
         self.set_state(&snap.state)?;
         self.first_logits.clone_from(&snap.logits);
         self.n_past = snap.n_past;
+        self.token_pos.clone_from(&snap.token_pos);
+        self.n_read = snap.n_read;
         Ok(())
     }
 

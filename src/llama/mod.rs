@@ -107,6 +107,21 @@ pub fn kv_info(ctx: &LlamaContext<'_>) -> Option<KvInfo> {
     })
 }
 
+/// Applies pending KV updates (the K-shift after `llama_memory_seq_add`) now rather than at the
+/// next decode (patch 0004).
+pub fn apply_kv_updates(ctx: &mut LlamaContext<'_>) -> bool {
+    // SAFETY: `ctx.as_raw()` is the live context `ctx` owns; the call only runs llama.cpp's own
+    // memory update on it.
+    unsafe { sys::llama_memory_apply_updates(ctx.as_raw()) }
+}
+
+/// Whether the cache can shift positions (`llama_memory_seq_add` with RoPE re-applied).
+#[must_use]
+pub fn can_shift(ctx: &LlamaContext<'_>) -> bool {
+    // SAFETY: the memory handle of a live context; the call only reads a flag.
+    unsafe { sys::llama_memory_can_shift(sys::llama_get_memory(ctx.as_raw())) }
+}
+
 /// Whether the context runs flash attention (`-fa auto` resolved).
 #[must_use]
 pub fn flash_attn_enabled(ctx: &LlamaContext<'_>) -> bool {

@@ -95,6 +95,12 @@ impl Observer {
         (s.reducer.take(), s.error.take())
     }
 
+    /// Runs `f` on the reducer (bounded prefill: read the statistics so far, remap after an
+    /// eviction); `None` when there is none.
+    pub fn with_reducer<R>(&self, f: impl FnOnce(&mut Reducer) -> R) -> Option<R> {
+        self.lock().reducer.as_mut().map(f)
+    }
+
     /// Milliseconds the reducer has spent so far.
     pub fn reducer_ms(&self) -> f64 {
         self.lock().reducer.as_ref().map_or(0.0, |r| r.ms)

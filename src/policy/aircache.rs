@@ -152,7 +152,9 @@ impl Policy for AirCache {
         let visual: Vec<usize> = (0..input.split.l).filter(|&t| input.modality[t] != Modality::Text).collect();
         let text = (0..input.split.l).filter(|&t| input.modality[t] == Modality::Text);
         let n_v = visual.len();
-        let r = (input.split.b - (input.split.l - n_v)) as f64 / n_v.max(1) as f64;
+        // text alone may exceed a bounded prefill's room: then no image token is kept and the
+        // global vote trims the text
+        let r = input.split.b.saturating_sub(input.split.l - n_v) as f64 / n_v.max(1) as f64;
         // head-mean importance of each visual token, per layer
         let importance: Vec<Vec<f32>> = (0..stats.n_layer)
             .map(|layer| {

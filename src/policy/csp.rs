@@ -12,6 +12,10 @@
 //! all L keys of each row; `cross_ratio = 0` gives `k_cross = 0, k_self = k` (the reference
 //! hard-codes `1, 308` there, taken from one sample).
 //!
+//! Bounded prefill (`--kv-max-cells`): the same selection runs on what the cache holds before
+//! each chunk that would not fit, over the last O tokens read so far; when the cache holds no
+//! image token yet, all of `k` goes to self scores.
+//!
 //! Deviation, documented: the reference *concatenates* the two top-k lists, so a token chosen
 //! by both is stored twice (its attention weight doubles at decode). A KV cell cannot be
 //! duplicated; we keep the de-duplicated union, and the global vote fills the budget.
@@ -104,7 +108,9 @@ impl Policy for Csp {
     fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
         let stats = need_stats(input, "csp")?;
         let split = input.split;
-        let (k_self, k_cross) = self.split_k(split.k);
+        // no media (a text-only stretch of a bounded prefill): self scores only
+        let text_only = input.modality.iter().all(|m| *m == Modality::Text);
+        let (k_self, k_cross) = if text_only { (split.k, 0) } else { self.split_k(split.k) };
         let is_text: Vec<bool> = input.modality.iter().map(|m| *m == Modality::Text).collect();
         let mut out = Vec::with_capacity(stats.n_layer * stats.n_head_kv);
         let mut mark = vec![false; split.l];

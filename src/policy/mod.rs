@@ -517,6 +517,34 @@ impl Retention {
     pub fn effective(&self) -> f64 {
         self.per_head.as_ref().map_or(self.kept() as f64, HeadKeep::mean_kept)
     }
+
+    /// A retention decided over a subset of the prompt — `tokens[i]` is the prompt index of the
+    /// subset's token `i` — as one over all `l` prompt tokens (the others neither kept nor voted).
+    #[must_use]
+    pub fn expand(&self, tokens: &[usize], l: usize) -> Self {
+        let spread = |n: usize| -> Vec<usize> { tokens[..n.min(tokens.len())].to_vec() };
+        let mut keep = vec![false; l];
+        let mut votes = vec![0; l];
+        let mut score = vec![0.0; l];
+        for (i, &t) in spread(self.keep.len()).iter().enumerate() {
+            keep[t] = self.keep[i];
+            votes[t] = self.votes[i];
+            score[t] = self.score[i];
+        }
+        let per_head = self.per_head.as_ref().map(|h| {
+            let mut out = HeadKeep::new(h.n_layer, h.n_head_kv, l);
+            for layer in 0..h.n_layer {
+                for head in 0..h.n_head_kv {
+                    let (src, dst) = (h.get(layer, head), out.get_mut(layer, head));
+                    for (i, &t) in tokens.iter().enumerate().take(h.l) {
+                        dst[t] = src[i];
+                    }
+                }
+            }
+            out
+        });
+        Self { keep, votes, score, granularity: self.granularity, per_head }
+    }
 }
 
 /// Per-(layer, KV head) keep flags `[layer][head][token]`.
@@ -548,6 +576,15 @@ impl HeadKeep {
     fn get_mut(&mut self, layer: usize, head: usize) -> &mut [bool] {
         let o = (layer * self.n_head_kv + head) * self.l;
         &mut self.data[o..o + self.l]
+    }
+
+    /// Marks token `t` kept by every layer and head.
+    pub fn keep_everywhere(&mut self, t: usize) {
+        if t < self.l {
+            for c in self.data.chunks_mut(self.l) {
+                c[t] = true;
+            }
+        }
     }
 
     /// Mean kept per (layer, head).

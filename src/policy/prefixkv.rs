@@ -322,6 +322,14 @@ impl FixedPoint {
         out
     }
 
+    /// Renames the entries (prompt token indices → the positions they have in the cache, when
+    /// the cache holds a subset of the prompt or positions were shifted).
+    pub fn remap(&mut self, f: impl Fn(usize) -> usize) {
+        for layer in &mut self.layers {
+            layer.entries.iter_mut().for_each(|e| *e = f(*e));
+        }
+    }
+
     /// Entries each layer holds now.
     #[must_use]
     pub fn sizes(&self) -> Vec<usize> {

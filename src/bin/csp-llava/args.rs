@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, SamplingConfig};
+use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, KvCap, SamplingConfig};
 use csp_llava::policy::{csp_preset, Budget, Granularity, PolicyConfig, PolicyKind, PolicySpec, Profile, CSP_PRESETS};
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
@@ -109,6 +109,8 @@ pub struct ModelArgs {
     pub verbose: u8,
     #[command(flatten)]
     pub extra: PolicyExtra,
+    #[command(flatten)]
+    pub bound: BoundArgs,
 }
 
 impl ModelArgs {
@@ -119,6 +121,30 @@ impl ModelArgs {
             obs_window: self.obs_window,
             ..PolicyConfig::default()
         })
+    }
+}
+
+/// Bounded-prefill flags shared by the run, bench and eval commands.
+#[derive(Debug, Clone, Args)]
+pub struct BoundArgs {
+    /// Cap the KV cache while the prompt is read: at most N cells (or a fraction of the prompt,
+    /// with a decimal point); the policy evicts before each image that would not fit, so any
+    /// number of images fits a fixed buffer. -c defaults to N.
+    #[arg(long = "kv-max-cells", value_name = "N", help_heading = "KV cache pruning")]
+    pub kv_max_cells: Option<KvCap>,
+    /// Cells left free after each such eviction, for the text that follows and for generation
+    /// [default: -n (at least 32), at most N/4; N/4 with -n -1].
+    #[arg(long = "kv-reserve", value_name = "N", requires = "kv_max_cells", help_heading = "KV cache pruning")]
+    pub kv_reserve: Option<u32>,
+    /// Renumber positions after each eviction so they stay inside the model's trained context
+    /// (1-D RoPE models only).
+    #[arg(long = "kv-shift", requires = "kv_max_cells", help_heading = "KV cache pruning")]
+    pub kv_shift: bool,
+}
+
+impl BoundArgs {
+    fn apply(&self, ctx: ContextConfig) -> ContextConfig {
+        ContextConfig { kv_max_cells: self.kv_max_cells, kv_reserve: self.kv_reserve, kv_shift: self.kv_shift, ..ctx }
     }
 }
 
@@ -206,7 +232,7 @@ impl EvalArgs {
             policies: self.kv_policy.clone(),
             budgets: self.kv_budget.clone(),
             n_predict: self.n_predict,
-            ctx: ContextConfig { n_ctx: self.common.ctx_size, flash_attn: fa(self.common.flash_attn), ..ContextConfig::default() },
+            ctx: self.common.bound.apply(ContextConfig { n_ctx: self.common.ctx_size, flash_attn: fa(self.common.flash_attn), ..ContextConfig::default() }),
             policy: self.common.policy()?,
             question_after_pruning: self.question_after_pruning,
         })
@@ -296,14 +322,14 @@ impl BenchArgs {
             reps: self.reps,
             n_predict: self.n_predict,
             prompt: self.prompt.clone(),
-            ctx: ContextConfig {
+            ctx: self.common.bound.apply(ContextConfig {
                 n_ctx: self.common.ctx_size,
                 n_ubatch: self.ubatch_size,
                 flash_attn: fa(self.common.flash_attn),
                 type_k: self.cache_type_k,
                 type_v: self.cache_type_v,
                 ..ContextConfig::default()
-            },
+            }),
             policy: PolicyConfig { shrink: self.kv_shrink, ..self.common.policy()? },
         })
     }
@@ -439,6 +465,8 @@ pub struct RunArgs {
     pub kv_shrink: bool,
     #[command(flatten)]
     pub extra: PolicyExtra,
+    #[command(flatten)]
+    pub bound: BoundArgs,
     /// Write one JSON line per prompt position (modality, image, kept, votes, score).
     #[arg(long = "dump-retention", value_name = "FILE", help_heading = "KV cache pruning")]
     pub dump_retention: Option<PathBuf>,
@@ -463,6 +491,9 @@ impl RunArgs {
             flash_attn: fa(self.flash_attn),
             type_k: self.cache_type_k,
             type_v: self.cache_type_v,
+            kv_max_cells: self.bound.kv_max_cells,
+            kv_reserve: self.bound.kv_reserve,
+            kv_shift: self.bound.kv_shift,
         }
     }
 
