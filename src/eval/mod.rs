@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
-use crate::engine::{Engine, PrefillMode};
+use crate::engine::{Engine, PrefillMode, Session};
 use crate::error::{Error, Result};
 use crate::observe::StatRequest;
 use crate::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
@@ -189,8 +189,15 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
             })
         }));
     }
-    let ctx = if requests.is_empty() { cfg.ctx.clone() } else { ContextConfig { flash_attn: FlashAttn::Off, ..cfg.ctx.clone() } };
-    let mut session = engine.session(&prompt, &ctx, requests)?;
+    // the full cache's reference: never capped
+    let uncapped = ContextConfig { kv_max_cells: None, kv_reserve: None, kv_shift: false, ..cfg.ctx.clone() };
+    let bounded = cfg.ctx.kv_max_cells.is_some();
+    let (observe, ctx) = if bounded || requests.is_empty() {
+        (Vec::new(), uncapped)
+    } else {
+        (requests, ContextConfig { flash_attn: FlashAttn::Off, ..uncapped })
+    };
+    let mut session = engine.session(&prompt, &ctx, observe)?;
     session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {})?;
     let stats = session.take_stats(&prompt)?;
     let start = session.snapshot()?;
@@ -204,17 +211,13 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
     session.restore(&asked)?;
     let full_logits = session.teacher_forced(forced)?;
 
-    let mut results = Vec::with_capacity(plans.len());
-    for ((plan, &(kind, budget)), idx) in plans.iter().zip(&grid).zip(&which) {
-        session.restore(&start)?;
-        plan.apply(&mut session, &prompt, idx.and_then(|i| stats.get(i)), cfg.n_predict as i32)?;
-        let kept = session.kv_info().n_used as usize;
-        session.eval_deferred(&prompt)?;
-        let q_first = session.last_logits().map(<[f32]>::to_vec);
-        let pruned = session.snapshot()?;
-        let q = session.teacher_forced(forced)?;
-        let (kl, top1) = if deferred {
-            // the question was read from the pruned cache: position 0 counts too
+    // a pruned session, its question read: fidelity to the full cache and the free-run answer
+    let score = |s: &mut Session<'_>, kind: PolicySpec, budget: Option<Budget>, kept: usize, capped: bool| -> Result<PolicyResult> {
+        let q_first = s.last_logits().map(<[f32]>::to_vec);
+        let pruned = s.snapshot()?;
+        let q = s.teacher_forced(forced)?;
+        let (kl, top1) = if deferred || capped {
+            // the question was read from the pruned (or capped) cache: position 0 counts too
             let p: Vec<&[f32]> = std::iter::once(full_first.as_slice()).chain(full_logits.iter().map(Vec::as_slice)).collect();
             let q0 = q_first.unwrap_or_default();
             let qs: Vec<&[f32]> = std::iter::once(q0.as_slice()).chain(q.iter().map(Vec::as_slice)).collect();
@@ -224,9 +227,9 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
             let qs: Vec<&[f32]> = q.iter().map(Vec::as_slice).collect();
             fidelity(&p, &qs, &full.tokens[1.min(full.tokens.len())..])
         };
-        session.restore(&pruned)?;
-        let answer = session.generate(&greedy(cfg.n_predict), &mut |_| {})?;
-        results.push(PolicyResult {
+        s.restore(&pruned)?;
+        let answer = s.generate(&greedy(cfg.n_predict), &mut |_| {})?;
+        Ok(PolicyResult {
             policy: kind.to_string(),
             budget: budget.map(|b| b.to_string()),
             kv_cells_after: kept,
@@ -236,7 +239,25 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
             accuracy: case.answer.as_deref().map(|a| f64::from(u8::from(metrics::exact_match(&answer.text, a)))),
             contains: case.answer.as_deref().map(|a| f64::from(u8::from(metrics::contains(&answer.text, a)))),
             prediction: answer.text,
-        });
+        })
+    };
+
+    let mut results = Vec::with_capacity(plans.len());
+    for ((plan, &(kind, budget)), idx) in plans.iter().zip(&grid).zip(&which) {
+        if bounded && plan.kind != PolicyKind::Full {
+            // every policy reads the prompt under the cap itself: one bounded prefill each
+            // (`full` stays the uncapped reference)
+            let n_deferred: usize = prompt.deferred.iter().map(crate::span::Span::n_tokens).sum();
+            let mut p = engine.prefill_pruned(&prompt, &cfg.ctx, plan, cfg.n_predict as i32, PrefillMode::Chunked, &mut |_| {})?;
+            let kept = (p.session.kv_info().n_used as usize).saturating_sub(n_deferred);
+            results.push(score(&mut p.session, kind, budget, kept, true)?);
+            continue;
+        }
+        session.restore(&start)?;
+        plan.apply(&mut session, &prompt, idx.and_then(|i| stats.get(i)), cfg.n_predict as i32)?;
+        let kept = session.kv_info().n_used as usize;
+        session.eval_deferred(&prompt)?;
+        results.push(score(&mut session, kind, budget, kept, false)?);
     }
     Ok(CaseResult { id: case.id.clone(), ok: true, error: None, n_prompt_tokens: prompt.n_tokens(), full_answer: full.text, results })
 }
