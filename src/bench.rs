@@ -99,6 +99,8 @@ pub struct BenchRow {
     pub kv_bytes: u64,
     /// K+V bytes allocated.
     pub kv_bytes_allocated: u64,
+    /// The most cells the cache held (llama.cpp's high-water mark; ≤ `--kv-max-cells`).
+    pub kv_cells_peak: u32,
     /// Vision encoder ms (0 for the reference row, whose helper does not separate it).
     pub encode_ms: Stat,
     /// Prompt tokens per second (language model).
@@ -200,7 +202,13 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     for rep in 0..=cfg.reps {
         for (ci, c) in configs.iter().enumerate() {
             let prompt = &prompts.iter().find(|(n, _)| *n == c.n_images).expect("prepared").1;
-            let ctx = ContextConfig { flash_attn: c.flash_attn, ..cfg.ctx.clone() };
+            // under --kv-max-cells the full-cache rows stay uncapped (they cannot evict; -c sizes
+            // them) and the policy rows get a context of the cap
+            let ctx = match (cfg.ctx.kv_max_cells, c.kind.kind) {
+                (None, _) => ContextConfig { flash_attn: c.flash_attn, ..cfg.ctx.clone() },
+                (Some(_), PolicyKind::Full) => ContextConfig { flash_attn: c.flash_attn, kv_max_cells: None, kv_reserve: None, kv_shift: false, ..cfg.ctx.clone() },
+                (Some(_), _) => ContextConfig { flash_attn: c.flash_attn, n_ctx: 0, ..cfg.ctx.clone() },
+            };
             let policy = c.kind.config(&cfg.policy, c.budget.unwrap_or_default());
             let mode = if c.reference { PrefillMode::EvalChunks } else { PrefillMode::Chunked };
             let rss_ok = reset_peak_rss();
@@ -249,6 +257,7 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
         kv_cells: first.kv_cells,
         kv_bytes: first.kv_bytes,
         kv_bytes_allocated: first.kv_bytes_allocated,
+        kv_cells_peak: runs.iter().map(|(r, _)| r.kv_cells_peak).max().unwrap_or(0),
         encode_ms: stat(|r| r.encode_ms),
         prefill_tok_s: stat(|r| r.prefill_tok_s),
         prompt_tok_s: stat(|r| if r.encode_ms + r.prefill_ms > 0.0 { r.n_prompt_tokens as f64 * 1e3 / (r.encode_ms + r.prefill_ms) } else { 0.0 }),
@@ -272,17 +281,18 @@ fn fmt_stat(s: &Stat, digits: usize) -> String {
 #[must_use]
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| images | policy | budget | fa | prompt tok | KV cells | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | decode tok/s | peak RSS | ×prompt | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| images | policy | budget | fa | prompt tok | KV cells | KV peak | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | decode tok/s | peak RSS | ×prompt | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} |\n",
             r.n_images,
             r.policy,
             r.kv_budget.as_deref().unwrap_or("–"),
             r.flash_attn,
             r.n_prompt_tokens,
             r.kv_cells,
+            r.kv_cells_peak,
             crate::engine::human_bytes(r.kv_bytes),
             crate::engine::human_bytes(r.kv_bytes_allocated),
             fmt_stat(&r.encode_ms, 1),
@@ -303,14 +313,14 @@ pub fn markdown(rows: &[BenchRow]) -> String {
 /// CSV with one column per figure (medians, mins and maxes).
 #[must_use]
 pub fn csv(rows: &[BenchRow]) -> String {
-    let mut out = String::from("n_images,policy,kv_budget,reference,flash_attn,n_prompt_tokens,n_generated,kv_cells_before,kv_cells,kv_bytes,kv_bytes_allocated");
+    let mut out = String::from("n_images,policy,kv_budget,reference,flash_attn,n_prompt_tokens,n_generated,kv_cells_before,kv_cells,kv_cells_peak,kv_bytes,kv_bytes_allocated");
     for f in ["encode_ms", "prefill_tok_s", "prompt_tok_s", "score_ms", "evict_ms", "decode_tok_s"] {
         out.push_str(&format!(",{f},{f}_min,{f}_max"));
     }
     out.push_str(",peak_rss_bytes,ratio_prefill,ratio_decode,ratio_kv_bytes,reps\n");
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             r.n_images,
             r.policy,
             r.kv_budget.as_deref().unwrap_or(""),
@@ -320,6 +330,7 @@ pub fn csv(rows: &[BenchRow]) -> String {
             r.n_generated,
             r.kv_cells_before,
             r.kv_cells,
+            r.kv_cells_peak,
             r.kv_bytes,
             r.kv_bytes_allocated
         ));

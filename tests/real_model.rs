@@ -57,3 +57,39 @@ fn dinov2_encoder_matches_onnxruntime() {
     eprintln!("worst per-token cosine llama.cpp vs onnxruntime: {worst:.6}");
     assert!(worst >= 0.999, "worst per-token cosine {worst}");
 }
+
+/// Bounded prefill on the real model: 16 images through a cache of a quarter of the prompt with
+/// a q8_0 K cache (observing policy), and q8_0 K + V with flash attention (streaming); a
+/// quantized V cache with an observing policy is refused.
+#[test]
+fn sixteen_images_in_a_quarter_cache_with_quantized_kv() {
+    use csp_llava::config::{CacheType, ContextConfig, KvCap, SamplingConfig};
+    use csp_llava::policy::{PolicyConfig, PolicyKind};
+    let Some(dir) = model_dir() else { return };
+    let mut cfg = ModelConfig::new(dir.join("text.gguf"), dir.join("mmproj.gguf"));
+    cfg.threads = 2;
+    let engine = Engine::load(&cfg).unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/cache/easy-vqa/eval-seed1");
+    let case: serde_json::Value = serde_json::from_str(std::fs::read_to_string(data.join("multi-K16.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let images = case["images"].as_array().unwrap().iter().map(|p| data.join(p.as_str().unwrap())).collect();
+    let req = Request { images, prompt: case["prompt"].as_str().unwrap().into(), ..Default::default() };
+    let sampling = SamplingConfig { n_predict: 4, temp: 0.0, ignore_eos: true, seed: Some(0), ..Default::default() };
+    let cap = KvCap::Fraction(0.25);
+    let run = |kind: PolicyKind, type_k: CacheType, type_v: CacheType| {
+        let ctx = ContextConfig { kv_max_cells: Some(cap), type_k, type_v, ..Default::default() };
+        engine.run(&req, &ctx, &sampling, &PolicyConfig { kind, budget: csp_llava::Budget::Fraction(1.0), ..Default::default() }, &mut |_| {})
+    };
+    for (kind, type_v) in [(PolicyKind::Csp, CacheType::F16), (PolicyKind::Streaming, CacheType::Q8_0)] {
+        let r = run(kind, CacheType::Q8_0, type_v).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let cells = cap.cells(r.n_prompt_tokens);
+        assert!(r.n_images == 16 && r.kv_cells_peak <= cells, "{kind}: peak {} of {cells}", r.kv_cells_peak);
+        let removed: usize = r.evictions.iter().map(|e| e.removed).sum();
+        assert_eq!(r.n_prompt_tokens, r.kv_cells_after as usize + removed, "{kind}");
+        assert_eq!(r.n_generated, 4, "{kind}");
+        if type_v == CacheType::Q8_0 {
+            assert_eq!(r.flash_attn, "on", "a quantized V cache runs with flash attention");
+        }
+    }
+    let err = run(PolicyKind::Csp, CacheType::Q8_0, CacheType::Q8_0).unwrap_err().to_string();
+    assert!(err.contains("-ctv") && err.contains("flash attention"), "{err}");
+}
