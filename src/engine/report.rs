@@ -248,7 +248,9 @@ impl RunReport {
             self.score_ms,
             self.evict_ms,
             self.flash_attn,
-        )
+        ) + &self.kv_max_cells.map_or(String::new(), |cap| {
+            format!(" | cap {cap} cells, peak {}, {} eviction(s), max pos {}", self.kv_cells_peak, self.evictions.len(), self.max_pos)
+        })
     }
 }
 

@@ -203,6 +203,9 @@ fn calibrate(a: &args::CalibrateArgs) -> Result<()> {
         }
     }
     cases.truncate(a.max_cases);
+    if a.common.bound.kv_max_cells.is_some() {
+        anyhow::bail!("--kv-max-cells does not apply to calibrate: the profile is measured on the full cache");
+    }
     let engine = load(&a.common)?;
     let ctx = csp_llava::config::ContextConfig { n_ctx: a.common.ctx_size, ..Default::default() };
     let bar = if std::io::stderr().is_terminal() && a.common.verbose == 0 {
