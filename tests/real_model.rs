@@ -69,10 +69,11 @@ fn sixteen_images_in_a_quarter_cache_with_quantized_kv() {
     let mut cfg = ModelConfig::new(dir.join("text.gguf"), dir.join("mmproj.gguf"));
     cfg.threads = 2;
     let engine = Engine::load(&cfg).unwrap();
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/cache/easy-vqa/eval-seed1");
-    let case: serde_json::Value = serde_json::from_str(std::fs::read_to_string(data.join("multi-K16.jsonl")).unwrap().lines().next().unwrap()).unwrap();
-    let images = case["images"].as_array().unwrap().iter().map(|p| data.join(p.as_str().unwrap())).collect();
-    let req = Request { images, prompt: case["prompt"].as_str().unwrap().into(), ..Default::default() };
+    // 16 easy-vqa test images (models/build.sh fetches them with the model)
+    let dir112 = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/cache/easy-vqa/test/images112");
+    let images: Vec<PathBuf> = (0..16).map(|i| dir112.join(format!("{}.png", 89 + 20 * i))).collect();
+    assert!(images.iter().all(|p| p.exists()), "easy-vqa test images under {}", dir112.display());
+    let req = Request { images, prompt: "In image 13, is no blue shape present?".into(), ..Default::default() };
     let sampling = SamplingConfig { n_predict: 4, temp: 0.0, ignore_eos: true, seed: Some(0), ..Default::default() };
     let cap = KvCap::Fraction(0.25);
     let run = |kind: PolicyKind, type_k: CacheType, type_v: CacheType| {
