@@ -398,12 +398,8 @@ impl<'e> Session<'e> {
                         self.n_past = llama::eval_text_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch, last)?;
                         stats.prefill_ms += ms(t);
                     } else {
-                        let t = Instant::now();
-                        llama::encode_media_chunk(&mtmd, &chunk)?;
-                        stats.encode_ms += ms(t);
-                        let t = Instant::now();
-                        self.n_past = llama::decode_media_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch)?;
-                        stats.prefill_ms += ms(t);
+                        drop(mtmd);
+                        self.read_media(&chunk, &mut stats)?;
                     }
                     done += span.n_tokens();
                     on_event(Event::Prefill { chunk: i + 1, n_chunks, tokens: done, n_tokens: stats.n_tokens });
@@ -411,6 +407,18 @@ impl<'e> Session<'e> {
             }
         }
         Ok(stats)
+    }
+
+    /// Encodes an image chunk and decodes its embeddings after the cache, timing both.
+    pub(super) fn read_media(&mut self, chunk: &llama_cpp_2::mtmd::MtmdInputChunk<'_>, stats: &mut PrefillStats) -> Result<()> {
+        let mtmd = self.engine.mtmd();
+        let t = Instant::now();
+        llama::encode_media_chunk(&mtmd, chunk)?;
+        stats.encode_ms += ms(t);
+        let t = Instant::now();
+        self.n_past = llama::decode_media_chunk(&mtmd, self.lctx.ctx_mut(), chunk, self.n_past, self.n_batch)?;
+        stats.prefill_ms += ms(t);
+        Ok(())
     }
 
     /// Evaluates the spans [`Prompt::defer_question`] held back (not observed), keeping the

@@ -274,13 +274,7 @@ impl Session<'_> {
                 self.eval_tokens(&slice, last)?;
                 stats.prefill_ms += ms(t);
             } else {
-                let mtmd = self.engine.mtmd();
-                let t = Instant::now();
-                llama::encode_media_chunk(&mtmd, &chunk)?;
-                stats.encode_ms += ms(t);
-                let t = Instant::now();
-                self.n_past = llama::decode_media_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch)?;
-                stats.prefill_ms += ms(t);
+                self.read_media(&chunk, &mut stats)?;
             }
             for (k, tok) in piece.tokens.clone().enumerate() {
                 self.token_pos[tok] = n_past + k as i32;
