@@ -16,7 +16,9 @@
 //!   the front. `reserve` (`--kv-reserve`) leaves room for the text that follows and for
 //!   generation, and is halved where it would leave less room than itself.
 //! * Evictions are planned before the prefill ([`schedule`]): the cache's occupancy depends
-//!   only on the piece sizes, so the observer knows where each window ends.
+//!   only on the piece sizes, so the observer knows where each window ends. Window sums restart
+//!   after each eviction, so when evictions come closer than O tokens the window is what was
+//!   read since the previous one (one set of sums per request; `Rows::All` accumulates).
 //! * The prompt-end pass applies the policy's normal budget `B` (of the whole prompt) to what is
 //!   cached, at the policy's granularity, and never keeps more than leaves room for the deferred
 //!   question and the reserve.
