@@ -13,7 +13,8 @@ fn main() {
     let mut patches = Vec::new();
     collect(&root.join("patches"), root, &mut patches);
     patches.sort();
-    let mut want = String::from("llama-cpp-sys-2 0.1.161\nllama-cpp-2 0.1.160\n");
+    // "layout": what scripts/setup.sh puts into vendor/ besides the patches (LAYOUT there)
+    let mut want = String::from("llama-cpp-sys-2 0.1.161\nllama-cpp-2 0.1.160\nlayout 2\n");
     for rel in &patches {
         let bytes = std::fs::read(root.join(rel)).expect("read patch");
         let hex: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();

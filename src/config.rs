@@ -151,7 +151,8 @@ pub struct ContextConfig {
     /// allocated for this many cells unless `-c` asks for more.
     pub kv_max_cells: Option<KvCap>,
     /// `--kv-reserve`: cells left free after each bounded-prefill eviction, for the text that
-    /// follows and for generation (default: see [`KvCap::default_reserve`]).
+    /// follows and for generation (default: see [`KvCap::default_reserve`]); without a cap, the
+    /// cells a shrunk cache keeps free for generation (default `-n`, 1024 for `-n -1`).
     pub kv_reserve: Option<u32>,
     /// `--kv-shift`: renumber positions after each eviction so they stay inside the trained
     /// context (1-D RoPE models only).
@@ -255,9 +256,8 @@ impl ContextConfig {
                 &format!("a quantized V cache ({}) needs flash attention; drop -fa off or use -ctv f16", self.type_v.name()),
             ));
         }
-        if self.kv_max_cells.is_none() && (self.kv_reserve.is_some() || self.kv_shift) {
-            let flag = if self.kv_shift { "--kv-shift" } else { "--kv-reserve" };
-            return Err(cfg_err(flag, "applies to a bounded prefill; add --kv-max-cells"));
+        if self.kv_max_cells.is_none() && self.kv_shift {
+            return Err(cfg_err("--kv-shift", "applies to a bounded prefill; add --kv-max-cells"));
         }
         Ok(())
     }
@@ -348,6 +348,9 @@ pub struct Request {
     pub chat_template: Option<String>,
     /// Send the prompt as is, without a chat template (`--no-chat-template`).
     pub raw: bool,
+    /// Render the chat template (`chat_template`, or the model's `tokenizer.chat_template`) with
+    /// a Jinja engine, as llama.cpp's `--jinja`, instead of llama.cpp's built-in formats.
+    pub jinja: bool,
 }
 
 fn cfg_err(field: &'static str, reason: &str) -> Error {

@@ -7,6 +7,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The run was cancelled through the engine's [`crate::CancelHandle`] (Ctrl-C in the CLI).
+    #[error("interrupted")]
+    Cancelled,
     /// An input file does not exist.
     #[error("{what} not found: {}", path.display())]
     NotFound {

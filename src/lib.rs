@@ -17,6 +17,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod bench;
+pub mod cancel;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -28,6 +29,7 @@ pub mod policy;
 pub mod rng;
 pub mod span;
 
+pub use cancel::CancelHandle;
 pub use config::{CacheType, ContextConfig, FlashAttn, KvCap, ModelConfig, Request, SamplingConfig};
 pub use engine::{Engine, Event, Prompt, RunReport, Session};
 pub use policy::{Budget, PolicyConfig, PolicyKind};

@@ -188,3 +188,106 @@ fn unknown_cache_type_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown cache type"));
 }
+
+#[test]
+fn llama_cpp_multi_letter_flags() {
+    // -sys is the system prompt (not -s ys), as in llama.cpp
+    let with = |flag: &str| {
+        let out = run_tiny(&["-p", "hi", flag, "Answer briefly.", "-n", "1", "--json", "-c", "512"]);
+        assert!(out.status.success(), "{flag}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["n_prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = run_tiny(&["-p", "hi", "-n", "1", "--json", "-c", "512"]);
+    let plain = serde_json::from_slice::<serde_json::Value>(&plain.stdout).unwrap()["n_prompt_tokens"].as_u64().unwrap();
+    assert_eq!(with("-sys"), with("--system"));
+    assert!(with("-sys") > plain);
+    // llama.cpp flags csp-llava lacks: one line, exit 2, whatever else is on the line
+    for args in [&["-cnv"][..], &["-p", "hi", "-no-cnv"], &["-dev", "CUDA0"], &["-ot", "exps=CPU"], &["--no-mmproj-offload"], &["-p", "x", "--mlock"]] {
+        let out = run_tiny(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("csp-llava: error: csp-llava does not support ") && err.trim_end().ends_with("(yet)"), "{err}");
+    }
+    // as a prompt, such a flag is just text
+    let out = run_tiny(&["-p", "-cnv", "-n", "1", "-c", "512"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn pruning_saves_memory_by_default() {
+    let imgs: Vec<String> = (0..3).map(|i| s(&support::image(i))).collect();
+    let base = ["--image", imgs[0].as_str(), "--image", &imgs[1], "--image", &imgs[2], "-p", "Compare the images.", "-n", "8", "--temp", "0", "--ignore-eos", "--json"];
+    let args = |extra: &[&'static str]| base.iter().copied().chain(extra.iter().copied()).collect::<Vec<_>>();
+    let full = json_of(&run_tiny(&args(&[])));
+    let n_ctx_train = full["n_ctx_train"].as_u64().unwrap();
+    // no pruning: llama.cpp's -c 0, the trained context
+    assert_eq!(full["kv_cells_allocated"].as_u64().unwrap(), n_ctx_train);
+    let csp = json_of(&run_tiny(&args(&["--kv-policy", "csp", "--kv-budget", "0.2"])));
+    let (kept, alloc) = (csp["kv_cells_after"].as_u64().unwrap(), csp["kv_cells_allocated"].as_u64().unwrap());
+    assert!(csp["pruned"].as_bool().unwrap());
+    // the kept cells + -n (8), and llama.cpp's padding of the buffer to 256 cells
+    assert!(alloc >= kept + 8 && alloc <= (kept + 8).next_multiple_of(256), "kept {kept}, allocated {alloc}");
+    assert!(csp["kv_bytes_allocated"].as_u64() < full["kv_bytes_allocated"].as_u64());
+    // the buffer the prompt was read into was sized to the prompt, not the trained context
+    let peak = csp["kv_bytes_allocated_peak"].as_u64().unwrap();
+    assert!(peak < full["kv_bytes_allocated"].as_u64().unwrap(), "{peak}");
+    // the same text as keeping the old buffer
+    let kept_buffer = json_of(&run_tiny(&args(&["--kv-policy", "csp", "--kv-budget", "0.2", "--no-kv-shrink"])));
+    assert_eq!(kept_buffer["kv_cells_allocated"].as_u64().unwrap(), n_ctx_train);
+    assert_eq!(kept_buffer["text"], csp["text"]);
+    // an explicit -c is respected
+    let c = json_of(&run_tiny(&args(&["--kv-policy", "csp", "--kv-budget", "0.2", "-c", "1024"])));
+    assert_eq!(c["kv_cells_allocated"], 1024);
+    // --kv-reserve sets the room after the kept cells
+    let r = json_of(&run_tiny(&args(&["--kv-policy", "csp", "--kv-budget", "0.2", "--kv-reserve", "300"])));
+    assert!(r["kv_cells_allocated"].as_u64().unwrap() >= kept + 300);
+}
+
+#[test]
+fn json_reports_ttft_rss_and_device() {
+    let img = s(&support::image(0));
+    let v = json_of(&run_tiny(&["--image", &img, "-p", "hi", "-n", "2", "--json", "-c", "512", "--kv-policy", "csp"]));
+    let ttft = v["ttft_ms"].as_f64().unwrap();
+    let parts = v["encode_ms"].as_f64().unwrap() + v["prefill_ms"].as_f64().unwrap();
+    assert!(ttft >= parts * 0.99 && ttft > 0.0, "ttft {ttft} < encode + prefill {parts}");
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 10 << 20);
+    assert!(!v["backend"].as_str().unwrap().is_empty());
+    assert!(v.get("device").is_some());
+    // the timing line says the same
+    let out = run_tiny(&["--image", &img, "-p", "hi", "-n", "2", "-c", "512"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().last().unwrap();
+    for field in ["TTFT ", "encode ", "prefill ", "gen ", "KV ", "buffer ", "RSS ", "flash-attn "] {
+        assert!(line.contains(field), "{field} missing in: {line}");
+    }
+}
+
+#[test]
+fn ctrl_c_stops_generation_prints_the_timing_line_and_exits_130() {
+    let img = s(&support::image(0));
+    let (m, p) = (s(&support::model()), s(&support::mmproj()));
+    let child = Command::new(env!("CARGO_BIN_EXE_csp-llava"))
+        .args(["-m", &m, "--mmproj", &p, "--image", &img, "-p", "hello", "-n", "-1", "--ignore-eos", "-c", "100000", "--temp", "0", "-t", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let sent = std::time::Instant::now();
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(took < std::time::Duration::from_millis(1500), "stopped after {took:?}");
+    assert!(!out.stdout.is_empty(), "what was generated is printed");
+    assert!(err.contains("TTFT") && err.contains("interrupted"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -43,6 +43,8 @@ pub enum StopReason {
     Length,
     /// The context is full.
     Context,
+    /// The engine's cancel handle was used (Ctrl-C).
+    Cancelled,
 }
 
 /// Result of a generation.
@@ -64,7 +66,10 @@ fn sampler_chain(cfg: &SamplingConfig, seed: u32, n_vocab: i32, n_ctx: u32) -> L
     let mut chain = Vec::new();
     if cfg.repeat_penalty != 1.0 && cfg.repeat_last_n != 0 {
         // -1 = the whole context (llama.cpp's convention; the sampler itself takes a count).
-        let last_n = if cfg.repeat_last_n < 0 { n_ctx as i32 } else { cfg.repeat_last_n };
+        // llama.cpp clamps the window to the context; so does this (a huge -repeat-last-n would
+        // otherwise allocate a ring buffer of that many tokens)
+        let n_ctx = i32::try_from(n_ctx).unwrap_or(i32::MAX);
+        let last_n = if cfg.repeat_last_n < 0 { n_ctx } else { cfg.repeat_last_n.min(n_ctx) };
         chain.push(LlamaSampler::penalties(n_vocab, last_n, cfg.repeat_penalty, 0.0, 0.0));
     }
     if cfg.temp <= 0.0 {
@@ -177,6 +182,9 @@ impl Session<'_> {
             if tokens.len() >= limit {
                 break StopReason::Length;
             }
+            if self.engine.cancel.is_cancelled() {
+                break StopReason::Cancelled;
+            }
             let logits = self.last_logits().ok_or(Error::Llama { op: "read logits", code: -1 })?;
             let tok = sample(&mut sampler, logits).ok_or(Error::Llama { op: "sample", code: -1 })?;
             self.first_logits = None;
@@ -202,10 +210,12 @@ impl Session<'_> {
             batch
                 .add(tok, self.n_past, &[0], true)
                 .map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
-            self.lctx
-                .ctx_mut()
-                .decode(&mut batch)
-                .map_err(|e| Error::Llama { op: "decode", code: decode_code(&e) })?;
+            if let Err(e) = self.lctx.ctx_mut().decode(&mut batch) {
+                if self.engine.cancel.is_cancelled() {
+                    break StopReason::Cancelled;
+                }
+                return Err(Error::Llama { op: "decode", code: decode_code(&e) });
+            }
             self.after_decode(self.n_past)?;
             self.n_past += 1;
             cells_used += 1;

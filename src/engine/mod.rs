@@ -13,6 +13,7 @@ pub mod prompt;
 mod report;
 mod session;
 pub mod stream;
+mod template;
 
 use std::cell::{Ref, RefCell};
 
@@ -39,6 +40,8 @@ pub struct Engine {
     mtmd: RefCell<MtmdContext>,
     model: LlamaModel,
     cfg: ModelConfig,
+    cancel: crate::CancelHandle,
+    device: llama::Device,
 }
 
 impl std::fmt::Debug for Engine {
@@ -61,7 +64,10 @@ impl Engine {
         check::projector(cfg, &model_header, &mmproj_header)?;
 
         let backend = llama::backend()?;
-        let gpu = cfg!(any(feature = "cuda", feature = "metal"));
+        // Offload by what the machine has at run time (ggml's device list), as llama.cpp does:
+        // a default Apple-silicon build has Metal, a CUDA build may run where no GPU is.
+        let device = llama::Device::pick(cfg.n_gpu_layers);
+        let gpu = device.gpu;
         let params = LlamaModelParams::default().with_n_gpu_layers(if gpu { cfg.n_gpu_layers } else { 0 });
         let model = LlamaModel::load_from_file(backend, &cfg.model, &params)
             .map_err(|_| Error::Load { what: "model", path: cfg.model.clone() })?;
@@ -93,9 +99,38 @@ impl Engine {
             n_layer = model.n_layer(),
             n_embd = model.n_embd(),
             mrope = mtmd.decode_use_mrope(),
+            backend = %device.backend,
+            device = %device.name,
             "loaded"
         );
-        Ok(Self { mtmd: RefCell::new(mtmd), model, cfg: cfg.clone() })
+        Ok(Self { mtmd: RefCell::new(mtmd), model, cfg: cfg.clone(), cancel: crate::CancelHandle::new(), device })
+    }
+
+    /// The engine's cancellation handle: [`CancelHandle::cancel`](crate::CancelHandle::cancel)
+    /// from any thread stops the running request (see [`crate::cancel`]).
+    #[must_use]
+    pub fn cancel_handle(&self) -> crate::CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// Shares an existing handle (one made before loading, e.g. by a signal handler).
+    pub fn set_cancel_handle(&mut self, handle: crate::CancelHandle) {
+        self.cancel = handle;
+    }
+
+    /// `Err(Cancelled)` once the handle was cancelled.
+    pub(crate) fn check_cancel(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The backend and device the model runs on.
+    #[must_use]
+    pub fn device(&self) -> &llama::Device {
+        &self.device
     }
 
     /// The text model.
@@ -166,7 +201,26 @@ impl Engine {
         }
         let evicts = bounded.as_ref().is_some_and(Bounded::evicts);
         let observe = if evicts { plan.stream_request } else { plan.request };
+        // Without -c, a cache that will be pruned and shrunk needs only the prompt's cells while
+        // it is read (not the model's trained context), and then the kept cells plus -n (1024
+        // for -n -1; --kv-reserve overrides).
+        let sized;
+        let auto_ctx = ctx.n_ctx == 0 && bounded.is_none();
+        let ctx = if auto_ctx && plan.shrink && plan.prunes {
+            let n = prompt.n_tokens() + prompt.deferred.iter().map(crate::span::Span::n_tokens).sum::<usize>() + 1;
+            let n_ctx_train = self.model.n_ctx_train();
+            sized = ContextConfig { n_ctx: u32::try_from(n.next_multiple_of(256)).unwrap_or(u32::MAX).min(n_ctx_train.max(1)), ..ctx.clone() };
+            &sized
+        } else {
+            ctx
+        };
         let mut session = Session::new(self, prompt, ctx, observe.into_iter().collect(), bounded)?;
+        session.shrink_room = match (ctx.kv_reserve, n_predict) {
+            (Some(r), _) if ctx.kv_max_cells.is_none() => Some(r),
+            (_, n) if n >= 0 => Some(n as u32),
+            _ if auto_ctx => Some(1024),
+            _ => None,
+        };
         if ctx.kv_shift && !llama::can_shift(session.context()) {
             return Err(Error::Unsupported { what: "--kv-shift", reason: "llama.cpp cannot shift this model's cached positions".into() });
         }
@@ -227,8 +281,12 @@ impl Engine {
     ) -> Result<RunReport> {
         sampling.validate()?;
         policy_cfg.validate()?;
+        let t = std::time::Instant::now();
         let prompt = self.prepare(req)?;
-        self.run_prompt(&prompt, ctx, sampling, policy_cfg, PrefillMode::Chunked, on_event)
+        let prepare_ms = session::ms(t);
+        let mut report = self.run_prompt(&prompt, ctx, sampling, policy_cfg, PrefillMode::Chunked, on_event)?;
+        report.ttft_ms += prepare_ms;
+        Ok(report)
     }
 
     /// What a policy will do with a prompt: its budget and the statistics it needs.
@@ -281,11 +339,16 @@ impl Engine {
         mode: PrefillMode,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<RunReport> {
+        self.check_cancel()?;
+        let t = std::time::Instant::now();
         let plan = self.plan(prompt, policy_cfg)?;
         let Prefilled { mut session, prefill, kv_before, pruning } = self.prefill_pruned(prompt, ctx, &plan, sampling.n_predict, mode, on_event)?;
+        let ttft_ms = session::ms(t);
         let kv_after = session.kv_info();
         let generated = session.generate(sampling, on_event)?;
-        Ok(RunReport::new(prompt, &session, &prefill, kv_before, kv_after, plan.policy.name(), pruning, generated))
+        let mut report = RunReport::new(prompt, &session, &prefill, kv_before, kv_after, plan.policy.name(), pruning, generated);
+        report.ttft_ms = ttft_ms;
+        Ok(report)
     }
 
     /// Pruning needs one position per token; observing needs causal attention.
@@ -391,7 +454,7 @@ impl Plan {
         }
         if self.shrink {
             let kept = retention.kept() as u32;
-            let room = if n_predict >= 0 { n_predict as u32 } else { session.n_ctx().saturating_sub(prompt.n_tokens() as u32) };
+            let room = session.shrink_room.unwrap_or_else(|| if n_predict >= 0 { n_predict as u32 } else { session.n_ctx().saturating_sub(prompt.n_tokens() as u32) });
             pruning.evict_ms += session.shrink(kept + room.max(1))?;
         }
         let t = std::time::Instant::now();

@@ -8,6 +8,7 @@ use llama_cpp_2::mtmd::{
     MtmdInputText,
 };
 
+use super::template::{self, Message, SpecialTokens};
 use crate::config::Request;
 use crate::error::{Error, Result};
 use crate::span::{media_tokens, Modality, Span};
@@ -130,31 +131,100 @@ pub(crate) fn place_markers(prompt: &str, n_images: usize) -> Result<String> {
     Ok(text)
 }
 
-/// Applies the chat template (unless `raw`).
+/// Applies the chat template to the system message (if any) and the user's prompt, with the
+/// assistant's turn opened. The rules, first match wins:
+///
+/// 1. `raw` (`--no-chat-template`): the prompt as it is.
+/// 2. `chat_template` is a Jinja template (contains `{{` or `{%`: `--chat-template '<tmpl>'`,
+///    `--chat-template-file`): rendered with minijinja as transformers does ([`template`]).
+/// 3. `chat_template` is anything else: one of llama.cpp's built-in names (`chatml`, `vicuna`,
+///    `llama2`, …) → llama.cpp's own formatter; any other name → an error listing the names.
+///    (`--jinja` does not change this: a name has no Jinja source to render.)
+/// 4. No `chat_template`: the model's `tokenizer.chat_template` (none → an error). With `jinja`
+///    (`--jinja`) it is rendered with minijinja; otherwise llama.cpp formats it (it recognises
+///    common templates by their markers), and a template llama.cpp does not recognise is
+///    rendered with minijinja instead — so a GGUF with a custom template still works.
+///
+/// Image markers (`<__media__>`) in the prompt pass through every path untouched.
 fn format_chat(model: &LlamaModel, req: &Request, user: String) -> Result<String> {
     if req.raw {
         return Ok(user);
     }
-    let template = match &req.chat_template {
-        Some(t) => LlamaChatTemplate::new(t)
-            .map_err(|_| Error::Prompt("the chat template contains a NUL byte".into()))?,
-        None => model.chat_template(None).map_err(|_| {
-            Error::Prompt(
-                "the model has no chat template; pass --chat-template NAME (vicuna for LLaVA-1.5, chatml, llama2, …) or --no-chat-template".into(),
-            )
-        })?,
-    };
-    let nul = |_| Error::Prompt("the prompt contains a NUL byte".into());
-    let mut messages = Vec::new();
+    let mut messages = Vec::with_capacity(2);
     if let Some(system) = &req.system {
-        messages.push(LlamaChatMessage::new("system".into(), system.clone()).map_err(nul)?);
+        messages.push(Message::new("system", system.as_str()));
     }
-    messages.push(LlamaChatMessage::new("user".into(), user).map_err(nul)?);
-    model.apply_chat_template(&template, &messages, true).map_err(|e| {
-        Error::Prompt(format!(
-            "llama.cpp cannot apply the chat template ({e}); name a built-in one with --chat-template (chatml, vicuna, llama2, …)"
-        ))
-    })
+    messages.push(Message::new("user", user));
+
+    let (text, via) = match &req.chat_template {
+        Some(t) if template::looks_like_jinja(t) => {
+            let origin = if req.jinja { "--chat-template-file / --jinja" } else { "--chat-template" };
+            (template::render(t, origin, &messages, &SpecialTokens::of(model))?, "jinja")
+        }
+        Some(name) => {
+            let names = crate::llama::chat_builtin_templates();
+            if !names.iter().any(|n| n == name) {
+                let shown: String = name.chars().take(60).collect();
+                let more = if shown.len() < name.len() { "…" } else { "" };
+                return Err(Error::Config {
+                    field: "--chat-template",
+                    reason: format!(
+                        "unknown template '{shown}{more}': neither a Jinja template (no {{{{ or {{%) nor one of llama.cpp's built-in names ({})",
+                        names.join(", ")
+                    ),
+                });
+            }
+            let tmpl = LlamaChatTemplate::new(name)
+                .map_err(|_| Error::Prompt("the chat template contains a NUL byte".into()))?;
+            let text = apply_builtin(model, &tmpl, &messages)?.map_err(|e| {
+                Error::Prompt(format!("llama.cpp cannot apply its built-in chat template '{name}' ({e})"))
+            })?;
+            (text, "llama.cpp built-in")
+        }
+        None => {
+            let tmpl = model.chat_template(None).map_err(|_| {
+                Error::Prompt(
+                    "the model has no chat template; pass --chat-template NAME (vicuna for LLaVA-1.5, chatml, llama2, …), --chat-template-file FILE or --no-chat-template".into(),
+                )
+            })?;
+            let origin = "the model's tokenizer.chat_template";
+            let source = || {
+                tmpl.to_string().map_err(|_| Error::Prompt("the model's chat template is not UTF-8".into()))
+            };
+            if req.jinja {
+                (template::render(&source()?, origin, &messages, &SpecialTokens::of(model))?, "jinja")
+            } else {
+                match apply_builtin(model, &tmpl, &messages)? {
+                    Ok(text) => (text, "llama.cpp"),
+                    Err(e) => {
+                        tracing::debug!(
+                            error = %e,
+                            "llama.cpp does not recognise the model's chat template; rendering it with minijinja"
+                        );
+                        let origin = "the model's tokenizer.chat_template, which llama.cpp's formats do not recognise";
+                        (template::render(&source()?, origin, &messages, &SpecialTokens::of(model))?, "jinja")
+                    }
+                }
+            }
+        }
+    };
+    tracing::debug!(via, prompt = ?text, "chat template applied");
+    Ok(text)
+}
+
+/// llama.cpp's formatter (`llama_chat_apply_template`): the outer `Result` fails on a NUL byte
+/// in a message, the inner one when llama.cpp cannot apply the template (it does not know it).
+fn apply_builtin(
+    model: &LlamaModel,
+    tmpl: &LlamaChatTemplate,
+    messages: &[Message],
+) -> Result<std::result::Result<String, llama_cpp_2::ApplyChatTemplateError>> {
+    let chat = messages
+        .iter()
+        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| Error::Prompt("the prompt contains a NUL byte".into()))?;
+    Ok(model.apply_chat_template(tmpl, &chat, true))
 }
 
 /// Reads and decodes one image.

@@ -130,6 +130,17 @@ pub struct RunReport {
     pub n_ctx_train: u32,
     /// Whether positions passed the trained context (see `--kv-shift`).
     pub past_trained_ctx: bool,
+    /// Milliseconds to the first token: image decoding, encoding, prefill, scoring and eviction
+    /// (everything between the request and the first sampled token; model loading excluded).
+    pub ttft_ms: f64,
+    /// The largest K+V buffer allocated during the run (the prefill's, before `--kv-shrink`).
+    pub kv_bytes_allocated_peak: u64,
+    /// The process's peak resident memory, bytes (absent where the platform does not say).
+    pub peak_rss_bytes: Option<u64>,
+    /// ggml backend the model ran on ("CPU", "CUDA", "Metal", "Vulkan").
+    pub backend: String,
+    /// Its device ("NVIDIA GeForce RTX 4090", the CPU's name, …).
+    pub device: String,
     /// Sampler seed.
     pub seed: u32,
     /// Why generation stopped: "eos", "length" or "context".
@@ -222,35 +233,67 @@ impl RunReport {
             max_pos: session.max_pos(),
             n_ctx_train: session.n_ctx_train(),
             past_trained_ctx: session.max_pos() >= session.n_ctx_train() as i32,
+            ttft_ms: 0.0,
+            kv_bytes_allocated_peak: session.kv_bytes_allocated_peak(),
+            peak_rss_bytes: crate::llama::peak_rss_bytes(),
+            backend: session.engine.device().backend.clone(),
+            device: session.engine.device().name.clone(),
             seed: generated.seed,
             stop: generated.stop,
             retention,
         }
     }
 
-    /// The human timing line printed on stderr.
+    /// The human timing line printed on stderr (the README explains each field):
+    ///
+    /// ```text
+    /// TTFT 52.1 ms (encode 9.8 ms, 4 images; prefill 268 tok, 8001.2 tok/s; score 2.1 ms; evict 1.0 ms) | gen 8 tok, 120.5 tok/s, eos | KV 268 → 134 cells, 5.9 MiB → 2.9 MiB, buffer 3.3 MiB (peak 5.9 MiB) | RSS 210.3 MiB | csp, flash-attn on, CPU
+    /// ```
     #[must_use]
     pub fn timing_line(&self) -> String {
-        format!(
-            "encode {:.1} ms ({} image(s)) | prompt {} tok, {:.1} tok/s | gen {} tok, {:.1} tok/s | KV {} → {} cells, {} (allocated {}) | policy {}{}, score {:.1} ms, evict {:.1} ms | flash-attn {}",
+        let mut ttft = format!(
+            "TTFT {:.1} ms (encode {:.1} ms, {} image{}; prefill {} tok, {:.1} tok/s",
+            self.ttft_ms,
             self.encode_ms,
             self.n_images,
+            if self.n_images == 1 { "" } else { "s" },
             self.n_prompt_tokens,
             self.prefill_tok_s,
-            self.n_generated,
-            self.decode_tok_s,
+        );
+        if self.policy != "full" {
+            ttft += &format!("; score {:.1} ms; evict {:.1} ms", self.score_ms, self.evict_ms);
+        }
+        ttft.push(')');
+        let stop = match self.stop {
+            StopReason::Eos => "eos",
+            StopReason::Length => "length",
+            StopReason::Context => "context full",
+            StopReason::Cancelled => "interrupted",
+        };
+        let mut kv = format!(
+            "KV {} → {} cells, {} → {}, buffer {}",
             self.kv_cells_before,
             self.kv_cells_after,
-            human_bytes(self.kv_bytes),
+            human_bytes(self.kv_bytes_before),
+            human_bytes(self.kv_bytes_after),
             human_bytes(self.kv_bytes_allocated),
+        );
+        if self.kv_bytes_allocated_peak > self.kv_bytes_allocated {
+            kv += &format!(" (peak {})", human_bytes(self.kv_bytes_allocated_peak));
+        }
+        if let Some(cap) = self.kv_max_cells {
+            kv += &format!(", cap {cap} cells, peak {} cells, {} eviction(s), max pos {}", self.kv_cells_peak, self.evictions.len(), self.max_pos);
+        }
+        let rss = self.peak_rss_bytes.map_or(String::new(), |b| format!(" | RSS {}", human_bytes(b)));
+        format!(
+            "{ttft} | gen {} tok, {:.1} tok/s, {stop} | {kv}{rss} | {}{}, flash-attn {}, {}",
+            self.n_generated,
+            self.decode_tok_s,
             self.policy,
-            if self.pruned { "" } else { " (not pruned)" },
-            self.score_ms,
-            self.evict_ms,
+            if self.policy != "full" && !self.pruned { " (not pruned)" } else { "" },
             self.flash_attn,
-        ) + &self.kv_max_cells.map_or(String::new(), |cap| {
-            format!(" | cap {cap} cells, peak {}, {} eviction(s), max pos {}", self.kv_cells_peak, self.evictions.len(), self.max_pos)
-        })
+            self.backend,
+        )
     }
 }
 

@@ -83,6 +83,10 @@ pub struct Session<'e> {
     pub(super) evictions: Vec<Eviction>,
     /// Most cells ever occupied in contexts this session replaced (`--kv-shrink`).
     cells_peak: u32,
+    /// The largest KV buffer (bytes) of the contexts this session replaced.
+    alloc_peak: u64,
+    /// Cells a shrink keeps free after the kept ones (`None`: `-n`, or the rest of the context).
+    pub(super) shrink_room: Option<u32>,
     /// Highest position written so far.
     max_pos: i32,
 }
@@ -203,7 +207,7 @@ impl<'e> Session<'e> {
             );
             Observer::new(Some(reducer))
         });
-        let mut lctx = ObservedContext::new(engine.model(), params.clone(), observer)
+        let mut lctx = ObservedContext::new(engine.model(), params.clone(), observer, Some(engine.cancel.flag()))
             .map_err(|e| Error::Context { n_ctx, reason: e.to_string() })?;
         let flash_attn = llama::flash_attn_enabled(lctx.ctx());
         let resume_flash_attn = observes && flash_attn;
@@ -235,11 +239,20 @@ impl<'e> Session<'e> {
             bounded,
             evictions: Vec::new(),
             cells_peak: 0,
+            alloc_peak: 0,
+            shrink_room: None,
             max_pos: -1,
         })
     }
 
-    /// The most cells the cache has ever held in this session (llama.cpp's own count).
+    /// The largest K+V buffer this session has allocated (the prefill's, before a shrink).
+    #[must_use]
+    pub fn kv_bytes_allocated_peak(&self) -> u64 {
+        self.alloc_peak.max(self.kv_info().bytes_allocated())
+    }
+
+    /// The most cells the cache ever held (llama.cpp's high-water mark, across the contexts
+    /// this session used).
     #[must_use]
     pub fn kv_cells_peak(&self) -> u32 {
         self.cells_peak.max(self.kv_info().n_used_peak)
@@ -349,6 +362,8 @@ impl<'e> Session<'e> {
     /// Stops observing, resumes flash attention and keeps the last logits after a prefill.
     pub(super) fn finish_prefill(&mut self, res: Result<PrefillStats>) -> Result<PrefillStats> {
         if res.is_err() {
+            // an evaluation llama.cpp aborted on request
+            self.engine.check_cancel()?;
             if let Some(e) = self.observer_error() {
                 return Err(e);
             }
@@ -390,6 +405,7 @@ impl<'e> Session<'e> {
                 let n_chunks = prompt.spans.len();
                 let mut done = 0usize;
                 for (i, span) in prompt.spans.iter().enumerate() {
+                    self.engine.check_cancel()?;
                     let chunk = prompt.chunks.get(i).expect("one span per chunk");
                     let last = i + 1 == n_chunks;
                     let mtmd = self.engine.mtmd();
@@ -565,12 +581,13 @@ impl<'e> Session<'e> {
                     .with_n_ctx(NonZeroU32::new(n))
                     .with_n_batch(n_batch)
                     .with_n_ubatch(self.params.n_ubatch().min(n_batch));
-                let mut lctx = ObservedContext::new(self.engine.model(), params, None)
+                let mut lctx = ObservedContext::new(self.engine.model(), params, None, Some(self.engine.cancel.flag()))
                     .map_err(|e| Error::Context { n_ctx: n, reason: e.to_string() })?;
                 lctx.ctx_mut()
                     .state_seq_set(&state, 0)
                     .map_err(|e| Error::Prompt(format!("cannot move the pruned cache: {e}")))?;
                 self.cells_peak = self.kv_cells_peak();
+                self.alloc_peak = self.kv_bytes_allocated_peak();
                 self.lctx = lctx;
                 self.n_ctx = n;
                 self.n_batch = n_batch;

@@ -38,7 +38,6 @@ use super::session::{ms, PrefillStats, Session};
 use super::{Plan, Prompt};
 use crate::config::{ContextConfig, KvCap};
 use crate::error::{Error, Result};
-use crate::llama;
 use crate::policy::{self, Budget, Granularity, Retention, Split};
 use crate::span::Modality;
 
@@ -255,6 +254,7 @@ impl Session<'_> {
         self.set_horizon(steps.peek().map_or(l, |s| s.at_token));
         let n_chunks = prompt.spans.len();
         for (i, piece) in b.pieces.iter().enumerate() {
+            self.engine.check_cancel()?;
             if let Some(step) = steps.next_if(|s| s.piece == i) {
                 let t = Instant::now();
                 let cached = self.cached_tokens();

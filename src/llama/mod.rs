@@ -17,7 +17,9 @@
 
 pub mod observer;
 
-use std::sync::OnceLock;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -40,6 +42,92 @@ pub fn backend() -> Result<&'static LlamaBackend> {
         })
         .as_ref()
         .map_err(|e| Error::Backend(e.clone()))
+}
+
+/// The names of llama.cpp's built-in chat templates (`chatml`, `llama2`, `vicuna`, …), sorted —
+/// the names `llama_chat_apply_template` accepts besides a template text it recognises.
+#[must_use]
+pub fn chat_builtin_templates() -> Vec<String> {
+    // SAFETY: with a null buffer and length 0 llama.cpp writes nothing and returns the count.
+    let n = unsafe { sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0) };
+    let Ok(n) = usize::try_from(n) else { return Vec::new() };
+    let mut names: Vec<*const std::os::raw::c_char> = vec![std::ptr::null(); n];
+    // SAFETY: `names` has room for `n` pointers and llama.cpp writes at most `len` of them; each
+    // points into the key of a static `std::map`, a NUL-terminated string alive for the process.
+    let got = unsafe { sys::llama_chat_builtin_templates(names.as_mut_ptr(), names.len()) };
+    let got = usize::try_from(got).unwrap_or(0).min(n);
+    names[..got]
+        .iter()
+        .filter(|p| !p.is_null())
+        // SAFETY: non-null pointers llama.cpp just wrote (see above), valid C strings.
+        .map(|&p| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Where the model runs: ggml's backend and device, read at run time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Device {
+    /// ggml backend ("CPU", "CUDA", "Metal", "Vulkan", …).
+    pub backend: String,
+    /// The device's description ("NVIDIA GeForce RTX 4090", the CPU's name, …).
+    pub name: String,
+    /// Whether layers are offloaded to it.
+    pub gpu: bool,
+}
+
+impl Device {
+    /// The first GPU (or integrated GPU) ggml found, when `n_gpu_layers > 0`; else the CPU.
+    #[must_use]
+    pub fn pick(n_gpu_layers: u32) -> Self {
+        use llama_cpp_2::LlamaBackendDeviceType as T;
+        let devices = llama_cpp_2::list_llama_ggml_backend_devices();
+        let gpu = devices.iter().find(|d| matches!(d.device_type, T::Gpu | T::IntegratedGpu));
+        match gpu {
+            Some(d) if n_gpu_layers > 0 => Self { backend: d.backend.clone(), name: d.description.clone(), gpu: true },
+            _ => {
+                let cpu = devices.iter().find(|d| matches!(d.device_type, T::Cpu));
+                Self {
+                    backend: cpu.map_or_else(|| "CPU".to_owned(), |d| d.backend.clone()),
+                    name: cpu.map_or_else(String::new, |d| d.description.clone()),
+                    gpu: false,
+                }
+            }
+        }
+    }
+}
+
+/// The most resident memory this process has used, in bytes (`getrusage`); `None` where the
+/// platform does not say.
+#[must_use]
+pub fn peak_rss_bytes() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_SELF is always valid.
+        let usage = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            (libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0).then_some(u)
+        }?;
+        let max = u64::try_from(usage.ru_maxrss).ok()?;
+        // kilobytes on Linux and the BSDs, bytes on macOS
+        Some(if cfg!(target_os = "macos") { max } else { max * 1024 })
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Ends the process at once with `code`, without running exit handlers: for a second Ctrl-C
+/// while llama.cpp is busy in another thread, whose C++ static destructors `exit` would run
+/// underneath it.
+pub fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: _exit only ends the process; no Rust or C state is touched afterwards.
+    unsafe {
+        libc::_exit(code)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
 }
 
 /// KV cache size and occupancy, as llama.cpp reports them.
@@ -318,6 +406,15 @@ pub fn last_logits<'c>(ctx: &'c LlamaContext<'_>, n_vocab: usize) -> Option<&'c 
 pub struct ObservedContext<'m> {
     ctx: LlamaContext<'m>,
     observer: Option<Box<observer::Observer>>,
+    /// The flag llama.cpp's abort callback reads (kept alive as long as the context).
+    _cancel: Option<Arc<AtomicBool>>,
+}
+
+/// llama.cpp's abort callback: `data` is the `AtomicBool` of an [`ObservedContext`]'s cancel flag.
+extern "C" fn abort_requested(data: *mut c_void) -> bool {
+    // SAFETY: `data` is `Arc::as_ptr` of the flag the context's owner holds until after the
+    // context is freed (field order of ObservedContext); a load cannot panic.
+    unsafe { (*(data as *const AtomicBool)).load(Ordering::Relaxed) }
 }
 
 impl std::fmt::Debug for ObservedContext<'_> {
@@ -335,6 +432,7 @@ impl<'m> ObservedContext<'m> {
         model: &'m llama_cpp_2::model::LlamaModel,
         params: llama_cpp_2::context::params::LlamaContextParams,
         observer: Option<observer::Observer>,
+        cancel: Option<Arc<AtomicBool>>,
     ) -> std::result::Result<Self, llama_cpp_2::LlamaContextLoadError> {
         let observer = observer.map(Box::new);
         let params = match &observer {
@@ -347,7 +445,13 @@ impl<'m> ObservedContext<'m> {
             None => params,
         };
         let ctx = model.new_context(backend().map_err(|_| llama_cpp_2::LlamaContextLoadError::NullReturn)?, params)?;
-        Ok(Self { ctx, observer })
+        if let Some(flag) = &cancel {
+            // SAFETY: a live context; the data pointer is the flag's AtomicBool, which the Arc in
+            // this struct keeps alive until after the context is dropped (field order). llama.cpp
+            // polls it between graph nodes and makes the evaluation return "aborted".
+            unsafe { sys::llama_set_abort_callback(ctx.as_raw(), Some(abort_requested), Arc::as_ptr(flag) as *mut c_void) };
+        }
+        Ok(Self { ctx, observer, _cancel: cancel })
     }
 
     /// The context.

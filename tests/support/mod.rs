@@ -40,5 +40,6 @@ pub fn engine() -> csp_llava::Engine {
 /// A scratch directory for files a test makes (kept alive for the process).
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
 }

@@ -83,6 +83,8 @@ pub struct ModelArgs {
     /// Multimodal projector GGUF.
     #[arg(long, value_name = "FNAME")]
     pub mmproj: Option<PathBuf>,
+    #[command(flatten)]
+    pub hf: HfArgs,
     /// Threads [default: available cores].
     #[arg(short = 't', long, value_name = "N")]
     pub threads: Option<u32>,
@@ -124,6 +126,24 @@ impl ModelArgs {
     }
 }
 
+/// Hugging Face Hub download flags, as llama.cpp's `-hf`, `-hff`, `-hft`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct HfArgs {
+    /// Download the model and its projector from a Hugging Face repository: `user/repo[:quant]`
+    /// (the quant asked, else Q4_K_M, else the first GGUF; `mmproj*.gguf` as the projector),
+    /// into the Hugging Face cache (written `-hf` or `-hfr`; HF_TOKEN, HF_ENDPOINT and HF_HOME
+    /// apply; what is cached works offline).
+    #[arg(long = "hf-repo", value_name = "USER/REPO[:QUANT]", conflicts_with = "model")]
+    pub hf_repo: Option<String>,
+    /// The model file in that repository, instead of picking by quant (written `-hff`).
+    #[arg(long = "hf-file", value_name = "FILE", requires = "hf_repo")]
+    pub hf_file: Option<String>,
+    /// Hugging Face access token (written `-hft`) [default: HF_TOKEN, or the token file of the
+    /// Hugging Face cache].
+    #[arg(long = "hf-token", value_name = "TOKEN", requires = "hf_repo")]
+    pub hf_token: Option<String>,
+}
+
 /// Bounded-prefill flags shared by the run, bench and eval commands.
 #[derive(Debug, Clone, Args)]
 pub struct BoundArgs {
@@ -133,8 +153,9 @@ pub struct BoundArgs {
     #[arg(long = "kv-max-cells", value_name = "N", help_heading = "KV cache pruning")]
     pub kv_max_cells: Option<KvCap>,
     /// Cells left free after each such eviction, for the text that follows and for generation
-    /// [default: -n (at least 32), at most N/4; N/4 with -n -1].
-    #[arg(long = "kv-reserve", value_name = "N", requires = "kv_max_cells", help_heading = "KV cache pruning")]
+    /// [default: -n (at least 32), at most N/4; N/4 with -n -1]. Without a cap: the cells a
+    /// shrunk cache keeps free for generation [default: -n; 1024 with -n -1].
+    #[arg(long = "kv-reserve", value_name = "N", help_heading = "KV cache pruning")]
     pub kv_reserve: Option<u32>,
     /// Renumber positions after each eviction so they stay inside the model's trained context
     /// (1-D RoPE models only).
@@ -366,6 +387,8 @@ pub struct RunArgs {
     /// Multimodal projector GGUF (mmproj) for the model.
     #[arg(long, value_name = "FNAME")]
     pub mmproj: Option<PathBuf>,
+    #[command(flatten)]
+    pub hf: HfArgs,
     /// Image file (PNG, JPEG, BMP, GIF, …); repeat for several. `<image>` or `<__media__>`
     /// markers in the prompt place them; without markers they come first, in order.
     #[arg(long = "image", value_name = "FILE")]
@@ -376,7 +399,7 @@ pub struct RunArgs {
     /// Read the prompt from a file.
     #[arg(short = 'f', long, value_name = "FNAME")]
     pub file: Option<PathBuf>,
-    /// System message.
+    /// System message (written `-sys`, as in llama.cpp).
     #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Tokens to generate [default: -1 = until end of generation or a full context].
@@ -420,11 +443,18 @@ pub struct RunArgs {
     #[arg(short = 's', long, value_name = "SEED", default_value_t = -1)]
     pub seed: i64,
     /// Chat template: a llama.cpp built-in name (chatml, vicuna for LLaVA-1.5, llama2, …) or a
-    /// template string [default: the model's own].
-    #[arg(long = "chat-template", value_name = "NAME")]
+    /// Jinja template string [default: the model's own].
+    #[arg(long = "chat-template", value_name = "NAME", conflicts_with = "chat_template_file")]
     pub chat_template: Option<String>,
+    /// Read a Jinja chat template from a file (rendered as with --jinja).
+    #[arg(long = "chat-template-file", value_name = "FNAME")]
+    pub chat_template_file: Option<PathBuf>,
+    /// Render the chat template (the model's own `tokenizer.chat_template`, or --chat-template)
+    /// with a Jinja engine, as llama.cpp's --jinja, instead of llama.cpp's built-in formats.
+    #[arg(long)]
+    pub jinja: bool,
     /// Send the prompt as it is, without a chat template.
-    #[arg(long = "no-chat-template", conflicts_with = "chat_template")]
+    #[arg(long = "no-chat-template", conflicts_with_all = ["chat_template", "chat_template_file", "jinja"])]
     pub no_chat_template: bool,
     /// Flash attention (written `-fa`).
     #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
@@ -459,10 +489,15 @@ pub struct RunArgs {
     /// SnapKV 32 (capped by B), H2O all prompt queries].
     #[arg(long = "obs-window", value_name = "N", help_heading = "KV cache pruning")]
     pub obs_window: Option<usize>,
-    /// After pruning, move the cache into a context sized to the kept cells plus -n (plus the
-    /// rest of -c when -n is -1), freeing the large buffer.
-    #[arg(long = "kv-shrink", help_heading = "KV cache pruning")]
+    /// After pruning, move the cache into a context sized to the kept cells plus -n (1024 with
+    /// -n -1; --kv-reserve overrides), freeing the large buffer [default: on with a pruning
+    /// policy unless -c is given; then the rest of -c stays free for -n -1].
+    #[arg(long = "kv-shrink", help_heading = "KV cache pruning", overrides_with = "no_kv_shrink")]
     pub kv_shrink: bool,
+    /// Keep the pruned cache in the buffer it was read into (the whole -c, or the model's
+    /// trained context without -c).
+    #[arg(long = "no-kv-shrink", help_heading = "KV cache pruning", overrides_with = "kv_shrink")]
+    pub no_kv_shrink: bool,
     #[command(flatten)]
     pub extra: PolicyExtra,
     #[command(flatten)]
@@ -514,7 +549,7 @@ impl RunArgs {
             csp_n: self.csp_n,
             obs_window: self.obs_window,
             seed: u64::try_from(self.seed).unwrap_or(0),
-            shrink: self.kv_shrink,
+            shrink: self.kv_shrink || (!self.no_kv_shrink && self.ctx_size.is_none()),
             ..self.extra.apply(PolicyConfig::default())?
         })
     }
@@ -542,7 +577,131 @@ const LLAMA_SHORT: &[(&str, &str)] = &[
     ("-ctk", "--cache-type-k"),
     ("-ctv", "--cache-type-v"),
     ("-ub", "--ubatch-size"),
+    ("-sys", "--system"),
+    ("-hf", "--hf-repo"),
+    ("-hfr", "--hf-repo"),
+    ("-hff", "--hf-file"),
+    ("-hft", "--hf-token"),
 ];
+
+/// llama.cpp flags (of `llama-mtmd-cli` and the common arguments) that csp-llava does not take:
+/// each gets one line, "csp-llava does not support FLAG (yet)", and exit 2, instead of being
+/// misread (`-cnv` as `-c nv`) or reported as unknown. `true`: the flag takes a value.
+pub const UNSUPPORTED_LLAMA_FLAGS: &[(&str, bool)] = &[
+    // chat mode: until csp-llava has its own
+    ("-cnv", false),
+    ("--conversation", false),
+    ("-no-cnv", false),
+    ("--no-conversation", false),
+    ("-i", false),
+    ("--interactive", false),
+    ("-if", false),
+    ("--interactive-first", false),
+    ("-st", false),
+    ("--single-turn", false),
+    // devices and offload placement
+    ("-dev", true),
+    ("--device", true),
+    ("--list-devices", false),
+    ("-ot", true),
+    ("--override-tensor", true),
+    ("-sm", true),
+    ("--split-mode", true),
+    ("-ts", true),
+    ("--tensor-split", true),
+    ("-mg", true),
+    ("--main-gpu", true),
+    ("--no-mmproj-offload", false),
+    ("-nkvo", false),
+    ("--no-kv-offload", false),
+    ("-cmoe", false),
+    ("--cpu-moe", false),
+    ("-ncmoe", true),
+    ("--n-cpu-moe", true),
+    ("--numa", true),
+    ("--mlock", false),
+    ("--no-mmap", false),
+    // other model sources and formats
+    ("-mu", true),
+    ("--model-url", true),
+    ("--mmproj-url", true),
+    ("--no-mmproj", false),
+    ("-dr", true),
+    ("--docker-repo", true),
+    ("--lora", true),
+    ("--lora-scaled", true),
+    ("--control-vector", true),
+    ("-md", true),
+    ("--model-draft", true),
+    ("--audio", true),
+    // sampling knobs csp-llava has no equivalent of
+    ("--mirostat", true),
+    ("--dynatemp-range", true),
+    ("--typical", true),
+    ("--xtc-probability", true),
+    ("--dry-multiplier", true),
+    ("--samplers", true),
+    ("--sampling-seq", true),
+    ("--grammar", true),
+    ("--grammar-file", true),
+    ("-j", true),
+    ("--json-schema", true),
+    ("--presence-penalty", true),
+    ("--frequency-penalty", true),
+    ("-l", true),
+    ("--logit-bias", true),
+    // context and cache management
+    ("-kvu", false),
+    ("--kv-unified", false),
+    ("--keep", true),
+    ("--context-shift", false),
+    ("--rope-scaling", true),
+    ("--rope-scale", true),
+    ("--rope-freq-base", true),
+    ("--yarn-orig-ctx", true),
+    ("--swa-full", false),
+    ("-dt", true),
+    ("--defrag-thold", true),
+    ("-np", true),
+    ("--parallel", true),
+    ("-tb", true),
+    ("--threads-batch", true),
+    ("--image-min-tokens", true),
+    ("--image-max-tokens", true),
+    ("--reasoning-format", true),
+    ("--reasoning-budget", true),
+    ("-sp", false),
+    ("--special", false),
+    ("--log-file", true),
+];
+
+/// The llama.cpp flag csp-llava does not support, if `args` names one (before `--`, and not as the
+/// value of another flag).
+pub fn unsupported_llama_flag(args: &[OsString]) -> Option<String> {
+    let value_flags = value_taking_flags();
+    let mut expect_value = false;
+    for a in args.iter().skip(1) {
+        let Some(s) = a.to_str() else {
+            expect_value = false;
+            continue;
+        };
+        if expect_value {
+            expect_value = false;
+            continue;
+        }
+        if s == "--" {
+            return None;
+        }
+        let flag = s.split_once('=').map_or(s, |(f, _)| f);
+        if UNSUPPORTED_LLAMA_FLAGS.iter().any(|(f, _)| *f == flag) {
+            return Some(flag.to_owned());
+        }
+        if !s.contains('=') && value_flags.iter().any(|f| f == flag) {
+            expect_value = true;
+        }
+    }
+    None
+}
 
 /// Rewrites llama.cpp's multi-letter short flags (`-fa on`, `-ngl=99`) to their long forms, but
 /// never a value of another flag (`-p -fa` keeps its prompt) nor anything after `--`.
@@ -649,6 +808,38 @@ mod tests {
         assert_eq!(parse(&["-p", "-fa"]).run.prompt.as_deref(), Some("-fa"));
         assert_eq!(parse(&["--system", "-ngl", "-fa", "off"]).run.system.as_deref(), Some("-ngl"));
         assert_eq!(parse(&["-n", "-1"]).run.n_predict, Some(-1));
+    }
+
+    #[test]
+    fn sys_and_hf_work_as_in_llama_cpp() {
+        let c = parse(&["-sys", "be brief", "-hf", "ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0", "-hff", "x.gguf"]);
+        assert_eq!(c.run.system.as_deref(), Some("be brief"));
+        assert_eq!(c.run.hf.hf_repo.as_deref(), Some("ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0"));
+        assert_eq!(c.run.hf.hf_file.as_deref(), Some("x.gguf"));
+        assert_eq!(parse(&["-hfr", "a/b"]).run.hf.hf_repo.as_deref(), Some("a/b"));
+        // -s is still the seed
+        assert_eq!(parse(&["-s", "7"]).run.seed, 7);
+    }
+
+    #[test]
+    fn unsupported_llama_flags_are_named() {
+        let argv = |a: &[&str]| -> Vec<OsString> { std::iter::once("csp-llava").chain(a.iter().copied()).map(OsString::from).collect() };
+        let named = |a: &[&str]| unsupported_llama_flag(&rewrite_llama_flags(argv(a)));
+        assert_eq!(named(&["-cnv"]).as_deref(), Some("-cnv"));
+        assert_eq!(named(&["-m", "x", "--no-mmproj-offload"]).as_deref(), Some("--no-mmproj-offload"));
+        assert_eq!(named(&["-dev=CUDA0"]).as_deref(), Some("-dev"));
+        assert_eq!(named(&["-ot", "x=CPU"]).as_deref(), Some("-ot"));
+        // values and what follows -- are not flags
+        assert_eq!(named(&["-p", "-cnv"]), None);
+        assert_eq!(named(&["-sys", "-dev"]), None);
+        assert_eq!(named(&["--", "-cnv"]), None);
+        assert_eq!(named(&["-fa", "on"]), None);
+        // every entry of the table is either a valid llama.cpp spelling csp-llava does not define
+        let defined = value_taking_flags();
+        for (f, _) in UNSUPPORTED_LLAMA_FLAGS {
+            assert!(!defined.iter().any(|d| d == f), "{f} is defined by csp-llava");
+            assert!(!LLAMA_SHORT.iter().any(|(s, _)| s == f), "{f} is rewritten");
+        }
     }
 
     #[test]

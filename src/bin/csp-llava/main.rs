@@ -2,6 +2,7 @@
 //! Errors print as one line on stderr with a non-zero exit (1; clap's usage errors exit 2).
 
 mod args;
+mod hub;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use args::{Cli, Command, RunArgs};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse_from(args::rewrite_llama_flags(std::env::args_os())) {
+    let argv = args::rewrite_llama_flags(std::env::args_os());
+    if let Some(flag) = args::unsupported_llama_flag(&argv) {
+        eprintln!("csp-llava: error: csp-llava does not support {flag} (yet)");
+        return ExitCode::from(2);
+    }
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
@@ -31,12 +37,54 @@ fn main() -> ExitCode {
     init_tracing(verbose);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() || matches!(e.downcast_ref::<csp_llava::Error>(), Some(csp_llava::Error::Cancelled)) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("csp-llava: interrupted");
+            ExitCode::from(130)
+        }
         Err(e) => {
             // One line: the error and its causes joined by ": ".
             let _ = std::io::stdout().flush();
             eprintln!("csp-llava: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ctrl-C stopped the run (exit 130, as a shell reports SIGINT).
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Ctrl-C during a run: the first asks the engine to stop at its next check (between chunks and
+/// tokens, and inside llama.cpp's graph evaluation), so the answer so far and the timing line
+/// are printed and the exit code is 130. Where nothing checks within a second (llama.cpp loading
+/// the model, the vision encoder on a large image), or on a second Ctrl-C, the process ends at
+/// once with 130.
+fn install_interrupt(cancel: &csp_llava::CancelHandle) {
+    let cancel = cancel.clone();
+    let installed = ctrlc::set_handler(move || {
+        if cancel.is_cancelled() {
+            eprintln!("\ncsp-llava: interrupted");
+            csp_llava::llama::exit_now(130);
+        }
+        cancel.cancel();
+        std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(900));
+            let _ = std::io::stdout().flush();
+            eprintln!("\ncsp-llava: interrupted");
+            csp_llava::llama::exit_now(130);
+        });
+    });
+    if let Err(e) = installed {
+        tracing::debug!("no Ctrl-C handler: {e}");
     }
 }
 
@@ -93,6 +141,7 @@ fn tiny_dir() -> Result<PathBuf> {
 fn load(a: &args::ModelArgs) -> Result<Engine> {
     let (ngl, threads) = (a.n_gpu_layers, a.threads);
     let (model, mmproj) = match (a.model.as_ref(), a.mmproj.as_ref()) {
+        (None, p) if a.hf.hf_repo.is_some() => hf_pair(&a.hf, p)?,
         (Some(m), Some(p)) => (m.clone(), p.clone()),
         (None, None) => {
             let d = tiny_dir()?;
@@ -312,6 +361,9 @@ const DEMO_IMAGES: [u32; 4] = [12, 6, 4, 11];
 const DEMO_PROMPT: &str = "In image 4, what shape is in the image?";
 
 fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
+    if run_args.hf.hf_repo.is_some() {
+        return run(&run_args);
+    }
     let defaults = run_args.model.is_none() && run_args.mmproj.is_none() && run_args.images.is_empty();
     if let (true, Some(cache)) = (defaults && dir.is_none(), real_model_dir()) {
         let m = cache.join("smolvlm-dino");
@@ -358,17 +410,40 @@ fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
     run(&run_args)
 }
 
-fn run(a: &RunArgs) -> Result<()> {
-    let Some(model) = &a.model else {
-        bail!("missing -m/--model (the text model GGUF); try `csp-llava demo` or `csp-llava --help`");
+/// `-hf`'s model and projector (an explicit `--mmproj` wins over the repository's).
+fn hf_pair(hf: &args::HfArgs, mmproj: Option<&PathBuf>) -> Result<(PathBuf, PathBuf)> {
+    let files = hub::resolve(hf)?;
+    let repo = hf.hf_repo.as_deref().unwrap_or_default();
+    let mmproj = match (mmproj, files.mmproj) {
+        (Some(p), _) => p.clone(),
+        (None, Some(p)) => p,
+        (None, None) => bail!("the repository {repo} has no mmproj*.gguf projector; give one with --mmproj"),
     };
-    let Some(mmproj) = &a.mmproj else {
-        bail!("missing --mmproj (the multimodal projector GGUF that belongs to {})", model.display());
+    Ok((files.model, mmproj))
+}
+
+fn run(a: &RunArgs) -> Result<()> {
+    let hf;
+    let (model, mmproj) = if a.hf.hf_repo.is_some() {
+        hf = hf_pair(&a.hf, a.mmproj.as_ref())?;
+        (&hf.0, &hf.1)
+    } else {
+        let Some(model) = &a.model else {
+            bail!("missing -m/--model (the text model GGUF); try `csp-llava demo` or `csp-llava --help`");
+        };
+        let Some(mmproj) = &a.mmproj else {
+            bail!("missing --mmproj (the multimodal projector GGUF that belongs to {})", model.display());
+        };
+        (model, mmproj)
     };
     let prompt = match (&a.prompt, &a.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?,
+        (None, Some(f)) => read_text_file(f, "prompt file")?,
         (None, None) => bail!("missing prompt: give one with -p TEXT or -f FILE"),
+    };
+    let chat_template = match &a.chat_template_file {
+        Some(f) => Some(read_text_file(f, "chat template file")?),
+        None => a.chat_template.clone(),
     };
     let sampling = a.sampling();
     sampling.validate()?;
@@ -386,14 +461,21 @@ fn run(a: &RunArgs) -> Result<()> {
         images: a.images.clone(),
         prompt,
         system: a.system.clone(),
-        chat_template: a.chat_template.clone(),
+        chat_template,
         raw: a.no_chat_template,
+        jinja: a.jinja || a.chat_template_file.is_some(),
     };
 
     let show_progress = std::io::stderr().is_terminal() && a.verbose == 0;
+    let cancel = csp_llava::CancelHandle::new();
+    install_interrupt(&cancel);
     let spinner = progress(show_progress, None, "loading model");
-    let engine = Engine::load(&mcfg)?;
+    let mut engine = Engine::load(&mcfg)?;
     spinner.finish_and_clear();
+    engine.set_cancel_handle(cancel.clone());
+    if cancel.is_cancelled() {
+        return Err(Interrupted.into());
+    }
 
     let bar = progress(show_progress, Some(0), "prefill");
     let json = a.json;
@@ -426,7 +508,24 @@ fn run(a: &RunArgs) -> Result<()> {
         write_retention(path, &report).with_context(|| format!("cannot write {}", path.display()))?;
     }
     eprintln!("{}", report.timing_line());
+    if report.stop == csp_llava::engine::StopReason::Cancelled {
+        return Err(Interrupted.into());
+    }
     Ok(())
+}
+
+/// Reads a small text file given on the command line: a regular file (a FIFO or a device would
+/// block or never end) of at most 16 MiB, as UTF-8.
+fn read_text_file(path: &Path, what: &str) -> Result<String> {
+    const MAX: u64 = 16 << 20;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("cannot read {what} {}: not a regular file", path.display());
+    }
+    if meta.len() > MAX {
+        bail!("cannot read {what} {}: {} bytes, more than the {} MiB allowed", path.display(), meta.len(), MAX >> 20);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
 }
 
 fn write_retention(path: &Path, report: &csp_llava::RunReport) -> Result<()> {
