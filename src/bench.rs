@@ -128,13 +128,18 @@ pub struct BenchRow {
     pub reps: usize,
 }
 
-/// Writes `n` deterministic synthetic images (224 px) into `dir`.
+/// At most this many distinct synthetic images are written; larger counts cycle through them (so
+/// `--images 10000` writes 64 small files, not 10,000 — and is then refused by the context check
+/// before any image is decoded). Runs of up to 64 images see only distinct images, as before.
+pub const MAX_SYNTHETIC_IMAGES: usize = 64;
+
+/// Writes `min(n, MAX_SYNTHETIC_IMAGES)` deterministic synthetic images (224 px) into `dir`.
 ///
 /// # Errors
 /// I/O errors.
 pub fn synthetic_images(dir: &Path, n: usize) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
-    (0..n)
+    (0..n.min(MAX_SYNTHETIC_IMAGES))
         .map(|i| {
             let p = dir.join(format!("bench-{i}.png"));
             tiny::write_png(&p, 224, &tiny::sample_image_rgb(1000, i, 224))?;
@@ -173,7 +178,7 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     }
     let max_images = cfg.images.iter().copied().max().unwrap_or(0);
     let files = if cfg.image_files.is_empty() {
-        synthetic_images(scratch, max_images).map_err(|e| Error::Io { what: "synthetic image", path: scratch.to_owned(), source: e })?
+        synthetic_images(scratch, max_images).map_err(|e| Error::Io { what: "synthetic image", path: scratch.to_owned(), cause: e })?
     } else {
         cfg.image_files.clone()
     };
@@ -192,7 +197,9 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
         .iter()
         .map(|&n| {
             let req = Request { images: (0..n).map(|i| files[i % files.len()].clone()).collect(), prompt: cfg.prompt.clone(), ..Default::default() };
-            engine.prepare(&req).map(|p| (n, p))
+            // the reference rows hold the whole prompt in -c (no cap): refuse what cannot fit
+            // before decoding any image
+            engine.prepare_for(&req, &ContextConfig { kv_max_cells: None, ..cfg.ctx.clone() }).map(|p| (n, p))
         })
         .collect::<Result<Vec<_>>>()?;
     let sampling = SamplingConfig { n_predict: cfg.n_predict, temp: 0.0, ignore_eos: true, seed: Some(0), ..Default::default() };

@@ -244,6 +244,14 @@ impl ContextConfig {
     /// # Errors
     /// [`Error::Config`] naming the flag.
     pub fn validate(&self) -> Result<()> {
+        // llama.cpp's positions (`llama_pos`) are int32: a context past i32::MAX cells cannot be
+        // addressed, and csp-llava compares positions with it as i32.
+        if self.n_ctx > i32::MAX as u32 {
+            return Err(cfg_err(
+                "-c/--ctx-size",
+                &format!("{} is more than the {} positions llama.cpp can address (0 = the model's trained context)", self.n_ctx, i32::MAX),
+            ));
+        }
         if self.n_batch == 0 {
             return Err(cfg_err("-b/--batch-size", "must be at least 1"));
         }
@@ -351,6 +359,9 @@ pub struct Request {
     /// Render the chat template (`chat_template`, or the model's `tokenizer.chat_template`) with
     /// a Jinja engine, as llama.cpp's `--jinja`, instead of llama.cpp's built-in formats.
     pub jinja: bool,
+    /// Most pixels (width × height as the file declares it, checked before decoding) an image may
+    /// have; `None` = [`crate::engine::image::DEFAULT_MAX_PIXELS`] (8192 × 8192 ≈ 67 MP).
+    pub max_image_pixels: Option<u64>,
 }
 
 fn cfg_err(field: &'static str, reason: &str) -> Error {
@@ -371,6 +382,9 @@ mod tests {
         assert!(SamplingConfig { temp: f32::NAN, ..ok }.validate().is_err());
         let c = ContextConfig { type_v: CacheType::Q8_0, flash_attn: FlashAttn::Off, ..Default::default() };
         assert!(c.validate().is_err());
+        assert!(ContextConfig { n_ctx: i32::MAX as u32, ..Default::default() }.validate().is_ok());
+        let e = ContextConfig { n_ctx: 4_000_000_000, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.starts_with("invalid -c/--ctx-size: 4000000000 is more than the 2147483647"), "{e}");
         assert_eq!("Q8_0".parse::<CacheType>().unwrap(), CacheType::Q8_0);
         assert!("q3".parse::<CacheType>().is_err());
     }

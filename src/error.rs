@@ -19,14 +19,39 @@ pub enum Error {
         path: PathBuf,
     },
     /// An input file exists but cannot be read.
-    #[error("cannot read {what} {}: {source}", path.display())]
+    // `cause`, not `source`: the message already says it, and a source would be printed twice
+    // by error chains ("Is a directory: Is a directory").
+    #[error("cannot read {what} {}: {cause}", path.display())]
     Io {
         /// What the file was for.
         what: &'static str,
         /// The path given.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
+    },
+    /// A path that is not a regular file where one is read (a FIFO would block, a device never
+    /// end).
+    #[error("cannot read {what} {}: it is {kind}", path.display())]
+    NotRegularFile {
+        /// What the file was for.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// "a directory", "not a regular file (…)"
+        kind: &'static str,
+    },
+    /// An input file larger than csp-llava reads for its purpose.
+    #[error("cannot read {what} {}: {size} bytes, more than the {max} allowed", path.display())]
+    TooLarge {
+        /// What the file was for.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Its size (or what was read before stopping).
+        size: u64,
+        /// The bound.
+        max: u64,
     },
     /// A model or projector file is not a readable GGUF file.
     #[error("{what} {} is not a valid GGUF file: {reason}", path.display())]
@@ -68,12 +93,6 @@ pub enum Error {
         proj_width: u64,
         /// text model hidden size
         model_width: u64,
-    },
-    /// An image file could not be decoded.
-    #[error("cannot decode image {}: not an image, or a format llama.cpp cannot read (PNG, JPEG, BMP, GIF, TGA, PSD, PNM)", path.display())]
-    BadImage {
-        /// The path given.
-        path: PathBuf,
     },
     /// A setting is out of range or inconsistent.
     #[error("invalid {field}: {reason}")]
@@ -122,6 +141,26 @@ pub enum Error {
         /// Requested context size.
         n_ctx: u32,
         /// llama-cpp-2's message.
+        reason: String,
+    },
+    /// An image that cannot be used: not an image, corrupt, or over the pixel/memory limits
+    /// (`engine::image`).
+    #[error("cannot decode image {name}: {reason}")]
+    Image {
+        /// The file's path as given (or a name for an in-memory image).
+        name: String,
+        /// Why (`engine::image::DecodeError`).
+        reason: String,
+    },
+    /// A model or projector whose metadata contradicts its tensors, or that llama.cpp would abort
+    /// on (`engine::check`): the reason names the key or tensor and the contradiction.
+    #[error("{what} {} cannot be used: {reason}", path.display())]
+    BadModel {
+        /// "model" or "mmproj"
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// What contradicts what.
         reason: String,
     },
 }

@@ -23,6 +23,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod gguf;
+pub mod input;
 pub mod llama;
 pub mod observe;
 pub mod policy;

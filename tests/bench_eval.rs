@@ -105,11 +105,12 @@ fn eval_summary_failures_and_resume() {
     let lines_before = std::fs::read_to_string(&cases_out).unwrap().lines().count();
     assert_eq!(lines_before, 3);
 
-    // resume: the two good cases are not run again, the failed one is retried
+    // resume: the two good cases are not run again, the failed one is retried — and replaces
+    // its earlier line (one line per case: no duplicates, issue 13)
     let out = csp(&[&args[..], &["--resume"]].concat());
     assert!(!out.status.success());
     let text = std::fs::read_to_string(&cases_out).unwrap();
-    assert_eq!(text.lines().count(), 4);
+    assert_eq!(text.lines().count(), 3);
     assert_eq!(text.lines().filter(|l| l.contains("\"ok\":true")).count(), 2);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["summary"][0]["n_cases"], 2);

@@ -9,6 +9,7 @@
 
 mod check;
 mod generate;
+pub mod image;
 pub mod prompt;
 mod report;
 mod session;
@@ -156,7 +157,20 @@ impl Engine {
     /// # Errors
     /// Empty prompt, marker/image count mismatch, unreadable images, template failures.
     pub fn prepare(&self, req: &Request) -> Result<Prompt> {
-        prompt::build(&self.model, &self.mtmd(), req)
+        prompt::build(&self.model, &self.mtmd(), req, None)
+    }
+
+    /// [`Engine::prepare`] for a run with `ctx`: without `--kv-max-cells`, a prompt that cannot
+    /// fit the context (`-c`, or the trained context for 0) is refused with
+    /// [`Error::PromptTooLong`] *before any image is decoded* — mtmd counts image tokens from the
+    /// sizes the files declare.
+    ///
+    /// # Errors
+    /// As [`Engine::prepare`], and `PromptTooLong`.
+    pub fn prepare_for(&self, req: &Request, ctx: &ContextConfig) -> Result<Prompt> {
+        let n_ctx_train = self.model.n_ctx_train();
+        let fit = ctx.kv_max_cells.is_none().then(|| prompt::Fit { n_ctx: if ctx.n_ctx == 0 { n_ctx_train } else { ctx.n_ctx }, n_ctx_train });
+        prompt::build(&self.model, &self.mtmd(), req, fit)
     }
 
     /// The embeddings the language model receives for media chunk `chunk` of `prompt`
@@ -282,7 +296,7 @@ impl Engine {
         sampling.validate()?;
         policy_cfg.validate()?;
         let t = std::time::Instant::now();
-        let prompt = self.prepare(req)?;
+        let prompt = self.prepare_for(req, ctx)?;
         let prepare_ms = session::ms(t);
         let mut report = self.run_prompt(&prompt, ctx, sampling, policy_cfg, PrefillMode::Chunked, on_event)?;
         report.ttft_ms += prepare_ms;

@@ -8,6 +8,7 @@ use llama_cpp_2::mtmd::{
     MtmdInputText,
 };
 
+use super::image::{self, ImageLimits};
 use super::template::{self, Message, SpecialTokens};
 use crate::config::Request;
 use crate::error::{Error, Result};
@@ -227,24 +228,62 @@ fn apply_builtin(
     Ok(model.apply_chat_template(tmpl, &chat, true))
 }
 
-/// Reads and decodes one image.
-fn load_image(mtmd: &MtmdContext, path: &Path, index: usize) -> Result<MtmdBitmap> {
-    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound { what: "image", path: path.to_owned() },
-        _ => Error::Io { what: "image", path: path.to_owned(), source },
-    })?;
-    let mut bitmap = MtmdBitmap::from_buffer(mtmd, &bytes, false)
-        .map_err(|_| Error::BadImage { path: path.to_owned() })?;
-    if bitmap.is_audio() {
-        return Err(Error::Unsupported {
-            what: "input",
-            reason: format!("{} is audio; csp-llava takes images", path.display()),
-        });
-    }
+/// Reads and decodes one image ([`super::image::load`]: bounded read, pixel limit checked on the
+/// header, EXIF orientation, RGB8) and hands mtmd its pixels; the decoded buffer is dropped as soon
+/// as mtmd holds its copy.
+fn load_image(path: &Path, index: usize, limits: &ImageLimits) -> Result<MtmdBitmap> {
+    let img = image::load(path, limits)?;
+    let mut bitmap = MtmdBitmap::from_image_data(img.width, img.height, &img.rgb)
+        .map_err(|e| Error::Image { name: path.display().to_string(), reason: format!("mtmd refused its {} × {} pixels ({e})", img.width, img.height) })?;
+    drop(img);
     bitmap
         .set_id(&media_id(index))
         .map_err(|_| Error::Prompt("bad media id".into()))?;
     Ok(bitmap)
+}
+
+/// The context a prompt must fit (`-c`, or the trained context for `-c 0`), checked before any
+/// image is decoded; see [`check_fits`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fit {
+    /// Context size.
+    pub n_ctx: u32,
+    /// The model's trained context (for the message).
+    pub n_ctx_train: u32,
+}
+
+/// Refuses, before decoding any image, a prompt that cannot fit `fit`: mtmd counts the prompt's
+/// tokens from the images' declared sizes alone ([`crate::llama::count_prompt`]), so 40 photos
+/// that cannot fit `-c` cost 40 header reads, not 40 decodes. The images are probed in order
+/// (each path once), so an unreadable, non-image or oversized file is reported here too. When
+/// mtmd cannot count (it then fails the same way on the real images), nothing is refused here.
+fn check_fits(mtmd: &MtmdContext, req: &Request, text: &str, limits: &ImageLimits, fit: Fit) -> Result<()> {
+    let mut seen: std::collections::HashMap<&Path, (u32, u32)> = std::collections::HashMap::new();
+    let mut sizes = Vec::with_capacity(req.images.len());
+    for p in &req.images {
+        let size = match seen.get(p.as_path()) {
+            Some(&s) => s,
+            None => {
+                let s = image::probe_file(p, limits)?;
+                seen.insert(p.as_path(), s);
+                s
+            }
+        };
+        sizes.push(size);
+    }
+    let Some(count) = crate::llama::count_prompt(mtmd, text, true, &sizes) else {
+        return Ok(());
+    };
+    if count.n_tokens > fit.n_ctx as usize || count.n_positions > i64::from(fit.n_ctx) {
+        return Err(Error::PromptTooLong {
+            n_tokens: count.n_tokens,
+            n_image_tokens: count.media_tokens.iter().sum(),
+            n_images: req.images.len(),
+            n_ctx: fit.n_ctx,
+            n_ctx_train: fit.n_ctx_train,
+        });
+    }
+    Ok(())
 }
 
 fn media_id(index: usize) -> String {
@@ -255,8 +294,11 @@ fn media_index(id: &str) -> Option<usize> {
     id.strip_prefix("csp-media-")?.parse().ok()
 }
 
-/// Builds the prompt: template, markers, images, tokenization, spans.
-pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request) -> Result<Prompt> {
+/// Builds the prompt: template, markers, images, tokenization, spans. With `fit`, a prompt that
+/// cannot fit that context is refused before any image is decoded ([`check_fits`]). Images are
+/// decoded one at a time, each into mtmd's bitmap, and all bitmaps are dropped once mtmd has
+/// tokenized them (its chunks keep the preprocessed pixels only).
+pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request, fit: Option<Fit>) -> Result<Prompt> {
     if req.prompt.trim().is_empty() {
         return Err(Error::Prompt("the prompt is empty (give one with -p or -f)".into()));
     }
@@ -266,13 +308,17 @@ pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request) -> Re
             reason: "the projector has no vision encoder, so it cannot take --image".into(),
         });
     }
+    let limits = ImageLimits::new(req.max_image_pixels)?;
     let user = place_markers(&req.prompt, req.images.len())?;
     let text = format_chat(model, req, user)?;
+    if let (Some(fit), false) = (fit, req.images.is_empty()) {
+        check_fits(mtmd, req, &text, &limits, fit)?;
+    }
     let bitmaps = req
         .images
         .iter()
         .enumerate()
-        .map(|(i, p)| load_image(mtmd, p, i))
+        .map(|(i, p)| load_image(p, i, &limits))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&MtmdBitmap> = bitmaps.iter().collect();
     let chunks = mtmd
@@ -281,6 +327,8 @@ pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request) -> Re
             &refs,
         )
         .map_err(|e| Error::Prompt(format!("mtmd could not tokenize the prompt: {e}")))?;
+    drop(refs);
+    drop(bitmaps);
 
     let mut spans = Vec::with_capacity(chunks.len());
     let (mut tok, mut pos) = (0usize, 0i32);

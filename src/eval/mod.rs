@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use crate::engine::{Engine, PrefillMode, Session};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::observe::StatRequest;
 use crate::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
 
@@ -52,12 +52,9 @@ fn id_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Stri
 /// case, the run goes on). Image paths become relative to the file's directory.
 ///
 /// # Errors
-/// The file cannot be read.
+/// The file cannot be read (not a regular file, over 256 MiB, not UTF-8).
 pub fn load_cases(path: &Path) -> Result<Vec<std::result::Result<Case, (String, String)>>> {
-    let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound { what: "data file", path: path.to_owned() },
-        _ => Error::Io { what: "data file", path: path.to_owned(), source },
-    })?;
+    let text = crate::input::read_text(path, "data file", crate::input::limits::JSON)?;
     let base = path.parent().unwrap_or(Path::new("."));
     Ok(text
         .lines()
@@ -169,7 +166,9 @@ fn greedy(n: usize) -> SamplingConfig {
 /// Anything that stops the case (bad images, a prompt longer than the context, …).
 pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseResult> {
     let req = Request { images: case.images.clone(), prompt: case.prompt.clone(), ..Default::default() };
-    let mut prompt = engine.prepare(&req)?;
+    // the full-cache reference reads the whole prompt: refuse one that cannot fit before decoding
+    let uncapped = ContextConfig { kv_max_cells: None, kv_reserve: None, kv_shift: false, ..cfg.ctx.clone() };
+    let mut prompt = engine.prepare_for(&req, &uncapped)?;
     if cfg.question_after_pruning {
         prompt.defer_question();
     }
@@ -189,8 +188,7 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
             })
         }));
     }
-    // the full cache's reference: never capped
-    let uncapped = ContextConfig { kv_max_cells: None, kv_reserve: None, kv_shift: false, ..cfg.ctx.clone() };
+    // the full cache's reference (`uncapped`, above): never capped
     let bounded = cfg.ctx.kv_max_cells.is_some();
     let (observe, ctx) = if bounded || requests.is_empty() {
         (Vec::new(), uncapped)

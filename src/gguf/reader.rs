@@ -1,6 +1,8 @@
 //! GGUF header reader: metadata and tensor infos, no tensor data. Defensive against truncated or
-//! corrupt files (every length is checked against the file size), so a bad file becomes an error
-//! instead of an allocation of garbage size.
+//! corrupt files: every count and length is checked against the bytes left in the file (a string
+//! of `n` bytes needs `n` bytes, an array of `n` u32 needs `4n`, a tensor info at least 24), memory
+//! is reserved only as data arrives, and the decoded header may use at most [`MAX_HEADER_MEMORY`]
+//! — so a bad file is an error, never an allocation of garbage size.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read};
@@ -58,10 +60,22 @@ impl GgufHeader {
     ///
     /// # Errors
     /// I/O errors, and `InvalidData` for a file that is not GGUF or is truncated/corrupt.
+    ///
+    /// Opens `path` as it is: a FIFO blocks here. Callers that take paths from users open them
+    /// with [`crate::input::open_regular`] and use [`GgufHeader::read_from`].
     pub fn read(path: &Path) -> io::Result<Self> {
         let file = std::fs::File::open(path)?;
         let size = file.metadata()?.len();
-        let mut r = Reader { r: BufReader::new(file), left: size, size };
+        Self::read_from(file, size)
+    }
+
+    /// Reads a header from `r`, the start of a GGUF file of `size` bytes; `size` bounds every
+    /// count and length in it.
+    ///
+    /// # Errors
+    /// I/O errors, and `InvalidData` for data that is not GGUF or is truncated/corrupt.
+    pub fn read_from(r: impl Read, size: u64) -> io::Result<Self> {
+        let mut r = Reader { r: BufReader::new(r), left: size, size, memory: 0 };
         r.parse()
     }
 
@@ -81,6 +95,24 @@ impl GgufHeader {
     #[must_use]
     pub fn get_u64(&self, key: &str) -> Option<u64> {
         self.kv.get(key).and_then(Value::as_u64)
+    }
+
+    /// A boolean entry.
+    #[must_use]
+    pub fn get_bool(&self, key: &str) -> Option<bool> {
+        match self.kv.get(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// An array entry of integers (`None` for a missing key, a scalar, or other elements).
+    #[must_use]
+    pub fn get_int_array(&self, key: &str) -> Option<Vec<i64>> {
+        match self.kv.get(key) {
+            Some(Value::Array(items)) => items.iter().map(Value::as_i64).collect(),
+            _ => None,
+        }
     }
 
     /// Reads an F32 or F16 tensor's values (as f32) from the file the header came from.
@@ -118,12 +150,33 @@ fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// The most memory a decoded header may take (metadata values and tensor infos, estimated).
+/// Real headers take tens of MiB — a 262k-token vocabulary with scores and types about 15 MiB —
+/// so this only stops corrupt counts in multi-GB files (each one-byte array element decodes to a
+/// [`Value`] of 32 bytes) from exhausting memory before the file runs out.
+pub const MAX_HEADER_MEMORY: u64 = 1 << 30;
+
+/// Fewest bytes one value of GGUF metadata type `ty` takes in the file (for arrays: their
+/// element type and count), so `left / min_size` bounds any count.
+fn min_size(ty: u32) -> u64 {
+    match ty {
+        0 | 1 | 7 => 1,      // u8, i8, bool
+        2 | 3 => 2,          // u16, i16
+        4..=6 => 4,          // u32, i32, f32
+        8 | 10..=12 => 8,    // string (length), u64, i64, f64
+        9 => 12,             // array: element type and count
+        _ => 1,
+    }
+}
+
 struct Reader<R> {
     r: R,
     /// Bytes left in the file: bounds every length field.
     left: u64,
     /// File size.
     size: u64,
+    /// Estimated memory of what has been decoded so far.
+    memory: u64,
 }
 
 impl<R: Read> Reader<R> {
@@ -142,13 +195,27 @@ impl<R: Read> Reader<R> {
     fn u64(&mut self) -> io::Result<u64> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
+    /// Counts `bytes` of decoded memory against [`MAX_HEADER_MEMORY`].
+    fn charge(&mut self, bytes: u64) -> io::Result<()> {
+        self.memory = self.memory.saturating_add(bytes);
+        if self.memory > MAX_HEADER_MEMORY {
+            return Err(bad(format!("the metadata would take more than {} MiB of memory", MAX_HEADER_MEMORY >> 20)));
+        }
+        Ok(())
+    }
+
     fn string(&mut self) -> io::Result<String> {
         let n = self.u64()?;
         if n > self.left {
             return Err(bad(format!("string length {n} exceeds the file")));
         }
-        let mut b = vec![0u8; usize::try_from(n).map_err(|_| bad("string too long"))?];
-        self.r.read_exact(&mut b).map_err(|_| bad("truncated"))?;
+        self.charge(n)?;
+        // Reserve what the file can hold, grow as bytes arrive: the length is not trusted.
+        let mut b = Vec::with_capacity(usize::try_from(n.min(1 << 16)).unwrap_or(0));
+        (&mut self.r).take(n).read_to_end(&mut b).map_err(|_| bad("truncated"))?;
+        if b.len() as u64 != n {
+            return Err(bad("truncated"));
+        }
         self.left -= n;
         String::from_utf8(b).map_err(|_| bad("string is not UTF-8"))
     }
@@ -167,10 +234,11 @@ impl<R: Read> Reader<R> {
             9 if depth == 0 => {
                 let elem = self.u32()?;
                 let n = self.u64()?;
-                if n > self.left {
+                if n > self.left / min_size(elem) {
                     return Err(bad(format!("array length {n} exceeds the file")));
                 }
-                let mut items = Vec::with_capacity(usize::try_from(n.min(1 << 20)).unwrap_or(0));
+                self.charge(n.saturating_mul(std::mem::size_of::<Value>() as u64))?;
+                let mut items = Vec::with_capacity(usize::try_from(n.min(1 << 16)).unwrap_or(0));
                 for _ in 0..n {
                     items.push(self.value(elem, depth + 1)?);
                 }
@@ -193,15 +261,21 @@ impl<R: Read> Reader<R> {
         }
         let n_tensors = self.u64()?;
         let n_kv = self.u64()?;
-        // Each entry needs at least 8 bytes: a count larger than that is corruption.
-        if n_tensors > self.left / 8 || n_kv > self.left / 8 {
-            return Err(bad("corrupt header counts"));
+        // A metadata entry takes at least 13 bytes (key length, type, one byte of value), a
+        // tensor info at least 24 (name length, dimension count, type, offset): larger counts
+        // are corruption.
+        if n_kv > self.left / 13 {
+            return Err(bad(format!("corrupt header: {n_kv} metadata entries cannot fit in {} bytes", self.size)));
+        }
+        if n_tensors > self.left.saturating_sub(n_kv * 13) / 24 {
+            return Err(bad(format!("corrupt header: {n_tensors} tensors cannot fit in {} bytes", self.size)));
         }
         let mut kv = BTreeMap::new();
         for _ in 0..n_kv {
             let key = self.string()?;
             let ty = self.u32()?;
             let v = self.value(ty, 0)?;
+            self.charge(std::mem::size_of::<(String, Value)>() as u64)?;
             kv.insert(key, v);
         }
         let mut tensors = Vec::new();
@@ -214,6 +288,7 @@ impl<R: Read> Reader<R> {
             let ne = (0..n_dims).map(|_| self.u64()).collect::<io::Result<Vec<_>>>()?;
             let ggml_type = self.u32()?;
             let offset = self.u64()?;
+            self.charge(std::mem::size_of::<TensorInfo>() as u64 + 32)?;
             tensors.push(TensorInfo { name, ne, ggml_type, offset });
         }
         // Tensor data must lie inside the file: catches truncated downloads before llama.cpp.
@@ -264,5 +339,97 @@ mod tests {
         }
         std::fs::write(&p, b"GGUF\x03\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff\0\0\0\0\0\0\0\0").unwrap();
         assert!(GgufHeader::read(&p).is_err());
+    }
+
+    /// A GGUF v3 preamble: magic, version, tensor count, metadata count.
+    fn preamble(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(n_tensors.to_le_bytes());
+        b.extend(n_kv.to_le_bytes());
+        b
+    }
+
+    /// `bytes` padded with zeros to 100 bytes, written to a file and read back.
+    fn read_100(dir: &Path, bytes: &[u8]) -> io::Result<GgufHeader> {
+        let mut b = bytes.to_vec();
+        b.resize(100, 0);
+        let p = dir.join("claims.gguf");
+        std::fs::write(&p, &b).unwrap();
+        GgufHeader::read(&p)
+    }
+
+    #[test]
+    fn absurd_counts_and_lengths_are_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = std::time::Instant::now();
+        let huge = 1u64 << 40;
+        // 2^40 tensors, 2^40 metadata entries in 100 bytes
+        let e = read_100(dir.path(), &preamble(huge, 0)).unwrap_err().to_string();
+        assert!(e.contains("tensors cannot fit in 100 bytes"), "{e}");
+        let e = read_100(dir.path(), &preamble(0, huge)).unwrap_err().to_string();
+        assert!(e.contains("metadata entries cannot fit"), "{e}");
+        // a key of 2^40 bytes
+        let mut b = preamble(0, 1);
+        b.extend(huge.to_le_bytes());
+        let e = read_100(dir.path(), &b).unwrap_err().to_string();
+        assert!(e.contains("string length 1099511627776 exceeds the file"), "{e}");
+        // an array of 2^40 strings; of 30 u32 in the 60 bytes left (each needs 4)
+        for (elem, n) in [(8u32, huge), (4, 30)] {
+            let mut b = preamble(0, 1);
+            b.extend(1u64.to_le_bytes());
+            b.push(b'k');
+            b.extend(9u32.to_le_bytes());
+            b.extend(elem.to_le_bytes());
+            b.extend(n.to_le_bytes());
+            let e = read_100(dir.path(), &b).unwrap_err().to_string();
+            assert!(e.contains(&format!("array length {n} exceeds the file")), "{e}");
+        }
+        // a tensor name of 2^40 bytes
+        let mut b = preamble(1, 0);
+        b.extend(huge.to_le_bytes());
+        assert!(read_100(dir.path(), &b).is_err());
+        assert!(start.elapsed() < std::time::Duration::from_secs(2), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_huge_file_with_a_corrupt_count_stays_within_the_memory_bound() {
+        // A "file" of 64 GiB (zeros, never materialised) whose only entry claims 2^34 u8 values:
+        // the count fits the file, but decoded they would take 512 GiB.
+        let mut b = preamble(0, 1);
+        b.extend(1u64.to_le_bytes());
+        b.push(b'k');
+        b.extend(9u32.to_le_bytes());
+        b.extend(0u32.to_le_bytes());
+        b.extend((1u64 << 34).to_le_bytes());
+        let size = 1u64 << 36;
+        let data = io::Cursor::new(b).chain(io::repeat(0));
+        let start = std::time::Instant::now();
+        let e = GgufHeader::read_from(data, size).unwrap_err().to_string();
+        assert!(e.contains("more than 1024 MiB of memory"), "{e}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        // and a string of 2^33 bytes, which the file could hold, is read as it arrives: here
+        // the data ends after 10 bytes, which is an error, not an 8 GiB buffer
+        let mut b = preamble(0, 1);
+        b.extend((1u64 << 33).to_le_bytes());
+        let mut short = b.clone();
+        short.extend([b'x'; 10]);
+        let e = GgufHeader::read_from(io::Cursor::new(short), size).unwrap_err().to_string();
+        assert!(e.contains("truncated") || e.contains("more than"), "{e}");
+    }
+
+    #[test]
+    fn set_reshape_and_remove_make_variants() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.gguf");
+        let mut w = GgufWriter::new();
+        w.u32("a", 1).u32("b", 2).tensor("m", &[2, 3], TensorType::F32, &[0.0; 6]).tensor("n", &[1], TensorType::F32, &[0.0]);
+        w.set("a", Value::U64(1 << 40)).set("c", Value::Bool(true)).remove("b").reshape("m", &[3, 2]).remove_tensor("n");
+        w.write_file(&p).unwrap();
+        let h = GgufHeader::read(&p).unwrap();
+        assert_eq!(h.kv.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(h.get_u64("a"), Some(1 << 40));
+        assert_eq!(h.tensors.len(), 1);
+        assert_eq!(h.tensor("m").unwrap().ne, vec![3, 2]);
     }
 }

@@ -85,6 +85,40 @@ impl GgufWriter {
         self
     }
 
+    /// Replaces the value of metadata entry `key` where it stands, or adds it at the end (tests
+    /// build bad variants of the tiny model this way).
+    pub fn set(&mut self, key: &str, value: Value) -> &mut Self {
+        match self.kv.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.kv.push((key.to_owned(), value)),
+        }
+        self
+    }
+
+    /// Removes metadata entry `key` (if present).
+    pub fn remove(&mut self, key: &str) -> &mut Self {
+        self.kv.retain(|(k, _)| k != key);
+        self
+    }
+
+    /// Declares tensor `name` with shape `ne` instead, keeping its data (so the element count
+    /// must stay the same: a transposed matrix, a 2-D tensor made 3-D).
+    ///
+    /// # Panics
+    /// If there is no such tensor or the element counts differ (a programming error in a test).
+    pub fn reshape(&mut self, name: &str, ne: &[u64]) -> &mut Self {
+        let t = self.tensors.iter_mut().find(|t| t.name == name).unwrap_or_else(|| panic!("no tensor {name}"));
+        assert_eq!(t.ne.iter().product::<u64>(), ne.iter().product::<u64>(), "tensor {name}: {ne:?} has another element count");
+        t.ne = ne.to_vec();
+        self
+    }
+
+    /// Removes tensor `name` (if present).
+    pub fn remove_tensor(&mut self, name: &str) -> &mut Self {
+        self.tensors.retain(|t| t.name != name);
+        self
+    }
+
     /// Writes the whole file.
     ///
     /// # Errors

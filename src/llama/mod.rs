@@ -3,6 +3,8 @@
 //! * chunk-by-chunk prompt evaluation (`mtmd_helper_eval_chunk_single` for text,
 //!   `mtmd_encode_chunk` + `mtmd_helper_decode_image_chunk` for media, so image encoding is
 //!   timed on its own), through the raw pointers our llama-cpp-2 patch exposes;
+//! * a prompt's token count from its images' sizes alone (mtmd's placeholder bitmaps), so a
+//!   prompt that cannot fit is refused before any image is decoded;
 //! * the last token's logits after such an evaluation (llama-cpp-2's own accessor only knows
 //!   about batches it decoded itself);
 //! * KV cache size and occupancy, and whether flash attention is on (our llama.cpp patch
@@ -386,6 +388,87 @@ pub fn decode_media_chunk(
         return Err(Error::Llama { op: "decode image chunk", code: rc });
     }
     Ok(new_n_past)
+}
+
+/// What mtmd would make of a prompt, counted without pixels: see [`count_prompt`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptCount {
+    /// All tokens (KV cells), text and media.
+    pub n_tokens: usize,
+    /// Positions.
+    pub n_positions: i64,
+    /// Tokens of each media chunk, in order.
+    pub media_tokens: Vec<usize>,
+}
+
+/// Tokenizes `text` (with mtmd markers) as [`MtmdContext::tokenize`] would, for images of the
+/// given `(width, height)` sizes — but with mtmd's *placeholder* bitmaps (`mtmd_bitmap_init`
+/// without data: "treated as a placeholder for counting tokens", mtmd.h), which go through the
+/// preprocessor's size arithmetic without any pixels. So a prompt's length is known before any
+/// image is decoded. `None` when mtmd refuses (the real tokenization then says why).
+#[must_use]
+pub fn count_prompt(mtmd: &MtmdContext, text: &str, add_special: bool, sizes: &[(u32, u32)]) -> Option<PromptCount> {
+    /// Frees the placeholder bitmaps and the chunk list on every return path.
+    struct Owned {
+        bitmaps: Vec<*mut sys::mtmd_bitmap>,
+        chunks: *mut sys::mtmd_input_chunks,
+    }
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            for &b in &self.bitmaps {
+                // SAFETY: each pointer came from mtmd_bitmap_init (non-null) and is freed once.
+                unsafe { sys::mtmd_bitmap_free(b) };
+            }
+            if !self.chunks.is_null() {
+                // SAFETY: from mtmd_input_chunks_init, freed once; its chunks go with it.
+                unsafe { sys::mtmd_input_chunks_free(self.chunks) };
+            }
+        }
+    }
+    let text = std::ffi::CString::new(text).ok()?;
+    let mut owned = Owned { bitmaps: Vec::with_capacity(sizes.len()), chunks: std::ptr::null_mut() };
+    for &(nx, ny) in sizes {
+        // SAFETY: a null data pointer is mtmd's documented placeholder (nothing is read).
+        let b = unsafe { sys::mtmd_bitmap_init(nx, ny, std::ptr::null()) };
+        if b.is_null() {
+            return None;
+        }
+        owned.bitmaps.push(b);
+    }
+    // SAFETY: no arguments; returns an owned list (or null, checked).
+    owned.chunks = unsafe { sys::mtmd_input_chunks_init() };
+    if owned.chunks.is_null() {
+        return None;
+    }
+    let input = sys::mtmd_input_text { text: text.as_ptr(), text_len: text.as_bytes().len(), add_special, parse_special: true };
+    let ptrs: Vec<*const sys::mtmd_bitmap> = owned.bitmaps.iter().map(|&b| b.cast_const()).collect();
+    // SAFETY: a live mtmd context (mtmd_tokenize only reads it: "thread-safe (shared ctx)"); `input`
+    // and the C string it points to outlive the call; `ptrs` holds `ptrs.len()` live bitmaps; the
+    // output list is ours. C++ exceptions are caught inside mtmd_tokenize (return code 2).
+    let rc = unsafe { sys::mtmd_tokenize(mtmd.as_raw(), owned.chunks, &raw const input, ptrs.as_ptr().cast_mut(), ptrs.len()) };
+    if rc != 0 {
+        tracing::debug!(rc, "mtmd could not count the prompt with placeholder images");
+        return None;
+    }
+    let mut count = PromptCount { n_tokens: 0, n_positions: 0, media_tokens: Vec::with_capacity(sizes.len()) };
+    // SAFETY: the list filled above.
+    let n = unsafe { sys::mtmd_input_chunks_size(owned.chunks) };
+    for i in 0..n {
+        // SAFETY: i < size; the chunk is owned by the list, which outlives these reads.
+        let (kind, n_tokens, n_pos) = unsafe {
+            let c = sys::mtmd_input_chunks_get(owned.chunks, i);
+            if c.is_null() {
+                return None;
+            }
+            (sys::mtmd_input_chunk_get_type(c), sys::mtmd_input_chunk_get_n_tokens(c), sys::mtmd_input_chunk_get_n_pos(c))
+        };
+        count.n_tokens += n_tokens;
+        count.n_positions += i64::from(n_pos);
+        if kind != sys::MTMD_INPUT_CHUNK_TYPE_TEXT {
+            count.media_tokens.push(n_tokens);
+        }
+    }
+    Some(count)
 }
 
 /// Logits of the last output of the most recent evaluation (`n_vocab` values), or `None` if that

@@ -178,7 +178,7 @@ impl Profile {
     /// Unreadable or malformed files.
     pub fn load(path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::Config { field: "--prefixkv-profile", reason: format!("{}: {reason}", path.display()) };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let text = crate::input::read_text(path, "PrefixKV profile", crate::input::limits::JSON)?;
         let p: Profile = serde_json::from_str(&text).map_err(|e| bad(format!("not a PrefixKV profile ({e})")))?;
         if p.budgets.is_empty() || p.budgets.iter().any(|b| b.forget.iter().any(|f| !(0.0..=1.0).contains(f))) {
             return Err(bad("no budgets, or forget fractions outside [0, 1]".into()));

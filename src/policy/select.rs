@@ -52,8 +52,9 @@ pub fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Votes per-head choices down to exactly `b` of `l` tokens: rank by the number of choices
-/// keeping a token, then by the score summed over all choices, then by position.
+/// Votes per-head choices down to exactly `b` of `l` tokens: the last token first (llama.cpp
+/// continues from it: the next position must follow the last cached one), then by the number of
+/// choices keeping a token, then by the score summed over all choices, then by position.
 #[must_use]
 pub fn vote(choices: &[HeadChoice], l: usize, b: usize) -> Retention {
     let mut votes = vec![0u32; l];
@@ -70,8 +71,9 @@ pub fn vote(choices: &[HeadChoice], l: usize, b: usize) -> Retention {
     }
     let mut order: Vec<usize> = (0..l).collect();
     let b = b.min(l);
+    let last = l.wrapping_sub(1);
     let cmp = |a: &usize, c: &usize| {
-        votes[*c].cmp(&votes[*a]).then_with(|| by_score_desc(&score)(a, c))
+        (*c == last).cmp(&(*a == last)).then_with(|| votes[*c].cmp(&votes[*a])).then_with(|| by_score_desc(&score)(a, c))
     };
     if b < l && b > 0 {
         order.select_nth_unstable_by(b - 1, cmp);
@@ -115,5 +117,9 @@ mod tests {
         assert_eq!(r.keep, vec![false, true, true, false, false, true]);
         assert_eq!(r.votes, vec![1, 1, 1, 1, 0, 3]);
         assert_eq!(vote(&choices, l, 6).keep, vec![true; 6]);
+        // the last token outranks every vote count: a budget of one keeps it
+        let first_and_last = vec![HeadChoice { layer: None, head: None, keep: vec![0, 5], score: vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.0] }; 2];
+        assert_eq!(vote(&first_and_last, l, 1).keep, vec![false, false, false, false, false, true]);
+        assert_eq!(vote(&choices[..1], l, 1).keep, vec![false, false, false, false, false, true]);
     }
 }

@@ -35,13 +35,16 @@ pub enum Command {
     },
     /// Speed and memory of each policy × budget next to llama.cpp's own full cache
     /// (llama-bench style; medians with min–max over -r repetitions after a warm-up).
+    #[command(allow_negative_numbers = true)]
     Bench(BenchArgs),
     /// Fidelity (KL, top-1 agreement, ROUGE-L against the full cache) and accuracy of each
     /// policy × budget on a JSONL set of cases.
+    #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// PrefixKV's offline profile: per-layer retention for each budget from the attention of a
     /// few calibration cases (same JSONL as eval); use it with
     /// `--kv-policy prefixkv --prefixkv-profile FILE`.
+    #[command(allow_negative_numbers = true)]
     Calibrate(CalibrateArgs),
     /// Print how prompts are laid out for the model (text token ids and image slots), one JSON
     /// line per input line `{"prompt": …, "n_images": K, "raw": false}` on stdin — what the projector
@@ -59,6 +62,7 @@ pub enum Command {
     /// built by models/build.sh) with CSP on four easy-vqa test images and a question about one
     /// of them by its number; without it, the tiny random model and its sample images. Takes
     /// every flag of the main command.
+    #[command(allow_negative_numbers = true)]
     Demo {
         /// Use the tiny random model, written here.
         #[arg(long)]
@@ -131,8 +135,9 @@ impl ModelArgs {
 pub struct HfArgs {
     /// Download the model and its projector from a Hugging Face repository: `user/repo[:quant]`
     /// (the quant asked, else Q4_K_M, else the first GGUF; `mmproj*.gguf` as the projector),
-    /// into the Hugging Face cache (written `-hf` or `-hfr`; HF_TOKEN, HF_ENDPOINT and HF_HOME
-    /// apply; what is cached works offline).
+    /// into the Hugging Face cache (written `-hf` or `-hfr`; HF_TOKEN, HF_ENDPOINT, HF_HOME and
+    /// HF_HUB_CACHE apply; what is cached works offline, and HF_HUB_OFFLINE=1 never touches the
+    /// network).
     #[arg(long = "hf-repo", value_name = "USER/REPO[:QUANT]", conflicts_with = "model")]
     pub hf_repo: Option<String>,
     /// The model file in that repository, instead of picking by quant (written `-hff`).
@@ -228,8 +233,9 @@ pub struct EvalArgs {
     /// Budgets, comma-separated.
     #[arg(long = "kv-budget", value_name = "B[,B…]", value_delimiter = ',', default_value = "0.1,0.2")]
     pub kv_budget: Vec<Budget>,
-    /// Answer length cap (greedy).
-    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = 32)]
+    /// Answer length cap (greedy); answers are compared token by token, so it must be at
+    /// least 1 (-1, llama.cpp's "unlimited", is refused here).
+    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = 32, value_parser = parse_answer_len)]
     pub n_predict: usize,
     /// Output format of the summary.
     #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
@@ -270,8 +276,8 @@ pub struct CalibrateArgs {
     /// Retained budgets to calibrate (fractions; 0.2 keeps 20%).
     #[arg(long = "kv-budget", value_name = "B[,B…]", value_delimiter = ',', default_value = "0.1,0.2,0.5")]
     pub kv_budget: Vec<Budget>,
-    /// Use only the first N cases (the PrefixKV paper finds 10 enough).
-    #[arg(long = "max-cases", value_name = "N", default_value_t = 10)]
+    /// Use only the first N cases (the PrefixKV paper finds 10 enough); -1 = all.
+    #[arg(long = "max-cases", value_name = "N", default_value_t = 10, value_parser = parse_count_or_all)]
     pub max_cases: usize,
     /// Where to write the profile.
     #[arg(long, value_name = "FILE.json")]
@@ -307,8 +313,8 @@ pub struct BenchArgs {
     /// Measured repetitions per configuration (after one warm-up pass).
     #[arg(short = 'r', long = "repetitions", value_name = "N", default_value_t = 3)]
     pub reps: usize,
-    /// Tokens generated per run (end of generation ignored).
-    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = 32)]
+    /// Tokens generated per run (end of generation ignored, so at least 1: -1 would never end).
+    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = 32, value_parser = parse_bench_len)]
     pub n_predict: i32,
     /// Prompt text.
     #[arg(short = 'p', long, allow_hyphen_values = true, default_value = "Describe the images in detail.")]
@@ -364,6 +370,43 @@ fn fa(a: FaArg) -> FlashAttn {
     }
 }
 
+/// `--image-max-mp`: megapixels (decimals allowed) → pixels.
+fn parse_megapixels(s: &str) -> Result<u64, String> {
+    match s.parse::<f64>() {
+        Ok(mp) if mp > 0.0 && mp.is_finite() => Ok((mp * 1e6).round() as u64),
+        _ => Err(format!("'{s}' is not a positive number of megapixels")),
+    }
+}
+
+/// `eval -n`: a positive answer length.
+fn parse_answer_len(s: &str) -> Result<usize, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n >= 1 => usize::try_from(n).map_err(|_| format!("{n} is too large")),
+        Ok(n) => Err(format!("{n}: eval compares answers token by token, so -n must be at least 1")),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+/// `bench -n`: a positive count (generation ignores end-of-generation there).
+fn parse_bench_len(s: &str) -> Result<i32, String> {
+    match s.parse::<i64>() {
+        Ok(n) if (1..=i64::from(i32::MAX)).contains(&n) => Ok(n as i32),
+        Ok(n) if n < 1 => Err(format!("{n}: bench generates past end-of-generation, so -n must be at least 1")),
+        Ok(n) => Err(format!("{n} is too large")),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+/// A count where -1 means all (llama.cpp's convention).
+fn parse_count_or_all(s: &str) -> Result<usize, String> {
+    match s.parse::<i64>() {
+        Ok(-1) => Ok(usize::MAX),
+        Ok(n) if n >= 0 => usize::try_from(n).map_err(|_| format!("{n} is too large")),
+        Ok(n) => Err(format!("{n}: give a count, or -1 for all")),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
 /// Parses `-ngl`: a number, `auto` or `all` (both = every layer).
 fn parse_ngl(s: &str) -> Result<u32, String> {
     match s {
@@ -399,6 +442,10 @@ pub struct RunArgs {
     /// Read the prompt from a file.
     #[arg(short = 'f', long, value_name = "FNAME")]
     pub file: Option<PathBuf>,
+    /// Largest image accepted, in megapixels (checked from the file's header before decoding)
+    /// [default: 67, i.e. 8192×8192].
+    #[arg(long = "image-max-mp", value_name = "MP", value_parser = parse_megapixels)]
+    pub image_max_mp: Option<u64>,
     /// System message (written `-sys`, as in llama.cpp).
     #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,

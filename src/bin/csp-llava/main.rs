@@ -25,7 +25,14 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
-        Err(e) => e.exit(),
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // one line, as every other error: clap's first line, without its usage block
+            let msg = e.render().to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("csp-llava: error: {first} (see --help)");
+            return ExitCode::from(2);
+        }
     };
     let verbose = match &cli.command {
         Some(Command::Demo { run, .. }) => run.verbose,
@@ -42,6 +49,12 @@ fn main() -> ExitCode {
             eprintln!("csp-llava: interrupted");
             ExitCode::from(130)
         }
+        Err(e) if e.is::<Usage>() => {
+            let _ = std::io::stdout().flush();
+            eprintln!("csp-llava: error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(e) if e.is::<ReaderGone>() => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes joined by ": ".
             let _ = std::io::stdout().flush();
@@ -62,6 +75,45 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// A flag value out of range or flags that contradict each other: a usage error, exit 2 like
+/// clap's own (a value that does not parse), so the same kind of mistake always exits the same.
+#[derive(Debug)]
+struct Usage(csp_llava::Error);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Checks of flag values before anything is loaded; their failures are usage errors.
+fn usage(r: csp_llava::Result<()>) -> Result<()> {
+    r.map_err(|e| Usage(e).into())
+}
+
+/// The reader of stdout went away (`csp-llava … | head`): stop quietly, exit 0.
+#[derive(Debug)]
+struct ReaderGone;
+
+impl std::fmt::Display for ReaderGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("broken pipe")
+    }
+}
+
+impl std::error::Error for ReaderGone {}
+
+/// Writes to stdout; a closed pipe becomes [`ReaderGone`], other failures (a full disk) errors.
+fn out_err(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        ReaderGone.into()
+    } else {
+        anyhow::Error::new(e).context("cannot write the output")
+    }
+}
 
 /// Ctrl-C during a run: the first asks the engine to stop at its next check (between chunks and
 /// tokens, and inside llama.cpp's graph evaluation), so the answer so far and the timing line
@@ -157,12 +209,21 @@ fn load(a: &args::ModelArgs) -> Result<Engine> {
 
 fn bench(a: &args::BenchArgs) -> Result<()> {
     let cfg = a.config().map_err(anyhow::Error::msg)?;
-    cfg.ctx.validate()?;
+    usage(cfg.ctx.validate())?;
     for b in &cfg.budgets {
-        csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate()?;
+        usage(csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate())?;
     }
+    // the plot is written after the whole run: make sure it can be, first
+    let plot = a.plot.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("cannot write the plot {}", p.display()))).transpose()?;
     let engine = load(&a.common)?;
     let scratch = std::env::temp_dir().join(format!("csp-llava-bench-{}", std::process::id()));
+    // Ctrl-C: remove the synthetic images before going
+    let on_signal = scratch.clone();
+    let _ = ctrlc::set_handler(move || {
+        let _ = std::fs::remove_dir_all(&on_signal);
+        eprintln!("\ncsp-llava: interrupted");
+        csp_llava::llama::exit_now(130);
+    });
     let bar = if std::io::stderr().is_terminal() && a.common.verbose == 0 {
         ProgressBar::new(0).with_style(ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} runs {elapsed}").expect("valid template").progress_chars("=> "))
     } else {
@@ -191,8 +252,8 @@ fn bench(a: &args::BenchArgs) -> Result<()> {
             }
         }
     }
-    if let Some(p) = &a.plot {
-        std::fs::write(p, csp_llava::bench::svg(&rows)).with_context(|| format!("cannot write {}", p.display()))?;
+    if let (Some(mut f), Some(p)) = (plot, &a.plot) {
+        f.write_all(csp_llava::bench::svg(&rows).as_bytes()).with_context(|| format!("cannot write the plot {}", p.display()))?;
     }
     Ok(())
 }
@@ -211,7 +272,12 @@ fn prompt_layout(model: &Path, mmproj: &Path) -> Result<()> {
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(&line).context("each input line is {\"prompt\": …, \"n_images\": K}")?;
-        let n = v["n_images"].as_u64().unwrap_or(0) as usize;
+        const MAX_IMAGES: u64 = 1024;
+        let n = v["n_images"].as_u64().unwrap_or(0);
+        if n > MAX_IMAGES {
+            bail!("n_images {n} is more than {MAX_IMAGES}");
+        }
+        let n = n as usize;
         let req = Request {
             images: vec![blank.clone(); n],
             prompt: v["prompt"].as_str().unwrap_or_default().to_owned(),
@@ -276,23 +342,23 @@ fn calibrate(a: &args::CalibrateArgs) -> Result<()> {
 fn eval(a: &args::EvalArgs) -> Result<()> {
     use csp_llava::eval::{self, CaseResult};
     let cfg = a.config().map_err(anyhow::Error::msg)?;
-    cfg.ctx.validate()?;
+    usage(cfg.ctx.validate())?;
     for b in &cfg.budgets {
-        csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate()?;
+        usage(csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate())?;
     }
     if cfg.policies.is_empty() {
         bail!("--kv-policy: give at least one policy");
     }
-    let cases = eval::load_cases(&a.data)?;
-    let engine = load(&a.common)?;
-    let mut results: Vec<CaseResult> = Vec::new();
-    if let (true, Some(path)) = (a.resume, &a.cases_out) {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                results.push(serde_json::from_str(line).with_context(|| format!("{} line {}: not a case result", path.display(), i + 1))?);
-            }
+    if let Some(out) = &a.cases_out {
+        if same_file(out, &a.data) {
+            bail!("--cases-out {} is the --data file: it would overwrite the cases; write the results elsewhere", out.display());
         }
     }
+    let cases = eval::load_cases(&a.data)?;
+    let mut results: Vec<CaseResult> = match (a.resume, &a.cases_out) {
+        (true, Some(path)) => resume_results(path)?,
+        _ => Vec::new(),
+    };
     let mut out_file = match &a.cases_out {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -305,6 +371,10 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         ),
         None => None,
     };
+    let cancel = csp_llava::CancelHandle::new();
+    install_interrupt(&cancel);
+    let mut engine = load(&a.common)?;
+    engine.set_cancel_handle(cancel.clone());
     let bar = if std::io::stderr().is_terminal() && a.common.verbose == 0 {
         ProgressBar::new(cases.len() as u64).with_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} cases {elapsed}").expect("valid template").progress_chars("=> "))
     } else {
@@ -321,14 +391,27 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         }
         results.retain(|r| r.id != id);
         let r = match case {
-            Ok(c) => eval::eval_case(&engine, c, &cfg).unwrap_or_else(|e| CaseResult::failed(id.clone(), e.to_string())),
+            Ok(c) => match eval::eval_case(&engine, c, &cfg) {
+                Ok(r) => r,
+                // Ctrl-C: the cases done so far are in --cases-out, whole; --resume goes on
+                Err(_) if cancel.is_cancelled() => {
+                    bar.finish_and_clear();
+                    return Err(Interrupted.into());
+                }
+                Err(e) => CaseResult::failed(id.clone(), e.to_string()),
+            },
             Err((_, e)) => CaseResult::failed(id.clone(), e.clone()),
         };
+        if cancel.is_cancelled() {
+            bar.finish_and_clear();
+            return Err(Interrupted.into());
+        }
         if let Some(e) = &r.error {
             bar.suspend(|| eprintln!("csp-llava: case {id} failed: {e}"));
         }
         if let Some(f) = out_file.as_mut() {
-            writeln!(f, "{}", serde_json::to_string(&r)?)?;
+            // one write per line: a line is whole or absent, even after a crash
+            f.write_all(format!("{}\n", serde_json::to_string(&r)?).as_bytes()).context("cannot write --cases-out")?;
             f.flush()?;
         }
         results.push(r);
@@ -349,6 +432,53 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether `a` and `b` name the same file (both existing).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// The completed cases of a `--cases-out` file being resumed. The file is rewritten (atomically)
+/// to hold each completed case once, so the run's appends never duplicate; a last line cut
+/// mid-write by a crash is dropped and that case rerun. Anything else that does not parse —
+/// not UTF-8, a bad line in the middle — is refused and the file left as it is.
+fn resume_results(path: &Path) -> Result<Vec<csp_llava::eval::CaseResult>> {
+    use csp_llava::eval::CaseResult;
+    let text = match csp_llava::input::read_text(path, "--cases-out file to resume", csp_llava::input::limits::JSON) {
+        Ok(t) => t,
+        Err(csp_llava::Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => bail!("{e}; --resume leaves it unchanged (move it away to start over)"),
+    };
+    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let mut results: Vec<CaseResult> = Vec::new();
+    for (k, (i, line)) in lines.iter().enumerate() {
+        match serde_json::from_str::<CaseResult>(line) {
+            Ok(r) => {
+                results.retain(|o| o.id != r.id);
+                results.push(r);
+            }
+            Err(_) if k + 1 == lines.len() && !text.ends_with('\n') => {
+                eprintln!("csp-llava: {} line {}: cut short (an interrupted write); that case runs again", path.display(), i + 1);
+            }
+            Err(e) => bail!("{} line {}: not a case result ({e}); --resume leaves the file unchanged", path.display(), i + 1),
+        }
+    }
+    results.retain(|r| r.ok);
+    let mut body = String::new();
+    for r in &results {
+        body.push_str(&serde_json::to_string(r)?);
+        body.push('\n');
+    }
+    if body != text {
+        let tmp = path.with_extension("resume-tmp");
+        std::fs::write(&tmp, &body).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    }
+    Ok(results)
+}
+
 /// Where `models/build.sh` puts the real small VLM (the checkout this binary was built from).
 fn real_model_dir() -> Option<PathBuf> {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache");
@@ -364,48 +494,59 @@ fn demo(dir: Option<PathBuf>, mut run_args: RunArgs) -> Result<()> {
     if run_args.hf.hf_repo.is_some() {
         return run(&run_args);
     }
-    let defaults = run_args.model.is_none() && run_args.mmproj.is_none() && run_args.images.is_empty();
-    if let (true, Some(cache)) = (defaults && dir.is_none(), real_model_dir()) {
+    let own_model = run_args.model.is_some() || run_args.mmproj.is_some();
+    let real = if own_model || dir.is_some() { None } else { real_model_dir() };
+    if let Some(cache) = real {
         let m = cache.join("smolvlm-dino");
         run_args.model = Some(m.join("text.gguf"));
         run_args.mmproj = Some(m.join("mmproj.gguf"));
-        run_args.images = DEMO_IMAGES.iter().map(|i| cache.join(format!("easy-vqa/test/images112/{i}.png"))).collect();
+        let own_images = !run_args.images.is_empty();
+        if !own_images {
+            run_args.images = DEMO_IMAGES.iter().map(|i| cache.join(format!("easy-vqa/test/images112/{i}.png"))).collect();
+        }
         if run_args.prompt.is_none() && run_args.file.is_none() {
-            run_args.prompt = Some(DEMO_PROMPT.into());
+            run_args.prompt = Some(if own_images { "What shape is in image 1?".into() } else { DEMO_PROMPT.into() });
         }
         if run_args.kv_policy == csp_llava::PolicyKind::Full {
             run_args.kv_policy = csp_llava::PolicyKind::Csp;
             run_args.kv_budget.get_or_insert(csp_llava::Budget::Fraction(0.5));
-            run_args.kv_shrink = true;
         }
         run_args.n_predict.get_or_insert(16);
         run_args.temp.get_or_insert(0.0);
         if !run_args.json {
+            let images = if own_images { format!("{} image(s) of yours", run_args.images.len()) } else { "4 easy-vqa test images".into() };
             eprintln!(
-                "csp-llava demo: SmolLM2-135M + DINOv2-small (models/build.sh), 4 easy-vqa test images, CSP keeping {} of the KV cache\nprompt: {}",
+                "csp-llava demo: SmolLM2-135M + DINOv2-small (models/build.sh), {images}, {} keeping {} of the KV cache\nprompt: {}",
+                run_args.kv_policy.name(),
                 run_args.kv_budget.map_or("0.2".into(), |b| b.to_string()),
                 run_args.prompt.as_deref().unwrap_or("")
             );
         }
         return run(&run_args);
     }
+    let why = if own_model {
+        None
+    } else if dir.is_some() {
+        Some("--dir asks for the tiny random-weight model")
+    } else {
+        Some("the real small VLM is not built (models/build.sh needs PyPI), so this is the tiny random-weight model")
+    };
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("csp-llava-demo"));
-    tiny::write_all(&dir, 0).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
-    run_args.model.get_or_insert_with(|| dir.join(tiny::TEXT_FILE));
-    run_args.mmproj.get_or_insert_with(|| dir.join(tiny::MMPROJ_FILE));
-    if run_args.images.is_empty() {
-        run_args.images = (0..3).map(|i| dir.join(tiny::image_file(i))).collect();
+    if !own_model {
+        tiny::write_all(&dir, 0).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
+        run_args.model = Some(dir.join(tiny::TEXT_FILE));
+        run_args.mmproj = Some(dir.join(tiny::MMPROJ_FILE));
+        if run_args.images.is_empty() {
+            run_args.images = (0..3).map(|i| dir.join(tiny::image_file(i))).collect();
+        }
     }
     if run_args.prompt.is_none() && run_args.file.is_none() {
-        run_args.prompt = Some("Compare the three images.".into());
+        run_args.prompt = Some(format!("Compare the {} images.", run_args.images.len()));
     }
     run_args.n_predict.get_or_insert(48);
     run_args.temp.get_or_insert(0.0);
-    if !run_args.json {
-        eprintln!(
-            "csp-llava demo: the real small VLM is not built (models/build.sh needs PyPI), so this is the tiny random-weight model in {} — its answer is gibberish; it shows the pipeline",
-            dir.display()
-        );
+    if let (false, Some(why)) = (run_args.json, why) {
+        eprintln!("csp-llava demo: {why} in {} — its answer is gibberish; it shows the pipeline", dir.display());
     }
     run(&run_args)
 }
@@ -446,11 +587,13 @@ fn run(a: &RunArgs) -> Result<()> {
         None => a.chat_template.clone(),
     };
     let sampling = a.sampling();
-    sampling.validate()?;
+    usage(sampling.validate())?;
     let policy = a.policy().map_err(anyhow::Error::msg)?;
-    policy.validate()?;
+    usage(policy.validate())?;
     let ctx = a.context();
-    ctx.validate()?;
+    usage(ctx.validate())?;
+    // written after the run: make sure it can be, first
+    let retention_file = a.dump_retention.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))).transpose()?;
     let mcfg = ModelConfig {
         model: model.clone(),
         mmproj: mmproj.clone(),
@@ -464,6 +607,7 @@ fn run(a: &RunArgs) -> Result<()> {
         chat_template,
         raw: a.no_chat_template,
         jinja: a.jinja || a.chat_template_file.is_some(),
+        max_image_pixels: a.image_max_mp,
     };
 
     let show_progress = std::io::stderr().is_terminal() && a.verbose == 0;
@@ -480,6 +624,8 @@ fn run(a: &RunArgs) -> Result<()> {
     let bar = progress(show_progress, Some(0), "prefill");
     let json = a.json;
     let mut stdout = std::io::stdout().lock();
+    // the first failed write (the reader went away, a full disk) stops generation
+    let mut write_err: Option<std::io::Error> = None;
     let mut on_event = |ev: Event<'_>| match ev {
         Event::Prefill { tokens, n_tokens, .. } => {
             bar.set_length(n_tokens as u64);
@@ -488,24 +634,28 @@ fn run(a: &RunArgs) -> Result<()> {
                 bar.finish_and_clear();
             }
         }
-        Event::Text(t) if !json => {
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
+        Event::Text(t) if !json && write_err.is_none() => {
+            if let Err(e) = stdout.write_all(t.as_bytes()).and_then(|()| stdout.flush()) {
+                write_err = Some(e);
+                cancel.cancel();
+            }
         }
         _ => {}
     };
     let report = engine.run(&req, &ctx, &sampling, &policy, &mut on_event);
     bar.finish_and_clear();
-    let report = report?;
-    if json {
-        serde_json::to_writer(&mut stdout, &report)?;
-        writeln!(stdout)?;
-    } else {
-        writeln!(stdout)?;
+    if let Some(e) = write_err {
+        return Err(out_err(e));
     }
-    stdout.flush()?;
-    if let Some(path) = &a.dump_retention {
-        write_retention(path, &report).with_context(|| format!("cannot write {}", path.display()))?;
+    let report = report?;
+    let written = if json {
+        serde_json::to_writer(&mut stdout, &report).map_err(std::io::Error::from).and_then(|()| writeln!(stdout))
+    } else {
+        writeln!(stdout)
+    };
+    written.and_then(|()| stdout.flush()).map_err(out_err)?;
+    if let (Some(f), Some(path)) = (retention_file, &a.dump_retention) {
+        write_retention(f, &report).with_context(|| format!("cannot write {}", path.display()))?;
     }
     eprintln!("{}", report.timing_line());
     if report.stop == csp_llava::engine::StopReason::Cancelled {
@@ -514,22 +664,13 @@ fn run(a: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads a small text file given on the command line: a regular file (a FIFO or a device would
-/// block or never end) of at most 16 MiB, as UTF-8.
-fn read_text_file(path: &Path, what: &str) -> Result<String> {
-    const MAX: u64 = 16 << 20;
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("cannot read {what} {}: not a regular file", path.display());
-    }
-    if meta.len() > MAX {
-        bail!("cannot read {what} {}: {} bytes, more than the {} MiB allowed", path.display(), meta.len(), MAX >> 20);
-    }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
+/// Reads a small text file given on the command line (a regular file of at most 16 MiB).
+fn read_text_file(path: &Path, what: &'static str) -> Result<String> {
+    Ok(csp_llava::input::read_text(path, what, csp_llava::input::limits::TEXT)?)
 }
 
-fn write_retention(path: &Path, report: &csp_llava::RunReport) -> Result<()> {
-    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+fn write_retention(file: std::fs::File, report: &csp_llava::RunReport) -> Result<()> {
+    let mut w = std::io::BufWriter::new(file);
     for t in &report.retention {
         serde_json::to_writer(&mut w, t)?;
         writeln!(w)?;
