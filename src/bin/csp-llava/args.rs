@@ -1,10 +1,10 @@
-//! Command-line flags, in llama.cpp's conventions (`-m`, `--mmproj`, `--image`, `-p`, `-n`, `-c`,
-//! `-ngl`, `-t`, `--temp`, `--seed`, `-fa`, `-ctk/-ctv`), mapped onto the library's configs.
+//! Command-line flags in llama.cpp's conventions (`-m`, `--mmproj`, `--image`, `-p`, `-n`, `-c`,
+//! `-ngl`, `-t`, `--temp`, `--seed`, `-fa`, `-ctk/-ctv`), in groups every command shares —
+//! model, context, pruning knobs — converted once into the library's configs.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, KvCap, SamplingConfig};
 use csp_llava::policy::{csp_preset, Budget, Granularity, PolicyConfig, PolicyKind, PolicySpec, Profile, CSP_PRESETS};
 
@@ -20,6 +20,9 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub run: RunArgs,
+    /// More logs on stderr (-v: info, incl. llama.cpp's; -vv: debug). RUST_LOG overrides.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,19 +75,16 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EvalOutput {
-    Md,
-    Json,
-}
+// ---------------------------------------------------------------------------------------------
+// Flag groups
 
-/// Model and machine flags shared by `bench` and `eval`.
-#[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
-    /// Text model GGUF [default: the built-in tiny model].
+/// Which model to load and where to run it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ModelFlags {
+    /// Text model GGUF (e.g. llava-v1.5-7b Q4_K_M).
     #[arg(short = 'm', long = "model", value_name = "FNAME")]
     pub model: Option<PathBuf>,
-    /// Multimodal projector GGUF.
+    /// Multimodal projector GGUF (mmproj) for the model.
     #[arg(long, value_name = "FNAME")]
     pub mmproj: Option<PathBuf>,
     #[command(flatten)]
@@ -92,42 +92,10 @@ pub struct ModelArgs {
     /// Threads [default: available cores].
     #[arg(short = 't', long, value_name = "N")]
     pub threads: Option<u32>,
-    /// Layers on the GPU (written `-ngl`).
+    /// Layers to offload to the GPU: a number, `auto` or `all` (written `-ngl`) [default: all
+    /// when a GPU backend and device exist].
     #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
     pub n_gpu_layers: Option<u32>,
-    /// Context size [default: 0 = the model's trained context].
-    #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
-    pub ctx_size: u32,
-    /// Flash attention (written `-fa`); policies that observe attention pause it for the prompt.
-    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
-    pub flash_attn: FaArg,
-    /// CSP cross ratio.
-    #[arg(long = "csp-cross-ratio", value_name = "R", default_value_t = 0.5)]
-    pub csp_cross_ratio: f64,
-    /// Recent-window bias.
-    #[arg(long = "csp-recent-bias", value_name = "X", default_value_t = 1.0)]
-    pub csp_recent_bias: f64,
-    /// Observation window.
-    #[arg(long = "obs-window", value_name = "N")]
-    pub obs_window: Option<usize>,
-    /// More logs on stderr.
-    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    #[command(flatten)]
-    pub extra: PolicyExtra,
-    #[command(flatten)]
-    pub bound: BoundArgs,
-}
-
-impl ModelArgs {
-    fn policy(&self) -> Result<PolicyConfig, String> {
-        self.extra.apply(PolicyConfig {
-            cross_ratio: self.csp_cross_ratio,
-            recent_bias: self.csp_recent_bias,
-            obs_window: self.obs_window,
-            ..PolicyConfig::default()
-        })
-    }
 }
 
 /// Hugging Face Hub download flags, as llama.cpp's `-hf`, `-hff`, `-hft`.
@@ -149,9 +117,28 @@ pub struct HfArgs {
     pub hf_token: Option<String>,
 }
 
-/// Bounded-prefill flags shared by the run, bench and eval commands.
+/// The llama.cpp context: size, batches, flash attention, cache types, and the cap.
 #[derive(Debug, Clone, Args)]
-pub struct BoundArgs {
+pub struct ContextFlags {
+    /// Context size [default: 0 = the model's trained context; with a pruning policy, the
+    /// prompt, then the kept cells + -n].
+    #[arg(short = 'c', long = "ctx-size", value_name = "N")]
+    pub ctx_size: Option<u32>,
+    /// Logical batch size.
+    #[arg(short = 'b', long = "batch-size", value_name = "N", default_value_t = 2048)]
+    pub batch_size: u32,
+    /// Physical batch size (written `-ub`, as in llama.cpp).
+    #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// Flash attention (written `-fa`); policies that observe attention pause it for the prompt.
+    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
+    pub flash_attn: FaArg,
+    /// KV cache type for K (written `-ctk`): f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1.
+    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_k: CacheType,
+    /// KV cache type for V (written `-ctv`); quantized types need flash attention.
+    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_v: CacheType,
     /// Cap the KV cache while the prompt is read: at most N cells (or a fraction of the prompt,
     /// with a decimal point); the policy evicts before each image that would not fit, so any
     /// number of images fits a fixed buffer. -c defaults to N.
@@ -168,61 +155,255 @@ pub struct BoundArgs {
     pub kv_shift: bool,
 }
 
-impl BoundArgs {
-    fn apply(&self, ctx: ContextConfig) -> ContextConfig {
-        ContextConfig { kv_max_cells: self.kv_max_cells, kv_reserve: self.kv_reserve, kv_shift: self.kv_shift, ..ctx }
+impl ContextFlags {
+    pub fn context(&self) -> ContextConfig {
+        ContextConfig {
+            n_ctx: self.ctx_size.unwrap_or(0),
+            n_batch: self.batch_size,
+            n_ubatch: self.ubatch_size,
+            flash_attn: match self.flash_attn {
+                FaArg::On => FlashAttn::On,
+                FaArg::Off => FlashAttn::Off,
+                FaArg::Auto => FlashAttn::Auto,
+            },
+            type_k: self.cache_type_k,
+            type_v: self.cache_type_v,
+            kv_max_cells: self.kv_max_cells,
+            kv_reserve: self.kv_reserve,
+            kv_shift: self.kv_shift,
+        }
     }
 }
 
-/// Pruning flags shared by the run, bench and eval commands.
+/// The knobs of the pruning policies (the policy and budget themselves are per command: one in
+/// the main command, lists in bench and eval).
 #[derive(Debug, Clone, Args)]
-pub struct PolicyExtra {
+#[command(next_help_heading = "KV cache pruning")]
+pub struct TuningFlags {
+    /// CSP: share of the selected tokens chosen by cross-modal attention [default: 0.5].
+    #[arg(long = "csp-cross-ratio", value_name = "R")]
+    pub csp_cross_ratio: Option<f64>,
+    /// Recent window = recent_bias × B/2 tokens always kept [default: 1].
+    #[arg(long = "csp-recent-bias", value_name = "X")]
+    pub csp_recent_bias: Option<f64>,
+    /// CSP: n of the n-softmax used to score tokens; 0 = softmax.
+    #[arg(long = "csp-n", value_name = "N", default_value_t = 1.0)]
+    pub csp_n: f32,
+    /// CSP: the released per-dataset cross_ratio/recent_bias (MileBench names, e.g. WebQA,
+    /// DocVQA, SlideVQA); explicit --csp-cross-ratio/--csp-recent-bias win.
+    #[arg(long = "csp-preset", value_name = "NAME")]
+    pub csp_preset: Option<String>,
+    /// Query rows observed: the last N prompt tokens [default: CSP the recent size B/2,
+    /// SnapKV 32 (capped by B), H2O all prompt queries].
+    #[arg(long = "obs-window", value_name = "N")]
+    pub obs_window: Option<usize>,
     /// How per-layer/per-head choices become the cache: global (one keep-set, B cells), layer or
     /// head (each keeps its own B; the rest of the union is masked per layer/head)
     /// [default: global; layer for prefixkv and aircache]. Lists accept `policy@granularity`.
-    #[arg(long = "kv-granularity", value_name = "global|layer|head", help_heading = "KV cache pruning")]
+    #[arg(long = "kv-granularity", value_name = "global|layer|head")]
     pub kv_granularity: Option<Granularity>,
     /// CSP: also apply the n-softmax while decoding (a sink logit ln n per head; paper Eq. 7 —
     /// the released code scores with it only).
-    #[arg(long = "csp-decode-sink", help_heading = "KV cache pruning")]
+    #[arg(long = "csp-decode-sink")]
     pub csp_decode_sink: bool,
     /// PrefixKV: per-layer retention profile written by `csp-llava calibrate` [default: the
     /// budget in every layer].
-    #[arg(long = "prefixkv-profile", value_name = "FILE.json", help_heading = "KV cache pruning")]
+    #[arg(long = "prefixkv-profile", value_name = "FILE.json")]
     pub prefixkv_profile: Option<PathBuf>,
     /// AirCache: elite window threshold α (relative to the strongest text key).
-    #[arg(long = "aircache-alpha", value_name = "A", default_value_t = 0.9, help_heading = "KV cache pruning")]
+    #[arg(long = "aircache-alpha", value_name = "A", default_value_t = 0.9)]
     pub aircache_alpha: f64,
     /// AirCache: let the first prompt token (attention sink) join the elite window.
-    #[arg(long = "aircache-keep-sink", help_heading = "KV cache pruning")]
+    #[arg(long = "aircache-keep-sink")]
     pub aircache_keep_sink: bool,
     /// AirCache: lowest per-layer visual retention, as a fraction of the budget.
-    #[arg(long = "aircache-r-min", value_name = "F", default_value_t = 0.1, help_heading = "KV cache pruning")]
+    #[arg(long = "aircache-r-min", value_name = "F", default_value_t = 0.1)]
     pub aircache_r_min: f64,
 }
 
-impl PolicyExtra {
-    pub fn apply(&self, cfg: PolicyConfig) -> Result<PolicyConfig, String> {
+impl TuningFlags {
+    /// The library's policy settings for `kind` at `budget` (the random policy seeded by `seed`;
+    /// `shrink`: move the pruned cache into a buffer sized to it).
+    pub fn policy(&self, kind: PolicyKind, budget: Budget, seed: u64, shrink: bool) -> Result<PolicyConfig, String> {
+        let d = PolicyConfig::default();
+        let (mut cross_ratio, mut recent_bias) = (d.cross_ratio, d.recent_bias);
+        if let Some(name) = &self.csp_preset {
+            (cross_ratio, recent_bias) = csp_preset(name).ok_or_else(|| {
+                let names: Vec<_> = CSP_PRESETS.iter().map(|p| p.0).collect();
+                format!("unknown --csp-preset '{name}' (one of {})", names.join(", "))
+            })?;
+        }
         let prefixkv_profile = match &self.prefixkv_profile {
             Some(p) => Some(Profile::load(p).map_err(|e| e.to_string())?),
             None => None,
         };
         Ok(PolicyConfig {
+            kind,
+            budget,
+            cross_ratio: self.csp_cross_ratio.unwrap_or(cross_ratio),
+            recent_bias: self.csp_recent_bias.unwrap_or(recent_bias),
+            csp_n: self.csp_n,
+            obs_window: self.obs_window,
+            seed,
+            shrink,
             granularity: self.kv_granularity,
             decode_sink: self.csp_decode_sink,
             prefixkv_profile,
             aircache_alpha: self.aircache_alpha,
             aircache_keep_sink: self.aircache_keep_sink,
             aircache_r_min: self.aircache_r_min,
-            ..cfg
         })
     }
+}
+
+/// What to ask: images, prompt, system message, chat template.
+#[derive(Debug, Clone, Args)]
+pub struct PromptFlags {
+    /// Image file (PNG, JPEG, WebP, GIF, BMP, TIFF, PNM, TGA); repeat for several. `<image>` or
+    /// `<__media__>` markers in the prompt place them; without markers they come first, in order.
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// Prompt text.
+    #[arg(short = 'p', long, conflicts_with = "file", allow_hyphen_values = true)]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long, value_name = "FNAME")]
+    pub file: Option<PathBuf>,
+    /// Largest image accepted, in megapixels (checked from the file's header before decoding)
+    /// [default: 67, i.e. 8192×8192].
+    #[arg(long = "image-max-mp", value_name = "MP", value_parser = parse_megapixels)]
+    pub image_max_mp: Option<u64>,
+    /// System message (written `-sys`, as in llama.cpp).
+    #[arg(long, allow_hyphen_values = true)]
+    pub system: Option<String>,
+    /// Chat template: a llama.cpp built-in name (chatml, vicuna for LLaVA-1.5, llama2, …) or a
+    /// Jinja template string [default: the model's own].
+    #[arg(long = "chat-template", value_name = "NAME", conflicts_with = "chat_template_file")]
+    pub chat_template: Option<String>,
+    /// Read a Jinja chat template from a file (rendered as with --jinja).
+    #[arg(long = "chat-template-file", value_name = "FNAME")]
+    pub chat_template_file: Option<PathBuf>,
+    /// Render the chat template (the model's own `tokenizer.chat_template`, or --chat-template)
+    /// with a Jinja engine, as llama.cpp's --jinja, instead of llama.cpp's built-in formats.
+    #[arg(long)]
+    pub jinja: bool,
+    /// Send the prompt as it is, without a chat template.
+    #[arg(long = "no-chat-template", conflicts_with_all = ["chat_template", "chat_template_file", "jinja"])]
+    pub no_chat_template: bool,
+}
+
+/// Sampling and stopping.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingFlags {
+    /// Tokens to generate [default: -1 = until end of generation or a full context].
+    #[arg(short = 'n', long = "n-predict", value_name = "N")]
+    pub n_predict: Option<i32>,
+    /// Temperature; 0 = greedy [default: 0.2, as llama-mtmd-cli].
+    #[arg(long, value_name = "T")]
+    pub temp: Option<f32>,
+    /// Top-k sampling, 0 = off.
+    #[arg(long = "top-k", value_name = "N", default_value_t = 40)]
+    pub top_k: i32,
+    /// Top-p sampling, 1.0 = off.
+    #[arg(long = "top-p", value_name = "P", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p sampling, 0.0 = off.
+    #[arg(long = "min-p", value_name = "P", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty, 1.0 = off.
+    #[arg(long = "repeat-penalty", value_name = "N", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Last N tokens the repetition penalty considers (-1 = context size; clamped to it).
+    #[arg(long = "repeat-last-n", value_name = "N", default_value_t = 64)]
+    pub repeat_last_n: i32,
+    /// RNG seed; -1 = random.
+    #[arg(short = 's', long, value_name = "SEED", default_value_t = -1)]
+    pub seed: i64,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long = "ignore-eos")]
+    pub ignore_eos: bool,
+}
+
+impl SamplingFlags {
+    pub fn sampling(&self) -> SamplingConfig {
+        let d = SamplingConfig::default();
+        SamplingConfig {
+            n_predict: self.n_predict.unwrap_or(d.n_predict),
+            temp: self.temp.unwrap_or(d.temp),
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: u32::try_from(self.seed).ok(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+
+/// The main command (and `demo`): one request.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelFlags,
+    #[command(flatten)]
+    pub prompt: PromptFlags,
+    #[command(flatten)]
+    pub sampling: SamplingFlags,
+    #[command(flatten)]
+    pub ctx: ContextFlags,
+    /// KV cache policy: full (no pruning), csp, h2o, snapkv, prefixkv, aircache, streaming, random.
+    #[arg(long = "kv-policy", value_name = "NAME", default_value = "full", help_heading = "KV cache pruning")]
+    pub kv_policy: PolicyKind,
+    /// Cells to keep: a fraction of the prompt with a decimal point (0.2 = 20%) or a cell count
+    /// (512). Counts everything kept (sinks, recent window, selected) [default: 0.2].
+    #[arg(long = "kv-budget", value_name = "B", help_heading = "KV cache pruning")]
+    pub kv_budget: Option<Budget>,
+    /// After pruning, move the cache into a context sized to the kept cells plus -n (1024 with
+    /// -n -1; --kv-reserve overrides), freeing the large buffer [default: on with a pruning
+    /// policy unless -c is given; then the rest of -c stays free for -n -1].
+    #[arg(long = "kv-shrink", help_heading = "KV cache pruning", overrides_with = "no_kv_shrink")]
+    pub kv_shrink: bool,
+    /// Keep the pruned cache in the buffer it was read into (the whole -c, or the model's
+    /// trained context without -c).
+    #[arg(long = "no-kv-shrink", help_heading = "KV cache pruning", overrides_with = "kv_shrink")]
+    pub no_kv_shrink: bool,
+    #[command(flatten)]
+    pub tuning: TuningFlags,
+    /// Write one JSON line per prompt position (modality, image, kept, votes, score).
+    #[arg(long = "dump-retention", value_name = "FILE", help_heading = "KV cache pruning")]
+    pub dump_retention: Option<PathBuf>,
+    /// Print one JSON object (text, token counts, timings, KV sizes) on stdout instead of
+    /// streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    pub fn policy(&self) -> Result<PolicyConfig, String> {
+        let shrink = self.kv_shrink || (!self.no_kv_shrink && self.ctx.ctx_size.is_none());
+        let seed = u64::try_from(self.sampling.seed).unwrap_or(0);
+        self.tuning.policy(self.kv_policy, self.kv_budget.unwrap_or_default(), seed, shrink)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalOutput {
+    Md,
+    Json,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
-    pub common: ModelArgs,
+    pub model: ModelFlags,
+    #[command(flatten)]
+    pub ctx: ContextFlags,
+    #[command(flatten)]
+    pub tuning: TuningFlags,
     /// Cases, one JSON object per line: {"id", "images": [paths relative to the file],
     /// "prompt", "answer" (optional)}.
     #[arg(long, value_name = "FILE.jsonl")]
@@ -259,8 +440,8 @@ impl EvalArgs {
             policies: self.kv_policy.clone(),
             budgets: self.kv_budget.clone(),
             n_predict: self.n_predict,
-            ctx: self.common.bound.apply(ContextConfig { n_ctx: self.common.ctx_size, flash_attn: fa(self.common.flash_attn), ..ContextConfig::default() }),
-            policy: self.common.policy()?,
+            ctx: self.ctx.context(),
+            policy: self.tuning.policy(PolicyKind::Full, Budget::default(), 0, false)?,
             question_after_pruning: self.question_after_pruning,
         })
     }
@@ -269,7 +450,9 @@ impl EvalArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CalibrateArgs {
     #[command(flatten)]
-    pub common: ModelArgs,
+    pub model: ModelFlags,
+    #[command(flatten)]
+    pub ctx: ContextFlags,
     /// Calibration cases, one JSON object per line (as for eval; answers are not used).
     #[arg(long, value_name = "FILE.jsonl")]
     pub data: PathBuf,
@@ -296,7 +479,11 @@ pub enum BenchOutput {
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    pub common: ModelArgs,
+    pub model: ModelFlags,
+    #[command(flatten)]
+    pub ctx: ContextFlags,
+    #[command(flatten)]
+    pub tuning: TuningFlags,
     /// Image files to cycle through [default: deterministic synthetic images].
     #[arg(long = "image", value_name = "FILE")]
     pub image_files: Vec<PathBuf>,
@@ -325,15 +512,6 @@ pub struct BenchArgs {
     /// Also write an SVG plot of decode tok/s and KV bytes against the budget.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// K cache type (written `-ctk`).
-    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
-    pub cache_type_k: CacheType,
-    /// V cache type (written `-ctv`).
-    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
-    pub cache_type_v: CacheType,
-    /// Physical batch size (written `-ub`).
-    #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
-    pub ubatch_size: u32,
     /// Move pruned caches into buffers sized to the kept cells + -n.
     #[arg(long = "kv-shrink")]
     pub kv_shrink: bool,
@@ -349,24 +527,27 @@ impl BenchArgs {
             reps: self.reps,
             n_predict: self.n_predict,
             prompt: self.prompt.clone(),
-            ctx: self.common.bound.apply(ContextConfig {
-                n_ctx: self.common.ctx_size,
-                n_ubatch: self.ubatch_size,
-                flash_attn: fa(self.common.flash_attn),
-                type_k: self.cache_type_k,
-                type_v: self.cache_type_v,
-                ..ContextConfig::default()
-            }),
-            policy: PolicyConfig { shrink: self.kv_shrink, ..self.common.policy()? },
+            ctx: self.ctx.context(),
+            policy: self.tuning.policy(PolicyKind::Full, Budget::default(), 0, self.kv_shrink)?,
         })
     }
 }
 
-fn fa(a: FaArg) -> FlashAttn {
-    match a {
-        FaArg::On => FlashAttn::On,
-        FaArg::Off => FlashAttn::Off,
-        FaArg::Auto => FlashAttn::Auto,
+// ---------------------------------------------------------------------------------------------
+// Value parsers
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FaArg {
+    On,
+    Off,
+    Auto,
+}
+
+/// Parses `-ngl`: a number, `auto` or `all` (both = every layer).
+fn parse_ngl(s: &str) -> Result<u32, String> {
+    match s {
+        "auto" | "all" => Ok(config::ALL_LAYERS),
+        _ => s.parse::<u32>().map_err(|_| format!("'{s}' is not a layer count, 'auto' or 'all'")),
     }
 }
 
@@ -404,500 +585,5 @@ fn parse_count_or_all(s: &str) -> Result<usize, String> {
         Ok(n) if n >= 0 => usize::try_from(n).map_err(|_| format!("{n} is too large")),
         Ok(n) => Err(format!("{n}: give a count, or -1 for all")),
         Err(_) => Err(format!("'{s}' is not a whole number")),
-    }
-}
-
-/// Parses `-ngl`: a number, `auto` or `all` (both = every layer).
-fn parse_ngl(s: &str) -> Result<u32, String> {
-    match s {
-        "auto" | "all" => Ok(config::ALL_LAYERS),
-        _ => s.parse::<u32>().map_err(|_| format!("'{s}' is not a layer count, 'auto' or 'all'")),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FaArg {
-    On,
-    Off,
-    Auto,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct RunArgs {
-    /// Text model GGUF (e.g. llava-v1.5-7b Q4_K_M).
-    #[arg(short = 'm', long = "model", value_name = "FNAME")]
-    pub model: Option<PathBuf>,
-    /// Multimodal projector GGUF (mmproj) for the model.
-    #[arg(long, value_name = "FNAME")]
-    pub mmproj: Option<PathBuf>,
-    #[command(flatten)]
-    pub hf: HfArgs,
-    /// Image file (PNG, JPEG, BMP, GIF, …); repeat for several. `<image>` or `<__media__>`
-    /// markers in the prompt place them; without markers they come first, in order.
-    #[arg(long = "image", value_name = "FILE")]
-    pub images: Vec<PathBuf>,
-    /// Prompt text.
-    #[arg(short = 'p', long, conflicts_with = "file", allow_hyphen_values = true)]
-    pub prompt: Option<String>,
-    /// Read the prompt from a file.
-    #[arg(short = 'f', long, value_name = "FNAME")]
-    pub file: Option<PathBuf>,
-    /// Largest image accepted, in megapixels (checked from the file's header before decoding)
-    /// [default: 67, i.e. 8192×8192].
-    #[arg(long = "image-max-mp", value_name = "MP", value_parser = parse_megapixels)]
-    pub image_max_mp: Option<u64>,
-    /// System message (written `-sys`, as in llama.cpp).
-    #[arg(long, allow_hyphen_values = true)]
-    pub system: Option<String>,
-    /// Tokens to generate [default: -1 = until end of generation or a full context].
-    #[arg(short = 'n', long = "n-predict", value_name = "N")]
-    pub n_predict: Option<i32>,
-    /// Context size [default: 0 = the model's trained context].
-    #[arg(short = 'c', long = "ctx-size", value_name = "N")]
-    pub ctx_size: Option<u32>,
-    /// Logical batch size.
-    #[arg(short = 'b', long = "batch-size", value_name = "N", default_value_t = 2048)]
-    pub batch_size: u32,
-    /// Physical batch size (written `-ub`, as in llama.cpp).
-    #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
-    pub ubatch_size: u32,
-    /// Layers to offload to the GPU: a number, `auto` or `all` (written `-ngl`) [default: all;
-    /// ignored by CPU-only builds].
-    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
-    pub n_gpu_layers: Option<u32>,
-    /// Threads [default: available cores].
-    #[arg(short = 't', long, value_name = "N")]
-    pub threads: Option<u32>,
-    /// Temperature; 0 = greedy [default: 0.2, as llama-mtmd-cli].
-    #[arg(long, value_name = "T")]
-    pub temp: Option<f32>,
-    /// Top-k sampling, 0 = off.
-    #[arg(long = "top-k", value_name = "N", default_value_t = 40)]
-    pub top_k: i32,
-    /// Top-p sampling, 1.0 = off.
-    #[arg(long = "top-p", value_name = "P", default_value_t = 0.95)]
-    pub top_p: f32,
-    /// Min-p sampling, 0.0 = off.
-    #[arg(long = "min-p", value_name = "P", default_value_t = 0.05)]
-    pub min_p: f32,
-    /// Repetition penalty, 1.0 = off.
-    #[arg(long = "repeat-penalty", value_name = "N", default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    /// Last N tokens the repetition penalty considers (-1 = context size).
-    #[arg(long = "repeat-last-n", value_name = "N", default_value_t = 64)]
-    pub repeat_last_n: i32,
-    /// RNG seed; -1 = random.
-    #[arg(short = 's', long, value_name = "SEED", default_value_t = -1)]
-    pub seed: i64,
-    /// Chat template: a llama.cpp built-in name (chatml, vicuna for LLaVA-1.5, llama2, …) or a
-    /// Jinja template string [default: the model's own].
-    #[arg(long = "chat-template", value_name = "NAME", conflicts_with = "chat_template_file")]
-    pub chat_template: Option<String>,
-    /// Read a Jinja chat template from a file (rendered as with --jinja).
-    #[arg(long = "chat-template-file", value_name = "FNAME")]
-    pub chat_template_file: Option<PathBuf>,
-    /// Render the chat template (the model's own `tokenizer.chat_template`, or --chat-template)
-    /// with a Jinja engine, as llama.cpp's --jinja, instead of llama.cpp's built-in formats.
-    #[arg(long)]
-    pub jinja: bool,
-    /// Send the prompt as it is, without a chat template.
-    #[arg(long = "no-chat-template", conflicts_with_all = ["chat_template", "chat_template_file", "jinja"])]
-    pub no_chat_template: bool,
-    /// Flash attention (written `-fa`).
-    #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
-    pub flash_attn: FaArg,
-    /// KV cache type for K (written `-ctk`): f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1.
-    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
-    pub cache_type_k: CacheType,
-    /// KV cache type for V (written `-ctv`); quantized types need flash attention.
-    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
-    pub cache_type_v: CacheType,
-    /// KV cache policy: full (no pruning), csp, h2o, snapkv, prefixkv, aircache, streaming, random.
-    #[arg(long = "kv-policy", value_name = "NAME", default_value = "full", help_heading = "KV cache pruning")]
-    pub kv_policy: PolicyKind,
-    /// Cells to keep: a fraction of the prompt with a decimal point (0.2 = 20%) or a cell count
-    /// (512). Counts everything kept (sinks, recent window, selected) [default: 0.2].
-    #[arg(long = "kv-budget", value_name = "B", help_heading = "KV cache pruning")]
-    pub kv_budget: Option<Budget>,
-    /// CSP: share of the selected tokens chosen by cross-modal attention [default: 0.5].
-    #[arg(long = "csp-cross-ratio", value_name = "R", help_heading = "KV cache pruning")]
-    pub csp_cross_ratio: Option<f64>,
-    /// Recent window = recent_bias × B/2 tokens always kept [default: 1].
-    #[arg(long = "csp-recent-bias", value_name = "X", help_heading = "KV cache pruning")]
-    pub csp_recent_bias: Option<f64>,
-    /// CSP: n of the n-softmax used to score tokens; 0 = softmax.
-    #[arg(long = "csp-n", value_name = "N", default_value_t = 1.0, help_heading = "KV cache pruning")]
-    pub csp_n: f32,
-    /// CSP: the released per-dataset cross_ratio/recent_bias (MileBench names, e.g. WebQA,
-    /// DocVQA, SlideVQA); explicit --csp-cross-ratio/--csp-recent-bias win.
-    #[arg(long = "csp-preset", value_name = "NAME", help_heading = "KV cache pruning")]
-    pub csp_preset: Option<String>,
-    /// Query rows observed: the last N prompt tokens [default: CSP the recent size B/2,
-    /// SnapKV 32 (capped by B), H2O all prompt queries].
-    #[arg(long = "obs-window", value_name = "N", help_heading = "KV cache pruning")]
-    pub obs_window: Option<usize>,
-    /// After pruning, move the cache into a context sized to the kept cells plus -n (1024 with
-    /// -n -1; --kv-reserve overrides), freeing the large buffer [default: on with a pruning
-    /// policy unless -c is given; then the rest of -c stays free for -n -1].
-    #[arg(long = "kv-shrink", help_heading = "KV cache pruning", overrides_with = "no_kv_shrink")]
-    pub kv_shrink: bool,
-    /// Keep the pruned cache in the buffer it was read into (the whole -c, or the model's
-    /// trained context without -c).
-    #[arg(long = "no-kv-shrink", help_heading = "KV cache pruning", overrides_with = "kv_shrink")]
-    pub no_kv_shrink: bool,
-    #[command(flatten)]
-    pub extra: PolicyExtra,
-    #[command(flatten)]
-    pub bound: BoundArgs,
-    /// Write one JSON line per prompt position (modality, image, kept, votes, score).
-    #[arg(long = "dump-retention", value_name = "FILE", help_heading = "KV cache pruning")]
-    pub dump_retention: Option<PathBuf>,
-    /// Keep generating past end-of-generation tokens.
-    #[arg(long = "ignore-eos")]
-    pub ignore_eos: bool,
-    /// Print one JSON object (text, token counts, timings, KV sizes) on stdout instead of
-    /// streaming text.
-    #[arg(long)]
-    pub json: bool,
-    /// More logs on stderr (-v: info, incl. llama.cpp's; -vv: debug). RUST_LOG overrides.
-    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
-    pub verbose: u8,
-}
-
-impl RunArgs {
-    pub fn context(&self) -> ContextConfig {
-        ContextConfig {
-            n_ctx: self.ctx_size.unwrap_or(0),
-            n_batch: self.batch_size,
-            n_ubatch: self.ubatch_size,
-            flash_attn: fa(self.flash_attn),
-            type_k: self.cache_type_k,
-            type_v: self.cache_type_v,
-            kv_max_cells: self.bound.kv_max_cells,
-            kv_reserve: self.bound.kv_reserve,
-            kv_shift: self.bound.kv_shift,
-        }
-    }
-
-    pub fn policy(&self) -> Result<PolicyConfig, String> {
-        let d = PolicyConfig::default();
-        let (mut cross_ratio, mut recent_bias) = (d.cross_ratio, d.recent_bias);
-        if let Some(name) = &self.csp_preset {
-            (cross_ratio, recent_bias) = csp_preset(name).ok_or_else(|| {
-                let names: Vec<_> = CSP_PRESETS.iter().map(|p| p.0).collect();
-                format!("unknown --csp-preset '{name}' (one of {})", names.join(", "))
-            })?;
-        }
-        Ok(PolicyConfig {
-            kind: self.kv_policy,
-            budget: self.kv_budget.unwrap_or_default(),
-            cross_ratio: self.csp_cross_ratio.unwrap_or(cross_ratio),
-            recent_bias: self.csp_recent_bias.unwrap_or(recent_bias),
-            csp_n: self.csp_n,
-            obs_window: self.obs_window,
-            seed: u64::try_from(self.seed).unwrap_or(0),
-            shrink: self.kv_shrink || (!self.no_kv_shrink && self.ctx_size.is_none()),
-            ..self.extra.apply(PolicyConfig::default())?
-        })
-    }
-
-    pub fn sampling(&self) -> SamplingConfig {
-        let d = SamplingConfig::default();
-        SamplingConfig {
-            n_predict: self.n_predict.unwrap_or(d.n_predict),
-            temp: self.temp.unwrap_or(d.temp),
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            repeat_last_n: self.repeat_last_n,
-            seed: u32::try_from(self.seed).ok(),
-            ignore_eos: self.ignore_eos,
-        }
-    }
-}
-
-/// llama.cpp's multi-letter short flags, which clap would read as `-f a` etc.
-const LLAMA_SHORT: &[(&str, &str)] = &[
-    ("-fa", "--flash-attn"),
-    ("-ngl", "--n-gpu-layers"),
-    ("-ctk", "--cache-type-k"),
-    ("-ctv", "--cache-type-v"),
-    ("-ub", "--ubatch-size"),
-    ("-sys", "--system"),
-    ("-hf", "--hf-repo"),
-    ("-hfr", "--hf-repo"),
-    ("-hff", "--hf-file"),
-    ("-hft", "--hf-token"),
-];
-
-/// llama.cpp flags (of `llama-mtmd-cli` and the common arguments) that csp-llava does not take:
-/// each gets one line, "csp-llava does not support FLAG (yet)", and exit 2, instead of being
-/// misread (`-cnv` as `-c nv`) or reported as unknown. `true`: the flag takes a value.
-pub const UNSUPPORTED_LLAMA_FLAGS: &[(&str, bool)] = &[
-    // chat mode: until csp-llava has its own
-    ("-cnv", false),
-    ("--conversation", false),
-    ("-no-cnv", false),
-    ("--no-conversation", false),
-    ("-i", false),
-    ("--interactive", false),
-    ("-if", false),
-    ("--interactive-first", false),
-    ("-st", false),
-    ("--single-turn", false),
-    // devices and offload placement
-    ("-dev", true),
-    ("--device", true),
-    ("--list-devices", false),
-    ("-ot", true),
-    ("--override-tensor", true),
-    ("-sm", true),
-    ("--split-mode", true),
-    ("-ts", true),
-    ("--tensor-split", true),
-    ("-mg", true),
-    ("--main-gpu", true),
-    ("--no-mmproj-offload", false),
-    ("-nkvo", false),
-    ("--no-kv-offload", false),
-    ("-cmoe", false),
-    ("--cpu-moe", false),
-    ("-ncmoe", true),
-    ("--n-cpu-moe", true),
-    ("--numa", true),
-    ("--mlock", false),
-    ("--no-mmap", false),
-    // other model sources and formats
-    ("-mu", true),
-    ("--model-url", true),
-    ("--mmproj-url", true),
-    ("--no-mmproj", false),
-    ("-dr", true),
-    ("--docker-repo", true),
-    ("--lora", true),
-    ("--lora-scaled", true),
-    ("--control-vector", true),
-    ("-md", true),
-    ("--model-draft", true),
-    ("--audio", true),
-    // sampling knobs csp-llava has no equivalent of
-    ("--mirostat", true),
-    ("--dynatemp-range", true),
-    ("--typical", true),
-    ("--xtc-probability", true),
-    ("--dry-multiplier", true),
-    ("--samplers", true),
-    ("--sampling-seq", true),
-    ("--grammar", true),
-    ("--grammar-file", true),
-    ("-j", true),
-    ("--json-schema", true),
-    ("--presence-penalty", true),
-    ("--frequency-penalty", true),
-    ("-l", true),
-    ("--logit-bias", true),
-    // context and cache management
-    ("-kvu", false),
-    ("--kv-unified", false),
-    ("--keep", true),
-    ("--context-shift", false),
-    ("--rope-scaling", true),
-    ("--rope-scale", true),
-    ("--rope-freq-base", true),
-    ("--yarn-orig-ctx", true),
-    ("--swa-full", false),
-    ("-dt", true),
-    ("--defrag-thold", true),
-    ("-np", true),
-    ("--parallel", true),
-    ("-tb", true),
-    ("--threads-batch", true),
-    ("--image-min-tokens", true),
-    ("--image-max-tokens", true),
-    ("--reasoning-format", true),
-    ("--reasoning-budget", true),
-    ("-sp", false),
-    ("--special", false),
-    ("--log-file", true),
-];
-
-/// The llama.cpp flag csp-llava does not support, if `args` names one (before `--`, and not as the
-/// value of another flag).
-pub fn unsupported_llama_flag(args: &[OsString]) -> Option<String> {
-    let value_flags = value_taking_flags();
-    let mut expect_value = false;
-    for a in args.iter().skip(1) {
-        let Some(s) = a.to_str() else {
-            expect_value = false;
-            continue;
-        };
-        if expect_value {
-            expect_value = false;
-            continue;
-        }
-        if s == "--" {
-            return None;
-        }
-        let flag = s.split_once('=').map_or(s, |(f, _)| f);
-        if UNSUPPORTED_LLAMA_FLAGS.iter().any(|(f, _)| *f == flag) {
-            return Some(flag.to_owned());
-        }
-        if !s.contains('=') && value_flags.iter().any(|f| f == flag) {
-            expect_value = true;
-        }
-    }
-    None
-}
-
-/// Rewrites llama.cpp's multi-letter short flags (`-fa on`, `-ngl=99`) to their long forms, but
-/// never a value of another flag (`-p -fa` keeps its prompt) nor anything after `--`.
-pub fn rewrite_llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
-    let value_flags = value_taking_flags();
-    let mut out = Vec::new();
-    let mut expect_value = false;
-    let mut rest_positional = false;
-    for (i, arg) in args.into_iter().enumerate() {
-        if i == 0 || rest_positional {
-            out.push(arg);
-            continue;
-        }
-        let Some(s) = arg.to_str().map(str::to_owned) else {
-            expect_value = false;
-            out.push(arg);
-            continue;
-        };
-        if expect_value {
-            expect_value = false;
-            out.push(arg);
-            continue;
-        }
-        if s == "--" {
-            rest_positional = true;
-            out.push(arg);
-            continue;
-        }
-        let (flag, inline) = match s.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (s.clone(), None),
-        };
-        let flag = LLAMA_SHORT.iter().find(|(short, _)| *short == flag).map_or(flag, |(_, long)| (*long).to_owned());
-        if inline.is_none() && value_flags.iter().any(|f| *f == flag) {
-            expect_value = true;
-        }
-        out.push(match inline {
-            Some(v) => format!("{flag}={v}").into(),
-            None => flag.into(),
-        });
-    }
-    out
-}
-
-/// Every `-x`/`--long` spelling of a flag that takes a value, read from the clap definition.
-fn value_taking_flags() -> Vec<String> {
-    fn walk(cmd: &clap::Command, out: &mut Vec<String>) {
-        for a in cmd.get_arguments() {
-            if a.get_action().takes_values() && !a.is_positional() {
-                if let Some(s) = a.get_short() {
-                    out.push(format!("-{s}"));
-                }
-                if let Some(l) = a.get_long() {
-                    out.push(format!("--{l}"));
-                }
-            }
-        }
-        for sub in cmd.get_subcommands() {
-            walk(sub, out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(&Cli::command(), &mut out);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Cli {
-        let argv = std::iter::once("csp-llava").chain(args.iter().copied()).map(OsString::from);
-        Cli::try_parse_from(rewrite_llama_flags(argv)).expect("parses")
-    }
-
-    #[test]
-    fn fa_works_as_in_llama_cpp() {
-        assert_eq!(parse(&["-fa", "on"]).run.flash_attn, FaArg::On);
-        assert_eq!(parse(&["-fa", "off"]).run.flash_attn, FaArg::Off);
-        assert_eq!(parse(&["-fa=auto"]).run.flash_attn, FaArg::Auto);
-    }
-
-    #[test]
-    fn ngl_works_as_in_llama_cpp() {
-        assert_eq!(parse(&["-ngl", "33"]).run.n_gpu_layers, Some(33));
-        assert_eq!(parse(&["-ngl", "all"]).run.n_gpu_layers, Some(config::ALL_LAYERS));
-        assert_eq!(parse(&["-ngl=7"]).run.n_gpu_layers, Some(7));
-    }
-
-    #[test]
-    fn ctk_ctv_work_as_in_llama_cpp() {
-        let c = parse(&["-ctk", "q8_0", "-ctv", "q4_0"]);
-        assert_eq!(c.run.cache_type_k, CacheType::Q8_0);
-        assert_eq!(c.run.cache_type_v, CacheType::Q4_0);
-    }
-
-    #[test]
-    fn ub_works_as_in_llama_cpp() {
-        assert_eq!(parse(&["-ub", "256"]).run.ubatch_size, 256);
-    }
-
-    #[test]
-    fn values_that_look_like_flags_are_left_alone() {
-        assert_eq!(parse(&["-p", "-fa"]).run.prompt.as_deref(), Some("-fa"));
-        assert_eq!(parse(&["--system", "-ngl", "-fa", "off"]).run.system.as_deref(), Some("-ngl"));
-        assert_eq!(parse(&["-n", "-1"]).run.n_predict, Some(-1));
-    }
-
-    #[test]
-    fn sys_and_hf_work_as_in_llama_cpp() {
-        let c = parse(&["-sys", "be brief", "-hf", "ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0", "-hff", "x.gguf"]);
-        assert_eq!(c.run.system.as_deref(), Some("be brief"));
-        assert_eq!(c.run.hf.hf_repo.as_deref(), Some("ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0"));
-        assert_eq!(c.run.hf.hf_file.as_deref(), Some("x.gguf"));
-        assert_eq!(parse(&["-hfr", "a/b"]).run.hf.hf_repo.as_deref(), Some("a/b"));
-        // -s is still the seed
-        assert_eq!(parse(&["-s", "7"]).run.seed, 7);
-    }
-
-    #[test]
-    fn unsupported_llama_flags_are_named() {
-        let argv = |a: &[&str]| -> Vec<OsString> { std::iter::once("csp-llava").chain(a.iter().copied()).map(OsString::from).collect() };
-        let named = |a: &[&str]| unsupported_llama_flag(&rewrite_llama_flags(argv(a)));
-        assert_eq!(named(&["-cnv"]).as_deref(), Some("-cnv"));
-        assert_eq!(named(&["-m", "x", "--no-mmproj-offload"]).as_deref(), Some("--no-mmproj-offload"));
-        assert_eq!(named(&["-dev=CUDA0"]).as_deref(), Some("-dev"));
-        assert_eq!(named(&["-ot", "x=CPU"]).as_deref(), Some("-ot"));
-        // values and what follows -- are not flags
-        assert_eq!(named(&["-p", "-cnv"]), None);
-        assert_eq!(named(&["-sys", "-dev"]), None);
-        assert_eq!(named(&["--", "-cnv"]), None);
-        assert_eq!(named(&["-fa", "on"]), None);
-        // every entry of the table is either a valid llama.cpp spelling csp-llava does not define
-        let defined = value_taking_flags();
-        for (f, _) in UNSUPPORTED_LLAMA_FLAGS {
-            assert!(!defined.iter().any(|d| d == f), "{f} is defined by csp-llava");
-            assert!(!LLAMA_SHORT.iter().any(|(s, _)| s == f), "{f} is rewritten");
-        }
-    }
-
-    #[test]
-    fn subcommand_flags() {
-        let c = parse(&["demo", "-fa", "off", "-n", "5"]);
-        match c.command {
-            Some(Command::Demo { run, .. }) => {
-                assert_eq!(run.flash_attn, FaArg::Off);
-                assert_eq!(run.n_predict, Some(5));
-            }
-            other => panic!("{other:?}"),
-        }
     }
 }
