@@ -5,7 +5,7 @@
 //!     cargo bench --bench hot_paths
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use csp_llava::observe::{AttentionStats, Bucket, KqShape, Reducer, Rows, StatRequest};
+use csp_llava::stats::{AttentionStats, Bucket, KqShape, Reducer, Rows, StatRequest};
 use csp_llava::policy::{self, Budget, PolicyConfig, PolicyKind, Split};
 use csp_llava::rng::Rng;
 use csp_llava::span::Modality;
@@ -58,9 +58,9 @@ fn selection(c: &mut Criterion) {
     }
     let split = Split::new(Budget::Fraction(0.2), L, 1.0).unwrap();
     for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
-        let p = kind.build(&PolicyConfig::default());
+        let p = kind.build(&PolicyConfig::default()).unwrap();
         c.bench_function(&format!("select: {kind}, 32 layers × 32 KV heads × 4096 tokens, budget 0.2"), |b| {
-            b.iter(|| policy::retain(p.as_ref(), &policy::Input { modality: &modality, split, stats: Some(&stats) }).unwrap());
+            b.iter(|| policy::retain(p.as_ref(), &policy::Input { modality: &modality, split, stats: Some(&stats) }, None).unwrap());
         });
     }
 }

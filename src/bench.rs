@@ -35,7 +35,8 @@ pub struct BenchConfig {
     pub n_predict: i32,
     /// The prompt text.
     pub prompt: String,
-    /// Context settings (flash attention applies to the policy rows).
+    /// Context settings (flash attention applies to the policy rows; `kv_shrink` to the rows
+    /// that prune).
     pub ctx: ContextConfig,
     /// Policy settings other than kind and budget.
     pub policy: PolicyConfig,
@@ -186,7 +187,7 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     for &n in &cfg.images {
         configs.push(Config { n_images: n, kind: PolicyKind::Full.into(), budget: None, reference: true, flash_attn: FlashAttn::Auto });
         configs.push(Config { n_images: n, kind: PolicyKind::Full.into(), budget: None, reference: false, flash_attn: FlashAttn::Off });
-        for &kind in cfg.policies.iter().filter(|k| k.kind != PolicyKind::Full) {
+        for &kind in cfg.policies.iter().filter(|k| k.kind.prunes()) {
             for &b in &cfg.budgets {
                 configs.push(Config { n_images: n, kind, budget: Some(b), reference: false, flash_attn: cfg.ctx.flash_attn });
             }
@@ -213,7 +214,7 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
             // them) and the policy rows get a context of the cap
             let ctx = match (cfg.ctx.kv_max_cells, c.kind.kind) {
                 (None, _) => ContextConfig { flash_attn: c.flash_attn, ..cfg.ctx.clone() },
-                (Some(_), PolicyKind::Full) => ContextConfig { flash_attn: c.flash_attn, kv_max_cells: None, kv_reserve: None, kv_shift: false, ..cfg.ctx.clone() },
+                (Some(_), k) if !k.prunes() => ContextConfig { flash_attn: c.flash_attn, kv_max_cells: None, kv_reserve: None, kv_shift: false, ..cfg.ctx.clone() },
                 (Some(_), _) => ContextConfig { flash_attn: c.flash_attn, n_ctx: 0, ..cfg.ctx.clone() },
             };
             let policy = c.kind.config(&cfg.policy, c.budget.unwrap_or_default());

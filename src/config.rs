@@ -157,6 +157,10 @@ pub struct ContextConfig {
     /// `--kv-shift`: renumber positions after each eviction so they stay inside the trained
     /// context (1-D RoPE models only).
     pub kv_shift: bool,
+    /// `--kv-shrink`: after pruning, move the cache into a context sized to the kept cells plus
+    /// generation room (`kv_reserve`), freeing the large buffer; without `-c`, the prompt is
+    /// then read into a buffer sized to it rather than the model's trained context.
+    pub kv_shrink: bool,
 }
 
 /// `--kv-max-cells`: a number of cells, or a fraction of the prompt's tokens.
@@ -234,6 +238,7 @@ impl Default for ContextConfig {
             kv_max_cells: None,
             kv_reserve: None,
             kv_shift: false,
+            kv_shrink: false,
         }
     }
 }

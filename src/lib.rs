@@ -5,7 +5,7 @@
 //! ```text
 //! Request ─▶ engine::prompt (chat template, image markers, mtmd chunks → spans)
 //!         ─▶ Session::prefill (chunk by chunk through llama::*, image encode timed apart)
-//!         ─▶ observe (cb_eval on kq-<il>) ─▶ policy (score, vote) ─▶ evict + compact
+//!         ─▶ stats (cb_eval on kq-<il> → AttentionSink) ─▶ policy (score, vote) ─▶ evict + compact
 //!         ─▶ Session::generate (llama.cpp sampler chain, streamed text)
 //!         ─▶ RunReport (--json; timing line)
 //! ```
@@ -25,10 +25,10 @@ pub mod eval;
 pub mod gguf;
 pub mod input;
 pub mod llama;
-pub mod observe;
 pub mod policy;
 pub mod rng;
 pub mod span;
+pub mod stats;
 
 pub use cancel::CancelHandle;
 pub use config::{CacheType, ContextConfig, FlashAttn, KvCap, ModelConfig, Request, SamplingConfig};

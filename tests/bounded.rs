@@ -7,9 +7,8 @@ mod support;
 use std::process::Command;
 
 use csp_llava::config::{CacheType, ContextConfig, FlashAttn, KvCap, Request, SamplingConfig};
-use csp_llava::engine::PrefillMode;
 use csp_llava::gguf::tiny;
-use csp_llava::observe::Bucket;
+use csp_llava::stats::Bucket;
 use csp_llava::policy::{Budget, Granularity, PolicyConfig, PolicyKind};
 use csp_llava::span::Modality;
 use csp_llava::{Engine, RunReport};
@@ -224,7 +223,7 @@ fn shifted_cache_decodes_like_one_read_at_those_positions() {
     let policy = PolicyConfig { kind: PolicyKind::Streaming, ..Default::default() };
     let base = ContextConfig { kv_shift: true, ..capped(Some(1024)) };
     let lazy = run(&e, &req, &base, &policy, 6);
-    let moved = run(&e, &req, &base, &PolicyConfig { shrink: true, ..policy.clone() }, 6);
+    let moved = run(&e, &req, &ContextConfig { kv_shrink: true, ..base.clone() }, &policy, 6);
     assert!(moved.kv_cells_allocated < lazy.kv_cells_allocated);
     assert_eq!(moved.text, lazy.text, "the shifted keys travel with the state");
 }

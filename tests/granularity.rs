@@ -10,7 +10,7 @@ use std::process::Command;
 use csp_llava::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use csp_llava::engine::{PrefillMode, Session};
 use csp_llava::llama;
-use csp_llava::policy::{Budget, Granularity, PolicyConfig, PolicyKind, Retention};
+use csp_llava::policy::{Budget, Csp, Granularity, Params, PolicyConfig, PolicyKind, Retention};
 use csp_llava::{Engine, RunReport};
 
 use support::engine;
@@ -174,7 +174,7 @@ fn masks_survive_decoding_and_sinks_apply_n_softmax() {
     // n-softmax at decode: each row sums to S/(S+n), S = Σ exp(scale·x) over the visible keys.
     // The tiny model's logits are large, so n is large enough to take visible mass.
     let n = 1e12f32;
-    let cfg = PolicyConfig { kind: PolicyKind::Csp, budget: Budget::Fraction(0.2), decode_sink: true, csp_n: n, ..Default::default() };
+    let cfg = PolicyConfig { kind: PolicyKind::Csp, budget: Budget::Fraction(0.2), decode_sink: true, params: Params { csp: Csp { n, ..Default::default() }, ..Default::default() }, ..Default::default() };
     let (mut s, ret, _) = pruned(&e, &cfg, FlashAttn::Off);
     let visible = ret.kept() + 1;
     let scale = 1.0 / 16f64.sqrt();
@@ -190,7 +190,7 @@ fn masks_survive_decoding_and_sinks_apply_n_softmax() {
         }
     }
     assert!(smallest < 0.99, "the sink takes visible mass somewhere ({smallest})");
-    let cfg = PolicyConfig { csp_n: 1.0, ..cfg };
+    let cfg = PolicyConfig { params: Params { csp: Csp { n: 1.0, ..cfg.params.csp }, ..cfg.params.clone() }, ..cfg };
     let plain = run(&e, &PolicyConfig { decode_sink: false, ..cfg.clone() }, FlashAttn::Off);
     let sunk = run(&e, &cfg, FlashAttn::Off);
     assert_eq!(plain.n_generated, sunk.n_generated);

@@ -7,7 +7,7 @@ mod support;
 use csp_llava::config::{CacheType, ContextConfig, FlashAttn, ModelConfig, Request};
 use csp_llava::engine::PrefillMode;
 use csp_llava::gguf::tiny;
-use csp_llava::observe::{Bucket, Rows, StatRequest};
+use csp_llava::stats::{Bucket, Rows, StatRequest};
 use csp_llava::span::Modality;
 use csp_llava::Engine;
 

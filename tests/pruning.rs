@@ -20,8 +20,8 @@ fn greedy(n: i32) -> SamplingConfig {
 }
 
 fn run(e: &Engine, req: &Request, fa: FlashAttn, kind: PolicyKind, budget: Budget, shrink: bool) -> RunReport {
-    let ctx = ContextConfig { n_ctx: 1024, flash_attn: fa, ..Default::default() };
-    let policy = PolicyConfig { kind, budget, shrink, ..Default::default() };
+    let ctx = ContextConfig { n_ctx: 1024, flash_attn: fa, kv_shrink: shrink, ..Default::default() };
+    let policy = PolicyConfig { kind, budget, ..Default::default() };
     e.run(req, &ctx, &greedy(12), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{kind} {budget}: {err}"))
 }
 

@@ -5,9 +5,10 @@
 //! created and destroyed on every request.
 //!
 //! Asserted, after a warm-up of a tenth of the runs (at least 10): the resident set size
-//! (`VmRSS`) never exceeds the first sample after the warm-up by [`RSS_BOUND_KIB`] or more, and
-//! the process holds as many file descriptors at the end as after the warm-up. Linux only
-//! (`/proc/self`); elsewhere the generations run and nothing is measured.
+//! (`VmRSS`, sampled after every generation) does not grow — the median of the last 5% of the
+//! samples (at most 50) is less than [`RSS_BOUND_KIB`] above the median of the first 5%, and no
+//! sample is 4 × that above it — and the process holds as many file descriptors at the end as
+//! after the warm-up. Linux only (`/proc/self`); elsewhere the generations run unmeasured.
 //!
 //! **Why a child process.** With glibc's default, *dynamic* mmap threshold, large buffers
 //! (llama.cpp's compute and KV buffers) come from a heap arena of about 240 MB of which only
@@ -16,13 +17,17 @@
 //! the bytes malloc has handed out (`mallinfo2`) and the mapped size (`VmData`) stay flat — no
 //! leak, but noise that would hide one. The test therefore reruns itself with
 //! `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536`: large buffers are then mapped and unmapped
-//! per use and RSS follows live memory (measured: +8 KiB over 900 runs). A leak of 1 KiB per
-//! generation would exceed the bound. Other C libraries ignore the variable; there the bound is
-//! [`RSS_BOUND_OTHER_KIB`].
+//! per use and RSS follows live memory (measured over 900 runs: +8 and +16 KiB, slope ~1 KiB per
+//! 100 runs, one passing spike of +344 KiB). A leak of 1 KiB per generation would exceed the
+//! bound. Other C libraries ignore the variable; there the bound is [`RSS_BOUND_OTHER_KIB`].
 //!
-//! `CSP_SOAK_N` sets the number of generations (default 1,000: ~15–25 s on 2 cores);
-//! `CSP_SOAK_TRACE=FILE` writes the RSS samples (`run KiB` per line). `scripts/soak.sh` runs it
-//! with the figures shown; `cargo test --release --test soak -- --nocapture` shows them too.
+//! `CSP_SOAK_N` sets the number of generations (default 1,000: 15–25 s on 2 idle cores; on a
+//! loaded machine llama.cpp's OpenMP threads spin while they wait, and the same run took 11
+//! minutes);
+//! `CSP_SOAK_TRACE=FILE` writes the RSS samples (`run KiB` per line); `CSP_SOAK_NO_RSS` skips the
+//! RSS bound (`scripts/valgrind.sh`, where valgrind's own memory is counted); `CSP_SOAK_CHILD`
+//! runs in this process without the rerun. `scripts/soak.sh` runs it with the figures shown;
+//! `cargo test --release --test soak -- --nocapture` shows them too.
 
 mod support;
 
@@ -46,20 +51,20 @@ const TUNABLE: &str = "glibc.malloc.mmap_threshold=65536";
 fn config(i: usize) -> (&'static str, ContextConfig, PolicyConfig) {
     let small = ContextConfig { n_ctx: 512, ..Default::default() };
     // -c 0: a pruning policy reads the prompt into a buffer sized to it, then shrinks
-    let sized = ContextConfig { n_ctx: 0, ..Default::default() };
-    let pruned = |kind, shrink| PolicyConfig { kind, budget: Budget::Fraction(0.3), shrink, ..Default::default() };
+    let sized = ContextConfig { n_ctx: 0, kv_shrink: true, ..Default::default() };
+    let pruned = |kind| PolicyConfig { kind, budget: Budget::Fraction(0.3), ..Default::default() };
     match i % 8 {
         0 => ("full", small, PolicyConfig::default()),
-        1 => ("csp+shrink", sized, pruned(PolicyKind::Csp, true)),
-        2 => ("h2o+shrink", sized, pruned(PolicyKind::H2o, true)),
-        3 => ("streaming+shrink", sized, pruned(PolicyKind::Streaming, true)),
-        4 => ("csp", small, pruned(PolicyKind::Csp, false)),
-        5 => ("h2o", small, pruned(PolicyKind::H2o, false)),
-        6 => ("streaming", small, pruned(PolicyKind::Streaming, false)),
+        1 => ("csp+shrink", sized, pruned(PolicyKind::Csp)),
+        2 => ("h2o+shrink", sized, pruned(PolicyKind::H2o)),
+        3 => ("streaming+shrink", sized, pruned(PolicyKind::Streaming)),
+        4 => ("csp", small, pruned(PolicyKind::Csp)),
+        5 => ("h2o", small, pruned(PolicyKind::H2o)),
+        6 => ("streaming", small, pruned(PolicyKind::Streaming)),
         _ => (
             "csp, bounded prefill",
             ContextConfig { kv_max_cells: Some(KvCap::Cells(96)), ..small },
-            pruned(PolicyKind::Csp, false),
+            pruned(PolicyKind::Csp),
         ),
     }
 }
@@ -74,6 +79,13 @@ fn rss_kib() -> Option<i64> {
 /// Open file descriptors; `None` where `/proc` is missing.
 fn fds() -> Option<usize> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}
+
+/// Median of `xs` (the lower one of an even count).
+fn median(xs: &[i64]) -> i64 {
+    let mut v = xs.to_vec();
+    v.sort_unstable();
+    v[(v.len() - 1) / 2]
 }
 
 /// Least-squares slope of `ys` against their index.
@@ -161,24 +173,35 @@ fn generations_do_not_grow_memory_or_file_descriptors() {
         let text: String = rss.iter().enumerate().map(|(k, v)| format!("{} {v}\n", warmup + k)).collect();
         std::fs::write(path, text).expect("write the RSS trace");
     }
-    let (Some(first), Some(fd_warm), Some(fd_end)) = (rss_warm, fd_warm, fd_end) else {
+    let (Some(_), Some(fd_warm), Some(fd_end)) = (rss_warm, fd_warm, fd_end) else {
         eprintln!("soak: no /proc/self here; memory and descriptors not checked");
         return;
     };
+    // sustained growth: the median of the last samples against that of the first ones after the
+    // warm-up (a leak moves both the median and the slope; a passing spike moves neither)
+    let w = (rss.len() / 20).clamp(1, 50);
+    let (first, last) = (median(&rss[..w]), median(&rss[rss.len() - w..]));
     let max = *rss.iter().max().expect("samples after the warm-up");
-    let last = *rss.last().expect("samples after the warm-up");
     let per_100 = slope(&rss) * 100.0;
     eprintln!(
-        "soak: RSS {first} KiB after the warm-up, {last} KiB at the end, max {max} KiB (+{} KiB over {} runs; bound {bound} KiB); \
-         slope {per_100:.1} KiB per 100 runs; fds {fd_warm} -> {fd_end}",
+        "soak: RSS {first} KiB after the warm-up, {last} KiB at the end (medians of {w} samples): {:+} KiB over {} runs \
+         (bound {bound} KiB); slope {per_100:.1} KiB per 100 runs; highest sample {max} KiB (+{} KiB, bound {} KiB); fds {fd_warm} -> {fd_end}",
+        last - first,
+        rss.len() - 1,
         max - first,
-        rss.len() - 1
+        4 * bound
     );
-    assert!(
-        max - first < bound,
-        "RSS grew by {} KiB over {} runs after the warm-up (bound {bound} KiB; slope {per_100:.1} KiB per 100 runs)",
-        max - first,
-        rss.len() - 1
-    );
+    if std::env::var_os("CSP_SOAK_NO_RSS").is_some() {
+        // scripts/valgrind.sh: valgrind's own memory is in RSS; descriptors still count
+        eprintln!("soak: CSP_SOAK_NO_RSS set; RSS not checked");
+    } else {
+        assert!(
+            last - first < bound,
+            "RSS grew by {} KiB over {} runs after the warm-up (bound {bound} KiB; slope {per_100:.1} KiB per 100 runs)",
+            last - first,
+            rss.len() - 1
+        );
+        assert!(max - first < 4 * bound, "RSS peaked {} KiB above the level after the warm-up (bound {} KiB)", max - first, 4 * bound);
+    }
     assert_eq!(fd_end, fd_warm, "open file descriptors: after the warm-up vs at the end");
 }

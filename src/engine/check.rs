@@ -174,7 +174,7 @@ fn text_generic(h: &GgufHeader, arch: &str) -> Check {
 /// `eps >= 0.0f` while computing (ggml/src/ggml-cpu/ops.cpp:4026, 4132).
 fn epsilon(h: &GgufHeader, key: &str) -> Check {
     match h.kv.get(key).and_then(Value::as_f64) {
-        Some(e) if !(e >= 0.0) => Err(format!("{key} is {e}; a normalisation epsilon must be 0 or more")),
+        Some(e) if e.is_nan() || e < 0.0 => Err(format!("{key} is {e}; a normalisation epsilon must be 0 or more")),
         _ => Ok(()),
     }
 }

@@ -10,42 +10,10 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use super::session::{ms, Session};
+use super::event::{decode_code, ms, Event, StopReason};
+use super::session::Session;
 use crate::config::SamplingConfig;
 use crate::error::{Error, Result};
-
-/// Progress and output, reported while a request runs.
-#[derive(Debug, Clone, Copy)]
-#[non_exhaustive]
-pub enum Event<'a> {
-    /// A prompt chunk was evaluated.
-    Prefill {
-        /// Chunks done.
-        chunk: usize,
-        /// All chunks.
-        n_chunks: usize,
-        /// Tokens done.
-        tokens: usize,
-        /// All prompt tokens.
-        n_tokens: usize,
-    },
-    /// Generated text (may be empty when a token ends inside a UTF-8 character).
-    Text(&'a str),
-}
-
-/// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StopReason {
-    /// An end-of-generation token.
-    Eos,
-    /// `-n` tokens were generated.
-    Length,
-    /// The context is full.
-    Context,
-    /// The engine's cancel handle was used (Ctrl-C).
-    Cancelled,
-}
 
 /// Result of a generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -226,14 +194,6 @@ impl Session<'_> {
             text.push_str(&rest);
         }
         Ok(Generated { text, tokens, decode_ms: ms(t), stop, seed })
-    }
-}
-
-pub(super) fn decode_code(e: &llama_cpp_2::DecodeError) -> i32 {
-    match e {
-        llama_cpp_2::DecodeError::NoKvCacheSlot => 1,
-        llama_cpp_2::DecodeError::NTokensZero => -1,
-        llama_cpp_2::DecodeError::Unknown(c) => *c,
     }
 }
 

@@ -7,7 +7,9 @@
 //! ```
 //! Later stages (attention observation, eviction) hook in between prefill and generation.
 
+mod bounded;
 mod check;
+mod event;
 mod generate;
 pub mod image;
 pub mod prompt;
@@ -22,15 +24,17 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::mtmd::{MtmdContext, MtmdContextParams};
 
-pub use generate::{Event, Generated, StopReason};
+pub use bounded::{Bounded, Eviction};
+pub use event::{Event, StopReason};
+pub use generate::Generated;
 pub use prompt::Prompt;
 pub use report::{human_bytes, Pruning, RetainedToken, RunReport};
 pub use session::{EvictStats, PrefillMode, PrefillStats, Session, Snapshot};
-pub use stream::{Bounded, Eviction};
 
+use event::ms;
 use crate::config::{ContextConfig, ModelConfig, Request, SamplingConfig};
-use crate::observe::StatRequest;
-use crate::policy::{self, PolicyConfig, PolicyKind};
+use crate::stats::StatRequest;
+use crate::policy::{self, PolicyConfig, Target};
 use crate::error::{Error, Result};
 use crate::llama::{self, KvInfo};
 
@@ -249,13 +253,14 @@ impl Engine {
     /// What a bounded prefill needs of the model and the policy.
     fn check_bounded(&self, prompt: &Prompt, plan: &Plan, b: &Bounded, n_predict: i32) -> Result<()> {
         if b.evicts() {
-            if plan.kind == PolicyKind::Full {
+            if !plan.policy.prunes() {
                 return Err(Error::Config {
                     field: "--kv-max-cells",
                     reason: format!(
-                        "the prompt ({} tokens) does not fit in {} cells and --kv-policy full evicts nothing; choose a policy (csp, h2o, snapkv, streaming …) or raise the cap",
+                        "the prompt ({} tokens) does not fit in {} cells and --kv-policy {} evicts nothing; choose a policy (csp, h2o, snapkv, streaming …) or raise the cap",
                         prompt.n_tokens(),
-                        b.cap
+                        b.cap,
+                        plan.policy.name()
                     ),
                 });
             }
@@ -297,46 +302,41 @@ impl Engine {
         policy_cfg.validate()?;
         let t = std::time::Instant::now();
         let prompt = self.prepare_for(req, ctx)?;
-        let prepare_ms = session::ms(t);
+        let prepare_ms = ms(t);
         let mut report = self.run_prompt(&prompt, ctx, sampling, policy_cfg, PrefillMode::Chunked, on_event)?;
         report.ttft_ms += prepare_ms;
         Ok(report)
     }
 
-    /// What a policy will do with a prompt: its budget and the statistics it needs.
+    /// What a policy will do with a prompt: its budget and the statistics it needs. The plan
+    /// does not shrink the pruned cache; [`Engine::run_prompt`] sets [`Plan::shrink`] from
+    /// [`ContextConfig::kv_shrink`].
     ///
     /// # Errors
-    /// A budget that keeps nothing; models the policy cannot prune.
+    /// A policy that cannot be built for the budget (a PrefixKV profile without it); a budget
+    /// that keeps nothing; models the policy cannot prune.
     pub fn plan(&self, prompt: &Prompt, policy_cfg: &PolicyConfig) -> Result<Plan> {
         let modality = prompt.token_modalities();
-        let policy = policy_cfg.kind.build(policy_cfg);
-        let split = match policy_cfg.kind {
-            PolicyKind::Full => None,
-            _ if !policy.applies(&modality) => None,
-            _ => Some(policy.budget_split(policy_cfg, &modality)?),
-        };
+        let policy = policy_cfg.kind.build(policy_cfg)?;
+        let (target, bias) = (Target::Budget(policy_cfg.budget), policy_cfg.recent_bias);
+        let split = if policy.applies(&modality) { Some(policy.split(target, &modality, bias)?) } else { None };
         let prunes = split.is_some_and(|s| s.prunes());
         let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
         if prunes {
             self.check_prunable(prompt, request.is_some())?;
         }
-        let decode_sink = (policy_cfg.decode_sink && policy_cfg.csp_n > 0.0).then_some(policy_cfg.csp_n);
         // a bounded prefill evicts even where the prompt-end pass would not (text-only CSP)
-        let stream_request = match policy_cfg.kind {
-            PolicyKind::Full => None,
-            _ => split.or_else(|| policy.budget_split(policy_cfg, &modality).ok()).and_then(|s| policy.request(&s, policy_cfg.obs_window)),
-        };
+        let stream_request = split.or_else(|| policy.split(target, &modality, bias).ok()).and_then(|s| policy.request(&s, policy_cfg.obs_window));
         Ok(Plan {
-            kind: policy_cfg.kind,
             policy,
             split,
             prunes,
             request,
             stream_request,
-            recent_bias: policy_cfg.recent_bias,
-            shrink: policy_cfg.shrink,
+            recent_bias: bias,
+            shrink: false,
             granularity: policy_cfg.granularity,
-            decode_sink,
+            decode_sink: policy_cfg.decode_sink_n(),
         })
     }
 
@@ -355,9 +355,9 @@ impl Engine {
     ) -> Result<RunReport> {
         self.check_cancel()?;
         let t = std::time::Instant::now();
-        let plan = self.plan(prompt, policy_cfg)?;
+        let plan = Plan { shrink: ctx.kv_shrink, ..self.plan(prompt, policy_cfg)? };
         let Prefilled { mut session, prefill, kv_before, pruning } = self.prefill_pruned(prompt, ctx, &plan, sampling.n_predict, mode, on_event)?;
-        let ttft_ms = session::ms(t);
+        let ttft_ms = ms(t);
         let kv_after = session.kv_info();
         let generated = session.generate(sampling, on_event)?;
         let mut report = RunReport::new(prompt, &session, &prefill, kv_before, kv_after, plan.policy.name(), pruning, generated);
@@ -399,8 +399,6 @@ pub struct Prefilled<'e> {
 /// A policy applied to one prompt: see [`Engine::plan`].
 #[derive(Debug)]
 pub struct Plan {
-    /// The policy's registry entry.
-    pub kind: PolicyKind,
     /// The policy.
     pub policy: Box<dyn policy::Policy>,
     /// Its budget, when it applies to the prompt.
@@ -412,9 +410,10 @@ pub struct Plan {
     /// The statistics a bounded prefill's evictions need (also where the prompt-end pass does
     /// not prune).
     pub stream_request: Option<StatRequest>,
-    /// `--csp-recent-bias`, for budgets resolved on what a bounded cache holds.
+    /// `recent_bias`, for budgets resolved on what a bounded cache holds.
     pub recent_bias: f64,
-    /// Move the pruned cache into a smaller context.
+    /// Move the pruned cache into a smaller context ([`ContextConfig::kv_shrink`]; `false` from
+    /// [`Engine::plan`]).
     pub shrink: bool,
     /// `--kv-granularity` (the policy's own when `None`).
     pub granularity: Option<policy::Granularity>,
@@ -430,7 +429,7 @@ impl Plan {
     ///
     /// # Errors
     /// Missing statistics; llama.cpp refusals.
-    pub fn apply(&self, session: &mut Session<'_>, prompt: &Prompt, stats: Option<&crate::observe::AttentionStats>, n_predict: i32) -> Result<Pruning> {
+    pub fn apply(&self, session: &mut Session<'_>, prompt: &Prompt, stats: Option<&crate::stats::AttentionStats>, n_predict: i32) -> Result<Pruning> {
         let mut pruning = Pruning { split: self.split, ..Pruning::default() };
         let cached = session.cached_tokens();
         let limit = session.bounded.as_ref().map(Bounded::final_limit);
@@ -445,8 +444,8 @@ impl Plan {
             let modality = prompt.token_modalities();
             let input = policy::Input { modality: &modality, split, stats };
             let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
-            let fp = self.policy.decode_eviction(&input, &retention);
-            (retention, fp.map(|fp| (fp, None)))
+            let de = self.policy.decode_eviction(&input, &retention)?;
+            (retention, de.map(|de| (de, None)))
         } else {
             // what a bounded cache holds, ranked as a prompt of its own
             let b = split.map_or(cached.len(), |s| s.b).min(cached.len()).min(limit.unwrap_or(usize::MAX));
@@ -454,17 +453,17 @@ impl Plan {
             let gathered = stats.map(|s| s.gather(&cached));
             let view = stream::View::new(prompt, cached, gathered);
             let sel = view.retain(self, b, granularity)?;
-            let fp = self.policy.decode_eviction(&view.input(sel.split), &sel.sub);
-            (sel.full, fp.map(|fp| (fp, Some(view.tokens))))
+            let de = self.policy.decode_eviction(&view.input(sel.split), &sel.sub)?;
+            (sel.full, de.map(|de| (de, Some(view.tokens))))
         };
-        pruning.score_ms = session.observe_ms() + session::ms(t);
+        pruning.score_ms = session.observe_ms() + ms(t);
         let n_read = session.n_read;
         let ev = session.evict(&retention.keep)?;
         pruning.evict_ms = ev.ms;
         pruning.pruned = ev.removed > 0;
         if session.bounded.is_some() && ev.removed > 0 {
             let kept = session.cached_tokens().len();
-            session.evictions.push(stream::Eviction { at_token: n_read, removed: ev.removed, kept, ms: session::ms(t) });
+            session.evictions.push(stream::Eviction { at_token: n_read, removed: ev.removed, kept, ms: ms(t) });
         }
         if self.shrink {
             let kept = retention.kept() as u32;
@@ -482,12 +481,12 @@ impl Plan {
             // entries are prompt (or view) indices; the cache knows positions
             let pos = session.token_pos.clone();
             match view {
-                Some(tokens) => fp.remap(|i| pos[tokens[i]] as usize),
-                None => fp.remap(|t| pos[t] as usize),
+                Some(tokens) => fp.remap(&|i| pos[tokens[i]] as usize),
+                None => fp.remap(&|t| pos[t] as usize),
             }
             fp
         });
-        pruning.evict_ms += session::ms(t);
+        pruning.evict_ms += ms(t);
         pruning.retention = Some(retention);
         Ok(pruning)
     }

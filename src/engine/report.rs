@@ -3,9 +3,10 @@
 
 use serde::Serialize;
 
-use super::generate::{Generated, StopReason};
+use super::bounded::Eviction;
+use super::event::StopReason;
+use super::generate::Generated;
 use super::session::{PrefillStats, Session};
-use super::stream::Eviction;
 use super::Prompt;
 use crate::llama::KvInfo;
 use crate::policy::{Retention, Split};

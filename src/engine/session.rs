@@ -9,15 +9,15 @@ use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_sys_2 as sys;
 
-use super::generate::Event;
-use super::stream::{Bounded, Eviction};
+use super::bounded::{Bounded, Eviction};
+use super::event::{decode_code, ms, Event};
 use super::{Engine, Prompt};
 use crate::config::{CacheType, ContextConfig, FlashAttn};
 use crate::error::{Error, Result};
 use crate::llama::observer::Observer;
 use crate::llama::{self, KvInfo, ObservedContext};
-use crate::observe::{AttentionStats, Reducer, StatRequest};
-use crate::policy::prefixkv::FixedPoint;
+use crate::stats::{AttentionStats, Collector, Reducer, StatRequest};
+use crate::policy::DecodeEviction;
 use crate::policy::HeadKeep;
 use crate::span::Modality;
 
@@ -68,10 +68,12 @@ pub struct Session<'e> {
     /// Logits of the prompt's last token, kept across eviction and shrinking.
     pub(super) first_logits: Option<Vec<f32>>,
     observe_ms: f64,
+    /// The statistics the observer feeds (shared with it), when the session observes.
+    collector: Option<Collector>,
     /// Flash attention is paused while the prefill is observed and resumed after it.
     resume_flash_attn: bool,
     /// Eviction while decoding (PrefixKV's fixed-point FIFO); entries are positions.
-    pub(super) decode_eviction: Option<FixedPoint>,
+    pub(super) decode_eviction: Option<Box<dyn DecodeEviction>>,
     decode_evicted: usize,
     /// Current position of every prompt token read, −1 once evicted (empty under M-RoPE).
     pub(super) token_pos: Vec<i32>,
@@ -194,19 +196,19 @@ impl<'e> Session<'e> {
             .with_flash_attention_policy(fa)
             .with_type_k(kv_type(cfg.type_k))
             .with_type_v(kv_type(cfg.type_v));
-        let observer = observes.then(|| {
+        let collector = observes.then(|| {
             let model = engine.model();
             let modality = prompt.token_modalities();
-            let reducer = Reducer::new(
+            Collector::new(Reducer::new(
                 observe.clone(),
                 &modality,
                 model.n_layer() as usize,
                 model.n_head_kv().max(1) as usize,
                 attention_scale(engine),
                 threads.max(1) as usize,
-            );
-            Observer::new(Some(reducer))
+            ))
         });
+        let observer = collector.as_ref().map(|c| Observer::new(Some(c.sink())));
         let mut lctx = ObservedContext::new(engine.model(), params.clone(), observer, Some(engine.cancel.flag()))
             .map_err(|e| Error::Context { n_ctx, reason: e.to_string() })?;
         let flash_attn = llama::flash_attn_enabled(lctx.ctx());
@@ -231,6 +233,7 @@ impl<'e> Session<'e> {
             flash_attn,
             first_logits: None,
             observe_ms: 0.0,
+            collector,
             resume_flash_attn,
             decode_eviction: None,
             decode_evicted: 0,
@@ -326,12 +329,19 @@ impl<'e> Session<'e> {
         self.observe_ms
     }
 
-    /// An observer failure, if the observer reported one (it aborts the computation).
+    /// The statistics while the observer still feeds them: none once taken or after an
+    /// observer failure, nor once the context (and its observer) was replaced.
+    pub(super) fn collector(&self) -> Option<&Collector> {
+        self.lctx.observer().filter(|obs| obs.has_sink()).and(self.collector.as_ref())
+    }
+
+    /// An observer failure, if the observer reported one (it aborts the computation). Detaches
+    /// the statistics.
     fn observer_error(&self) -> Option<Error> {
         let obs = self.lctx.observer()?;
-        let (reducer, err) = obs.finish();
-        drop(reducer);
-        err.map(|e| Error::Callback(e))
+        let (sink, err) = obs.finish();
+        drop(sink);
+        err.map(Error::Callback)
     }
 
     /// Evaluates the whole prompt into the KV cache; the last token's logits are kept.
@@ -371,7 +381,7 @@ impl<'e> Session<'e> {
         let mut stats = res?;
         if let Some(obs) = self.lctx.observer() {
             obs.deactivate();
-            stats.observe_ms = obs.reducer_ms();
+            stats.observe_ms = self.collector().map_or(0.0, Collector::ms);
             self.observe_ms = stats.observe_ms;
             stats.prefill_ms = (stats.prefill_ms - stats.observe_ms).max(0.0);
         }
@@ -469,19 +479,19 @@ impl<'e> Session<'e> {
     /// An observer failure, or statistics that did not see the whole prompt.
     pub fn take_stats(&self, prompt: &Prompt) -> Result<Vec<AttentionStats>> {
         let Some(obs) = self.lctx.observer() else { return Ok(Vec::new()) };
-        let (reducer, err) = obs.finish();
+        let (sink, err) = obs.finish();
         if let Some(e) = err {
             return Err(Error::Callback(e));
         }
-        let Some(reducer) = reducer else { return Ok(Vec::new()) };
-        if reducer.tokens_seen() < prompt.n_tokens() {
+        let (Some(_), Some(collector)) = (sink, &self.collector) else { return Ok(Vec::new()) };
+        if collector.tokens_seen() < prompt.n_tokens() {
             return Err(Error::Callback(format!(
                 "the observer saw {} of {} prompt tokens",
-                reducer.tokens_seen(),
+                collector.tokens_seen(),
                 prompt.n_tokens()
             )));
         }
-        Ok(reducer.into_stats())
+        Ok(collector.take_stats())
     }
 
     /// Removes the cached prompt tokens not in `keep` (one flag per prompt token) and compacts
@@ -524,9 +534,9 @@ impl<'e> Session<'e> {
         }
         if removed > 0 {
             self.compact(None)?;
-            if let Some(obs) = self.lctx.observer() {
+            if let Some(c) = self.collector() {
                 let pos = &self.token_pos;
-                obs.with_reducer(|r| r.on_compact(&|u| pos.get(u).is_some_and(|&p| p >= 0)));
+                c.on_compact(&|u| pos.get(u).is_some_and(|&p| p >= 0));
             }
             if self.bounded.as_ref().is_some_and(|b| b.shift) {
                 self.shift_positions()?;
@@ -760,13 +770,9 @@ impl Session<'_> {
                 .add(llama_cpp_2::token::LlamaToken(t), self.n_past + i as i32, &[0], true)
                 .map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
         }
-        self.lctx.ctx_mut().decode(&mut batch).map_err(|e| Error::Llama { op: "decode", code: super::generate::decode_code(&e) })?;
+        self.lctx.ctx_mut().decode(&mut batch).map_err(|e| Error::Llama { op: "decode", code: decode_code(&e) })?;
         self.n_past += tokens.len() as i32;
         self.first_logits = None;
         Ok((0..tokens.len()).map(|i| self.lctx.ctx().get_logits_ith(i as i32).to_vec()).collect())
     }
-}
-
-pub(super) fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
 }

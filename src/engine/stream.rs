@@ -27,178 +27,17 @@
 //!
 //! Every eviction is reported ([`Eviction`]); `n_prompt_tokens = kv_cells_after + Σ removed`.
 
-use std::ops::Range;
 use std::time::Instant;
 
 use llama_cpp_2::llama_batch::LlamaBatch;
-use serde::Serialize;
 
-use super::generate::Event;
-use super::session::{ms, PrefillStats, Session};
+pub use super::bounded::{pieces, schedule, Bounded, Eviction, Piece, Step};
+use super::event::{decode_code, ms, Event};
+use super::session::{PrefillStats, Session};
 use super::{Plan, Prompt};
-use crate::config::{ContextConfig, KvCap};
 use crate::error::{Error, Result};
-use crate::policy::{self, Budget, Granularity, Retention, Split};
+use crate::policy::{self, Granularity, Retention, Split, Target};
 use crate::span::Modality;
-
-/// One unit of the bounded prefill.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Piece {
-    /// The prompt span (mtmd chunk) it belongs to.
-    pub span: usize,
-    /// Prompt token indices.
-    pub tokens: Range<usize>,
-    /// Whether it is text (a slice of a text chunk) rather than a whole media chunk.
-    pub text: bool,
-}
-
-impl Piece {
-    /// Tokens in the piece.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// Whether the piece is empty.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-}
-
-/// Cuts a prompt's spans into pieces: media chunks whole, text in slices of at most `max_text`.
-#[must_use]
-pub fn pieces(spans: &[crate::span::Span], max_text: usize) -> Vec<Piece> {
-    let max_text = max_text.max(1);
-    let mut out = Vec::new();
-    for (i, s) in spans.iter().enumerate() {
-        if s.modality == Modality::Text {
-            let mut a = s.tokens.start;
-            while a < s.tokens.end {
-                let b = (a + max_text).min(s.tokens.end);
-                out.push(Piece { span: i, tokens: a..b, text: true });
-                a = b;
-            }
-        } else {
-            out.push(Piece { span: i, tokens: s.tokens.clone(), text: false });
-        }
-    }
-    out
-}
-
-/// A planned eviction: before piece `piece` (whose first token is `at_token`), keep `keep` of
-/// the cached cells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Step {
-    /// Index of the piece it precedes.
-    pub piece: usize,
-    /// Prompt tokens read before it.
-    pub at_token: usize,
-    /// Cells kept.
-    pub keep: usize,
-}
-
-/// Plans the evictions of a bounded prefill over pieces of `sizes` tokens: before each piece
-/// that would not fit in `cap` cells, keep `cap − size − reserve'` where `reserve' =
-/// min(reserve, (cap − size)/2)`.
-///
-/// # Errors
-/// The index of a piece that cannot fit with at least one cell beside it.
-pub fn schedule(sizes: &[usize], cap: usize, reserve: usize) -> std::result::Result<Vec<Step>, usize> {
-    let mut steps = Vec::new();
-    let (mut used, mut read) = (0usize, 0usize);
-    for (i, &n) in sizes.iter().enumerate() {
-        if n >= cap && i > 0 || n > cap {
-            return Err(i);
-        }
-        if used + n > cap {
-            let room = cap - n;
-            let keep = room - reserve.min(room / 2);
-            steps.push(Step { piece: i, at_token: read, keep });
-            used = keep;
-        }
-        used += n;
-        read += n;
-    }
-    Ok(steps)
-}
-
-/// One eviction, as reported in the JSON (`evictions`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Eviction {
-    /// Prompt tokens read when it happened (the prompt's length for the prompt-end pass).
-    pub at_token: usize,
-    /// Cells removed.
-    pub removed: usize,
-    /// Cells kept.
-    pub kept: usize,
-    /// Milliseconds scoring, removing and compacting.
-    pub ms: f64,
-}
-
-/// A bounded prefill's settings and plan.
-#[derive(Debug, Clone)]
-pub struct Bounded {
-    /// The cap in cells.
-    pub cap: u32,
-    /// Cells left free after an eviction.
-    pub reserve: u32,
-    /// Renumber positions after each eviction.
-    pub shift: bool,
-    /// The prompt's pieces.
-    pub pieces: Vec<Piece>,
-    /// The planned evictions (empty when the prompt fits).
-    pub steps: Vec<Step>,
-    /// Tokens evaluated after the prompt-end pass (the deferred question).
-    pub n_deferred: usize,
-}
-
-impl Bounded {
-    /// Plans the bounded prefill of `prompt` under `cap`.
-    ///
-    /// # Errors
-    /// A chunk (an image) larger than the cap, with the size needed.
-    pub fn new(prompt: &Prompt, ctx: &ContextConfig, cap: KvCap, n_predict: i32) -> Result<Self> {
-        let n_deferred: usize = prompt.deferred.iter().map(crate::span::Span::n_tokens).sum();
-        let cap_cells = cap.cells(prompt.n_tokens() + n_deferred);
-        let reserve = ctx.kv_reserve.unwrap_or_else(|| KvCap::default_reserve(cap_cells, n_predict));
-        let max_text = (ctx.n_batch as usize).min(cap_cells as usize / 4).max(1);
-        let pieces = pieces(&prompt.spans, max_text);
-        let sizes: Vec<usize> = pieces.iter().map(Piece::len).collect();
-        let steps = schedule(&sizes, cap_cells as usize, reserve as usize).map_err(|i| {
-            let p = &pieces[i];
-            let what = match prompt.spans[p.span].media {
-                Some(m) => format!("image {} ({})", m + 1, prompt.image_names.get(m).map_or("?", String::as_str)),
-                None => "a text chunk".to_owned(),
-            };
-            Error::Config {
-                field: "--kv-max-cells",
-                reason: format!("{what} takes {} cells and cannot be read in parts; the cap of {cap_cells} cells must be at least {}", p.len(), p.len() + 1),
-            }
-        })?;
-        if n_deferred >= cap_cells as usize {
-            return Err(Error::Config {
-                field: "--kv-max-cells",
-                reason: format!("the question ({n_deferred} tokens, read after pruning) does not fit in {cap_cells} cells"),
-            });
-        }
-        Ok(Self { cap: cap_cells, reserve, shift: ctx.kv_shift, pieces, steps, n_deferred })
-    }
-
-    /// Whether the prompt needs evictions while it is read.
-    #[must_use]
-    pub fn evicts(&self) -> bool {
-        !self.steps.is_empty()
-    }
-
-    /// The most cells the prompt-end pass may keep: room for the deferred question and the
-    /// reserve (halved where it would leave less than itself).
-    #[must_use]
-    pub fn final_limit(&self) -> usize {
-        let room = self.cap as usize - self.n_deferred;
-        room - (self.reserve as usize).min(room / 2)
-    }
-}
 
 /// Keeps the last cached token (llama.cpp needs a sequence's positions to continue from its
 /// last cell): when a selection dropped it, it replaces the weakest kept token (fewest votes,
@@ -303,26 +142,22 @@ impl Session<'_> {
             self.lctx
                 .ctx_mut()
                 .decode(&mut batch)
-                .map_err(|e| Error::Llama { op: "decode text chunk", code: super::generate::decode_code(&e) })?;
+                .map_err(|e| Error::Llama { op: "decode text chunk", code: decode_code(&e) })?;
             self.n_past += part.len() as i32;
         }
         Ok(())
     }
 
     fn set_horizon(&self, horizon: usize) {
-        if let Some(obs) = self.lctx.observer() {
-            obs.with_reducer(|r| r.set_horizon(horizon));
+        if let Some(c) = self.collector() {
+            c.set_horizon(horizon);
         }
     }
 
     /// Runs `plan`'s policy on the cached tokens to keep `keep` of them, at global granularity
     /// (a physical cap); returns the keep flags over the whole prompt.
     fn select(&self, prompt: &Prompt, plan: &Plan, cached: &[usize], keep: usize) -> Result<Vec<bool>> {
-        let stats = self
-            .lctx
-            .observer()
-            .and_then(|obs| obs.with_reducer(|r| r.stats().first().map(|s| s.gather(cached))))
-            .flatten();
+        let stats = self.collector().and_then(|c| c.gather(cached));
         let view = View::new(prompt, cached.to_vec(), stats);
         Ok(view.retain(plan, keep, Some(Granularity::Global))?.full.keep)
     }
@@ -336,7 +171,7 @@ pub(super) struct View {
     /// Their modalities.
     pub modality: Vec<Modality>,
     /// Their attention statistics (gathered columns).
-    pub stats: Option<crate::observe::AttentionStats>,
+    pub stats: Option<crate::stats::AttentionStats>,
     l: usize,
 }
 
@@ -352,7 +187,7 @@ pub(super) struct Selection {
 }
 
 impl View {
-    pub(super) fn new(prompt: &Prompt, tokens: Vec<usize>, stats: Option<crate::observe::AttentionStats>) -> Self {
+    pub(super) fn new(prompt: &Prompt, tokens: Vec<usize>, stats: Option<crate::stats::AttentionStats>) -> Self {
         let all = prompt.token_modalities();
         let modality = tokens.iter().map(|&t| all[t]).collect();
         Self { tokens, modality, stats, l: prompt.n_tokens() }
@@ -363,9 +198,10 @@ impl View {
         policy::Input { modality: &self.modality, split, stats: self.stats.as_ref() }
     }
 
-    /// Runs `plan`'s policy to keep `keep` of the view's tokens (the last one always).
+    /// Runs `plan`'s policy to keep `keep` of the view's tokens (the last one always), the
+    /// budget resolved by the policy ([`policy::Policy::split`]).
     pub(super) fn retain(&self, plan: &Plan, keep: usize, granularity: Option<Granularity>) -> Result<Selection> {
-        let split = Split::new(Budget::Cells(keep), self.tokens.len(), plan.recent_bias)?;
+        let split = plan.policy.split(Target::Cells(keep), &self.modality, plan.recent_bias)?;
         let mut sub = policy::retain(plan.policy.as_ref(), &self.input(split), granularity)?;
         keep_last(&mut sub);
         Ok(Selection { full: sub.expand(&self.tokens, self.l), sub, split })
@@ -375,53 +211,6 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::Span;
-
-    #[test]
-    fn schedule_keeps_the_cap() {
-        // 1 text + 16 images of 64 + text, cap 256, reserve 32
-        let mut sizes = vec![5];
-        for _ in 0..16 {
-            sizes.extend([64, 3]);
-        }
-        sizes.push(20);
-        let steps = schedule(&sizes, 256, 32).unwrap();
-        assert!(!steps.is_empty());
-        let (mut used, mut s) = (0usize, steps.iter().peekable());
-        for (i, &n) in sizes.iter().enumerate() {
-            if let Some(st) = s.next_if(|st| st.piece == i) {
-                assert!(st.keep < used, "an eviction removes something");
-                assert_eq!(st.keep, 256 - n - 32);
-                used = st.keep;
-            }
-            used += n;
-            assert!(used <= 256, "piece {i}: {used} cells");
-        }
-    }
-
-    #[test]
-    fn schedule_without_pressure_is_empty_and_oversized_pieces_fail() {
-        assert!(schedule(&[10, 64, 10], 100, 16).unwrap().is_empty());
-        assert_eq!(schedule(&[10, 64, 10], 64, 16), Err(1), "an image as large as the cap leaves no room");
-        assert_eq!(schedule(&[64], 64, 16), Ok(vec![]), "a first piece may fill the cap");
-        // room 10 after the piece: the reserve is halved to leave 5
-        let st = schedule(&[80, 90], 100, 64).unwrap();
-        assert_eq!(st, vec![Step { piece: 1, at_token: 80, keep: 5 }]);
-    }
-
-    #[test]
-    fn text_is_sliced_and_images_are_whole() {
-        let spans = vec![
-            Span { modality: Modality::Text, media: None, tokens: 0..10, pos: 0..10 },
-            Span { modality: Modality::Image, media: Some(0), tokens: 10..74, pos: 10..74 },
-            Span { modality: Modality::Text, media: None, tokens: 74..78, pos: 74..78 },
-        ];
-        let p = pieces(&spans, 4);
-        let lens: Vec<usize> = p.iter().map(Piece::len).collect();
-        assert_eq!(lens, vec![4, 4, 2, 64, 4]);
-        assert_eq!(p[3], Piece { span: 1, tokens: 10..74, text: false });
-        assert!(p.windows(2).all(|w| w[0].tokens.end == w[1].tokens.start));
-    }
 
     #[test]
     fn the_last_token_survives() {

@@ -8,7 +8,7 @@ use super::Case;
 use crate::config::{ContextConfig, FlashAttn, Request};
 use crate::engine::{Engine, PrefillMode};
 use crate::error::{Error, Result};
-use crate::observe::{Rows, StatRequest};
+use crate::stats::{Rows, StatRequest};
 use crate::policy::prefixkv::{self, Profile};
 
 /// Calibrates a profile for each retained budget in `budgets` over `cases`; `progress` sees

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
 use crate::engine::{Engine, PrefillMode, Session};
 use crate::error::Result;
-use crate::observe::StatRequest;
-use crate::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
+use crate::stats::StatRequest;
+use crate::policy::{Budget, PolicyConfig, PolicySpec};
 
 /// One case of the input JSONL.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -147,7 +147,7 @@ impl CaseResult {
 fn grid(cfg: &EvalConfig) -> Vec<(PolicySpec, Option<Budget>)> {
     let mut out = Vec::new();
     for &k in &cfg.policies {
-        if k.kind == PolicyKind::Full {
+        if !k.kind.prunes() {
             out.push((k, None));
         } else {
             out.extend(cfg.budgets.iter().map(|&b| (k, Some(b))));
@@ -175,7 +175,7 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
     let grid = grid(cfg);
     let plans = grid
         .iter()
-        .map(|&(kind, budget)| engine.plan(&prompt, &PolicyConfig { shrink: false, ..kind.config(&cfg.policy, budget.unwrap_or_default()) }))
+        .map(|&(kind, budget)| engine.plan(&prompt, &kind.config(&cfg.policy, budget.unwrap_or_default())))
         .collect::<Result<Vec<_>>>()?;
     // one observed prefill serves every plan
     let mut requests: Vec<StatRequest> = Vec::new();
@@ -242,7 +242,7 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
 
     let mut results = Vec::with_capacity(plans.len());
     for ((plan, &(kind, budget)), idx) in plans.iter().zip(&grid).zip(&which) {
-        if bounded && plan.kind != PolicyKind::Full {
+        if bounded && plan.policy.prunes() {
             // every policy reads the prompt under the cap itself: one bounded prefill each
             // (`full` stays the uncapped reference)
             let n_deferred: usize = prompt.deferred.iter().map(crate::span::Span::n_tokens).sum();

@@ -18,6 +18,7 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod observer;
+pub mod sink;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,9 +2,12 @@
 //! whether we want the node's data (`ask = true`), then with the data computed. We want:
 //!
 //! * `cache_k_l0` (`SET_ROWS`, once per ubatch): its `src[1]` holds the KV cells the ubatch's
-//!   tokens are written to — the reducer's cell → token map;
-//! * `kq-<il>` (raw logits), only when the current ubatch holds query rows a policy asked for;
+//!   tokens are written to — handed to the sink's cell → token map;
+//! * `kq-<il>` (raw logits), only when the sink wants rows of the current ubatch;
 //! * in tests, named tensors to capture (`Qcur-<il>`, `Kcur-<il>` after RoPE).
+//!
+//! What it reads goes to an [`AttentionSink`] (see [`super::sink`]); this file knows nothing
+//! of the statistics made of it.
 //!
 //! Every wanted node splits the graph computation (a synchronisation), so asking is selective.
 //! Panics are caught (unwinding must not cross `extern "C"`); a failure returns `false`, which
@@ -12,11 +15,11 @@
 
 use std::ffi::{c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use llama_cpp_sys_2 as sys;
 
-use crate::observe::{KqShape, Reducer};
+use super::sink::{AttentionSink, KqShape, SharedSink};
 
 /// A tensor captured by name (tests): shape `ne` and F32 data.
 #[derive(Debug, Clone)]
@@ -29,14 +32,30 @@ pub struct Captured {
     pub data: Vec<f32>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     active: bool,
-    reducer: Option<Reducer>,
+    sink: Option<SharedSink>,
     /// Names to capture (exact, e.g. "Qcur-0") with the op they must have (ROPE output).
     capture: Vec<(String, u32)>,
     captured: Vec<Captured>,
     error: Option<String>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("active", &self.active)
+            .field("sink", &self.sink.is_some())
+            .field("capture", &self.capture)
+            .field("captured", &self.captured.len())
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+fn lock_sink(sink: &SharedSink) -> MutexGuard<'_, dyn AttentionSink + 'static> {
+    sink.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Attention observer shared with llama.cpp through `cb_eval_user_data`.
@@ -49,14 +68,14 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// An observer feeding `reducer` (active from the start).
+    /// An observer feeding `sink` (active from the start).
     #[must_use]
-    pub fn new(reducer: Option<Reducer>) -> Self {
-        Self { state: Mutex::new(State { active: reducer.is_some(), reducer, ..State::default() }) }
+    pub fn new(sink: Option<SharedSink>) -> Self {
+        Self { state: Mutex::new(State { active: sink.is_some(), sink, ..State::default() }) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Captures the RoPE'd `Qcur-<il>`/`Kcur-<il>` of `layers` (for tests against an independent
@@ -88,22 +107,18 @@ impl Observer {
         self.lock().active = false;
     }
 
-    /// Takes the reducer (its statistics) and any error.
-    pub fn finish(&self) -> (Option<Reducer>, Option<String>) {
+    /// Stops observing and detaches the sink: returns it (if it was still attached) and any
+    /// error.
+    pub fn finish(&self) -> (Option<SharedSink>, Option<String>) {
         let mut s = self.lock();
         s.active = false;
-        (s.reducer.take(), s.error.take())
+        (s.sink.take(), s.error.take())
     }
 
-    /// Runs `f` on the reducer (bounded prefill: read the statistics so far, remap after an
-    /// eviction); `None` when there is none.
-    pub fn with_reducer<R>(&self, f: impl FnOnce(&mut Reducer) -> R) -> Option<R> {
-        self.lock().reducer.as_mut().map(f)
-    }
-
-    /// Milliseconds the reducer has spent so far.
-    pub fn reducer_ms(&self) -> f64 {
-        self.lock().reducer.as_ref().map_or(0.0, |r| r.ms)
+    /// Whether a sink is attached (until [`finish`](Self::finish)).
+    #[must_use]
+    pub fn has_sink(&self) -> bool {
+        self.lock().sink.is_some()
     }
 
     /// Takes the captured tensors.
@@ -126,11 +141,11 @@ impl Observer {
         if s.capture.iter().any(|(n, op)| n == name && t.op == *op) {
             return true;
         }
-        let Some(r) = &s.reducer else { return false };
+        let Some(sink) = &s.sink else { return false };
         if t.op == sys::GGML_OP_SET_ROWS && name.starts_with("cache_k_l0") {
             return true;
         }
-        kq_layer(name).is_some() && !r.wanted_rows().is_empty()
+        kq_layer(name).is_some() && !lock_sink(sink).wanted_rows().is_empty()
     }
 
     /// Data phase.
@@ -147,7 +162,8 @@ impl Observer {
             s.captured.push(Captured { name: name.to_owned(), ne: ne(tr), data: c });
             return Ok(());
         }
-        let Some(reducer) = s.reducer.as_mut() else { return Ok(()) };
+        let Some(sink) = &s.sink else { return Ok(()) };
+        let mut sink = lock_sink(sink);
         if tr.op == sys::GGML_OP_SET_ROWS {
             let idx = tr.src[1];
             // SAFETY: a SET_ROWS node's src[1] is its row-index input, allocated and filled
@@ -159,7 +175,7 @@ impl Observer {
             let mut cells = vec![0i64; n];
             // SAFETY: reads n I64 values (the whole tensor) into a buffer of that size.
             unsafe { sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr().cast(), 0, n * 8) };
-            reducer.on_ubatch(&cells);
+            sink.on_ubatch(&cells);
             return Ok(());
         }
         let Some(layer) = kq_layer(name) else { return Ok(()) };
@@ -170,7 +186,7 @@ impl Observer {
         if n_stream != 1 {
             return Err(format!("{name}: {n_stream} KV streams (only a unified cache is observed)"));
         }
-        let rows = reducer.wanted_rows();
+        let rows = sink.wanted_rows();
         let (nb1, nb2) = (tr.nb[1], tr.nb[2]);
         let row_block = rows.len() * n_kv;
         // SAFETY: the node's buffer pointer is valid (or null, checked) while the graph runs.
@@ -203,7 +219,7 @@ impl Observer {
                 &copies[h]
             }
         };
-        reducer.reduce(KqShape { layer, n_kv, n_rows, n_head }, &head_rows);
+        sink.on_logits(KqShape { layer, n_kv, n_rows, n_head }, &head_rows);
         Ok(())
     }
 

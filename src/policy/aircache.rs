@@ -21,13 +21,16 @@
 //! Shapes: statistics `[text bucket][layer][kv head][L]` (media columns only); one keep-set
 //! per layer shared by its heads.
 
-use super::{need_stats, select, Granularity, HeadChoice, Input, Policy, PolicyConfig, Split};
+use serde::{Deserialize, Serialize};
+
+use super::{need_stats, select, Budget, Build, Granularity, Input, Pick, Policy, PolicyParams, Split, Target};
 use crate::error::{Error, Result};
-use crate::observe::{Bucket, Rows, StatRequest};
+use crate::stats::{Bucket, Rows, StatRequest};
 use crate::span::Modality;
 
-/// AirCache.
-#[derive(Debug, Clone, Copy)]
+/// AirCache, and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AirCache {
     /// Elite threshold relative to the strongest text key.
     pub alpha: f64,
@@ -40,6 +43,25 @@ pub struct AirCache {
 impl Default for AirCache {
     fn default() -> Self {
         Self { alpha: 0.9, keep_sink: false, r_min: 0.1 }
+    }
+}
+
+impl PolicyParams for AirCache {
+    fn validate(&self) -> Result<()> {
+        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
+            return Err(Error::Config { field: "aircache.alpha", reason: format!("{} is outside (0, 1]", self.alpha) });
+        }
+        if !(0.0..=1.0).contains(&self.r_min) {
+            return Err(Error::Config { field: "aircache.r_min", reason: format!("{} is outside [0, 1]", self.r_min) });
+        }
+        Ok(())
+    }
+}
+
+impl Build for AirCache {
+    type Params = Self;
+    fn build(params: &Self, _: Budget) -> Result<Self> {
+        Ok(*params)
     }
 }
 
@@ -129,25 +151,31 @@ impl Policy for AirCache {
         modality.iter().any(|m| *m != Modality::Text)
     }
 
-    fn natural_granularity(&self) -> Granularity {
+    fn granularity(&self) -> Granularity {
         Granularity::Layer
     }
 
-    /// `B` = every text token + `r` of the visual tokens (`r` = the fraction, or cells / N_v).
-    fn budget_split(&self, cfg: &PolicyConfig, modality: &[Modality]) -> Result<Split> {
+    /// `B` = every text token + `r` of the visual tokens (`r` = the fraction, or cells / N_v);
+    /// a number of cells (a bounded cache's room) as it is. No recent window: all text is kept.
+    fn split(&self, target: Target, modality: &[Modality], _recent_bias: f64) -> Result<Split> {
+        let budget = match target {
+            Target::Cells(_) => return Split::without_recent(target.budget(), modality.len()),
+            Target::Budget(b) => b,
+        };
         let n_v = modality.iter().filter(|m| **m != Modality::Text).count();
         let n_t = modality.len() - n_v;
-        let kept_v = match cfg.budget {
-            super::Budget::Fraction(r) => (r * n_v as f64).ceil() as usize,
-            super::Budget::Cells(c) => c.min(n_v),
+        let kept_v = match budget {
+            Budget::Fraction(r) => (r * n_v as f64).ceil() as usize,
+            Budget::Cells(c) => c.min(n_v),
         };
         if kept_v == 0 && n_v > 0 {
-            return Err(Error::Config { field: "--kv-budget", reason: format!("{} of {n_v} image tokens keeps none", cfg.budget) });
+            return Err(Error::Config { field: "budget", reason: format!("{budget} of {n_v} image tokens keeps none") });
         }
-        Split::new(super::Budget::Cells(n_t + kept_v), modality.len(), 0.0)
+        Split::without_recent(Budget::Cells(n_t + kept_v), modality.len())
     }
 
-    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
+    /// Per layer: every text token and the layer's share of the most important visual tokens.
+    fn pick(&self, input: &Input<'_>) -> Result<Vec<Pick>> {
         let stats = need_stats(input, "aircache")?;
         let visual: Vec<usize> = (0..input.split.l).filter(|&t| input.modality[t] != Modality::Text).collect();
         let text = (0..input.split.l).filter(|&t| input.modality[t] == Modality::Text);
@@ -182,7 +210,7 @@ impl Policy for AirCache {
                 let n_keep = ((rl * n_v as f64).ceil() as usize).min(n_v);
                 let mut keep = text.clone();
                 keep.extend(select::top_k(&vs, 0..input.split.l, n_keep).into_iter().filter(|&t| input.modality[t] != Modality::Text));
-                HeadChoice { layer: Some(layer), head: None, keep, score: s }
+                Pick { layer: Some(layer), head: None, score: s, keep: Some(keep) }
             })
             .collect())
     }

@@ -20,13 +20,16 @@
 //! by both is stored twice (its attention weight doubles at decode). A KV cell cannot be
 //! duplicated; we keep the de-duplicated union, and the global vote fills the budget.
 
-use super::{need_stats, select, HeadChoice, Input, Policy, Split};
-use crate::error::Result;
-use crate::observe::{Bucket, Rows, StatRequest};
+use serde::{Deserialize, Serialize};
+
+use super::{need_stats, select, Budget, Build, Input, Pick, Policy, PolicyParams, Split};
+use crate::error::{Error, Result};
+use crate::stats::{Bucket, Rows, StatRequest};
 use crate::span::Modality;
 
-/// Cross-Self Pruning.
-#[derive(Debug, Clone, Copy)]
+/// Cross-Self Pruning, and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Csp {
     /// Share of the selected budget for cross-modal attention.
     pub cross_ratio: f64,
@@ -37,6 +40,18 @@ pub struct Csp {
 impl Default for Csp {
     fn default() -> Self {
         Self { cross_ratio: 0.5, n: 1.0 }
+    }
+}
+
+impl PolicyParams for Csp {
+    fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.cross_ratio) {
+            return Err(Error::Config { field: "csp.cross_ratio", reason: format!("{} is outside [0, 1]", self.cross_ratio) });
+        }
+        if !(self.n >= 0.0 && self.n.is_finite()) {
+            return Err(Error::Config { field: "csp.n", reason: format!("{} must be ≥ 0 (0 = plain softmax)", self.n) });
+        }
+        Ok(())
     }
 }
 
@@ -81,6 +96,13 @@ pub fn preset(name: &str) -> Option<(f64, f64)> {
     CSP_PRESETS.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(name)).map(|&(_, c, r)| (c, r))
 }
 
+impl Build for Csp {
+    type Params = Self;
+    fn build(params: &Self, _: Budget) -> Result<Self> {
+        Ok(*params)
+    }
+}
+
 impl Csp {
     /// `(k_self, k_cross)` for a selection budget `k`.
     #[must_use]
@@ -105,7 +127,8 @@ impl Policy for Csp {
         modality.iter().any(|m| *m != Modality::Text)
     }
 
-    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
+    /// Per (layer, KV head): the self top-k, then the cross top-k not already kept.
+    fn pick(&self, input: &Input<'_>) -> Result<Vec<Pick>> {
         let stats = need_stats(input, "csp")?;
         let split = input.split;
         // no media (a text-only stretch of a bounded prefill): self scores only
@@ -128,9 +151,8 @@ impl Policy for Csp {
                 mark.iter_mut().for_each(|m| *m = false);
                 keep.iter().for_each(|&t| mark[t] = true);
                 keep.extend(select::top_k(&s_cross, split.candidates(), k_cross).into_iter().filter(|&t| !mark[t]));
-                keep.extend(split.recent_window());
                 let score = s_self.iter().zip(&s_cross).map(|(a, b)| a + b).collect();
-                out.push(HeadChoice { layer: Some(layer), head: Some(head), keep, score });
+                out.push(Pick { layer: Some(layer), head: Some(head), score, keep: Some(keep) });
             }
         }
         Ok(out)

@@ -1,27 +1,35 @@
 //! `full`: keep every token — llama.cpp's own cache, the reference every policy is measured
-//! against.
+//! against. A policy like the others that never prunes: it applies to no prompt, and a cache cap
+//! is refused with it ([`Policy::prunes`]).
 
-use super::{HeadChoice, Input, Policy, Split};
+use super::{Budget, Build, Input, Pick, Policy};
 use crate::error::Result;
-use crate::observe::StatRequest;
 use crate::span::Modality;
 
 /// No pruning.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Full;
 
+impl Build for Full {
+    type Params = ();
+    fn build(_: &(), _: Budget) -> Result<Self> {
+        Ok(Full)
+    }
+}
+
 impl Policy for Full {
     fn name(&self) -> &'static str {
         "full"
     }
-    fn request(&self, _: &Split, _: Option<usize>) -> Option<StatRequest> {
-        None
-    }
     fn applies(&self, _: &[Modality]) -> bool {
         false
     }
-    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
+    fn prunes(&self) -> bool {
+        false
+    }
+    /// Every token before the recent window (the shared selection adds the window).
+    fn pick(&self, input: &Input<'_>) -> Result<Vec<Pick>> {
         let l = input.split.l;
-        Ok(vec![HeadChoice { layer: None, head: None, keep: (0..l).collect(), score: vec![0.0; l] }])
+        Ok(vec![Pick { layer: None, head: None, score: vec![0.0; l], keep: Some(input.split.candidates().collect()) }])
     }
 }

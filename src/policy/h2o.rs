@@ -6,13 +6,20 @@
 //! Shapes: statistics `[layer][kv head][L]` (text + image queries); per head keep
 //! `top_k(score[0, L−R), k) ∪ [L−R, L)`; mirrors kvpress' `ObservedAttentionPress` at prefill.
 
-use super::{need_stats, per_head, HeadChoice, Input, Policy, Split};
+use super::{need_stats, Budget, Build, Input, Pick, Policy, Split};
 use crate::error::Result;
-use crate::observe::{Rows, StatRequest};
+use crate::stats::{Rows, StatRequest};
 
 /// Accumulated attention over all prompt queries.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct H2o;
+
+impl Build for H2o {
+    type Params = ();
+    fn build(_: &(), _: Budget) -> Result<Self> {
+        Ok(H2o)
+    }
+}
 
 impl Policy for H2o {
     fn name(&self) -> &'static str {
@@ -21,8 +28,8 @@ impl Policy for H2o {
     fn request(&self, _: &Split, obs_window: Option<usize>) -> Option<StatRequest> {
         Some(StatRequest { rows: obs_window.map_or(Rows::All, Rows::Last), n: 0.0 })
     }
-    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
+    fn pick(&self, input: &Input<'_>) -> Result<Vec<Pick>> {
         let stats = need_stats(input, "h2o")?;
-        Ok(per_head(stats, &input.split, |layer, head| stats.total(layer, head)))
+        Ok(Pick::per_head(stats, |layer, head| stats.total(layer, head)))
     }
 }

@@ -1,10 +1,16 @@
-//! The selection routines every policy shares. All are deterministic: ties go to the earlier
-//! position (the references use `torch.topk`, whose tie order is unspecified on CUDA).
+//! The selection every policy shares, applied once: a policy's [`Pick`]s become keep-sets
+//! ([`Choose`]: the `k` best candidates by score where the policy gave only scores, plus the
+//! budget's recent window), and the keep-sets become a [`Retention`] at a granularity
+//! ([`retain`]: a vote at `global`, masks at `layer`/`head`).
+//!
+//! All routines are deterministic: ties go to the earlier position (the references use
+//! `torch.topk`, whose tie order is unspecified on CUDA).
 
 use std::cmp::Ordering;
 use std::ops::Range;
 
-use super::{Granularity, HeadChoice, Retention};
+use super::{Granularity, HeadChoice, HeadKeep, Input, Pick, Policy, Retention};
+use crate::error::Result;
 
 /// Score descending, then index ascending; NaN ranks last.
 fn by_score_desc(scores: &[f32]) -> impl Fn(&usize, &usize) -> Ordering + '_ {
@@ -83,6 +89,79 @@ pub fn vote(choices: &[HeadChoice], l: usize, b: usize) -> Retention {
         keep[t] = true;
     }
     Retention { keep, votes, score, granularity: Granularity::Global, per_head: None }
+}
+
+/// The shared completion of a policy's picks, as a method: `policy.choose(&input)`.
+pub trait Choose {
+    /// Every [`Pick`] of [`Policy::pick`] as a keep-set: the policy's own tokens, or the `k`
+    /// best candidates (`[0, L − r)`) by its scores; then the recent window `[L − r, L)`.
+    ///
+    /// # Errors
+    /// The policy's errors (missing statistics).
+    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>>;
+}
+
+impl<P: Policy + ?Sized> Choose for P {
+    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
+        let split = input.split;
+        Ok(self
+            .pick(input)?
+            .into_iter()
+            .map(|Pick { layer, head, score, keep }| {
+                let mut keep = keep.unwrap_or_else(|| top_k(&score, split.candidates(), split.k));
+                keep.extend(split.recent_window());
+                HeadChoice { layer, head, keep, score }
+            })
+            .collect())
+    }
+}
+
+/// Runs a policy and turns its choices into a retention at `granularity` (the policy's own
+/// when `None`). At `global`: exactly `min(B, L)` tokens by vote.
+///
+/// # Errors
+/// Policy errors (missing statistics).
+pub fn retain(policy: &dyn Policy, input: &Input<'_>, granularity: Option<Granularity>) -> Result<Retention> {
+    let choices = policy.choose(input)?;
+    let g = granularity.unwrap_or_else(|| policy.granularity());
+    let (l, b) = (input.split.l, input.split.b);
+    let mut global = vote(&choices, l, b);
+    let per_layer = choices.iter().any(|c| c.layer.is_some());
+    if g == Granularity::Global || !per_layer {
+        global.granularity = Granularity::Global;
+        return Ok(global);
+    }
+    let n_layer = choices.iter().filter_map(|c| c.layer).max().map_or(0, |m| m + 1);
+    let n_head_kv = input
+        .stats
+        .map(|s| s.n_head_kv)
+        .or_else(|| choices.iter().filter_map(|c| c.head).max().map(|m| m + 1))
+        .unwrap_or(1);
+    let mut heads = HeadKeep::new(n_layer, n_head_kv, l);
+    for layer in 0..n_layer {
+        let mine: Vec<&HeadChoice> = choices.iter().filter(|c| c.layer == Some(layer)).collect();
+        let per_head = mine.iter().any(|c| c.head.is_some());
+        if g == Granularity::Head && per_head {
+            for c in &mine {
+                let keep = heads.get_mut(layer, c.head.unwrap_or(0));
+                c.keep.iter().filter(|&&t| t < l).for_each(|&t| keep[t] = true);
+            }
+        } else {
+            // one set for the layer: its heads voted down to the budget, or the layer's choice
+            let set = if per_head {
+                let owned: Vec<HeadChoice> = mine.iter().map(|c| (*c).clone()).collect();
+                vote(&owned, l, b).keep
+            } else {
+                let mut k = vec![false; l];
+                mine.iter().flat_map(|c| &c.keep).filter(|&&t| t < l).for_each(|&t| k[t] = true);
+                k
+            };
+            for head in 0..n_head_kv {
+                heads.get_mut(layer, head).copy_from_slice(&set);
+            }
+        }
+    }
+    Ok(Retention { keep: heads.union(), votes: global.votes, score: global.score, granularity: g, per_head: Some(heads) })
 }
 
 #[cfg(test)]

@@ -7,12 +7,15 @@
 //! Shapes: statistics `[layer][kv head][L]` over W = 32 rows (capped by B); pooled over
 //! `[0, L−R)`; per head keep `top_k(pooled, k) ∪ [L−R, L)`. Mirrors kvpress' `SnapKVPress`.
 
-use super::{need_stats, per_head, select, HeadChoice, Input, Policy, Split};
-use crate::error::Result;
-use crate::observe::{Rows, StatRequest};
+use serde::{Deserialize, Serialize};
 
-/// SnapKV.
-#[derive(Debug, Clone, Copy)]
+use super::{need_stats, select, Budget, Build, Input, Pick, Policy, PolicyParams, Split};
+use crate::error::{Error, Result};
+use crate::stats::{Rows, StatRequest};
+
+/// SnapKV, and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SnapKv {
     /// Default observation window (capped by the budget).
     pub window: usize,
@@ -26,6 +29,23 @@ impl Default for SnapKv {
     }
 }
 
+impl PolicyParams for SnapKv {
+    fn validate(&self) -> Result<()> {
+        if self.window == 0 || self.kernel == 0 {
+            let field = if self.window == 0 { "snapkv.window" } else { "snapkv.kernel" };
+            return Err(Error::Config { field, reason: "must be at least 1".into() });
+        }
+        Ok(())
+    }
+}
+
+impl Build for SnapKv {
+    type Params = Self;
+    fn build(params: &Self, _: Budget) -> Result<Self> {
+        Ok(*params)
+    }
+}
+
 impl Policy for SnapKv {
     fn name(&self) -> &'static str {
         "snapkv"
@@ -34,10 +54,10 @@ impl Policy for SnapKv {
         let w = obs_window.unwrap_or(self.window).min(split.b.max(1));
         Some(StatRequest { rows: Rows::Last(w), n: 0.0 })
     }
-    fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
+    fn pick(&self, input: &Input<'_>) -> Result<Vec<Pick>> {
         let stats = need_stats(input, "snapkv")?;
         let cand = input.split.candidates();
-        Ok(per_head(stats, &input.split, |layer, head| {
+        Ok(Pick::per_head(stats, |layer, head| {
             let total = stats.total(layer, head);
             let mut s = select::avg_pool(&total[cand.clone()], self.kernel);
             s.extend_from_slice(&total[cand.end..]);

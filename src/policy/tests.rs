@@ -2,7 +2,7 @@
 //! as property tests over random prompts, statistics and settings.
 
 use super::*;
-use crate::observe::{AttentionStats, Bucket};
+use crate::stats::{AttentionStats, Bucket};
 use crate::rng::Rng;
 use crate::span::Modality::{Image as I, Text as T};
 
@@ -81,7 +81,7 @@ fn h2o_sums_all_queries() {
     let s = stats([0.1, 0.2, 0.0, 0.6, 0.0, 0.3, 0.0, 0., 0., 0.], [0.5, 0.0, 0.1, 0.0, 0.0, 0.2, 0.1, 0., 0., 0.]);
     // totals: t0 .6, t1 .2, i2 .1, i3 .6, i4 0, i5 .5, t6 .1 → top 3: t0, i3 (tie → position), i5
     assert_eq!(kept(&run(&H2o, Some(&s), &MODALITY, split)), vec![0, 3, 5, 7, 8, 9]);
-    assert_eq!(H2o.request(&split, None).unwrap().rows, crate::observe::Rows::All);
+    assert_eq!(H2o.request(&split, None).unwrap().rows, crate::stats::Rows::All);
 }
 
 #[test]
@@ -95,7 +95,7 @@ fn snapkv_pools_before_ranking() {
     assert_eq!(kept_tokens, vec![5, 6, 8, 9]);
     // window 32 capped by the budget
     let req = SnapKv::default().request(&split, None).unwrap();
-    assert_eq!(req.rows, crate::observe::Rows::Last(4));
+    assert_eq!(req.rows, crate::stats::Rows::Last(4));
 }
 
 #[test]
@@ -130,7 +130,7 @@ fn full_never_applies() {
 #[test]
 fn policies_needing_statistics_say_so() {
     for p in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
-        let pol = p.build(&PolicyConfig::default());
+        let pol = p.build(&PolicyConfig::default()).unwrap();
         assert!(pol.request(&split6(), None).is_some());
         assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None }, None).is_err());
     }
@@ -165,9 +165,13 @@ fn budget_invariants_hold_for_random_cases() {
                 }
             }
         }
-        let cfg = PolicyConfig { cross_ratio: f64::from(rng.uniform()), recent_bias: bias, seed: rng.next_u64(), ..Default::default() };
+        let cfg = PolicyConfig {
+            params: Params { csp: Csp { cross_ratio: f64::from(rng.uniform()), ..Default::default() }, random: Random { seed: rng.next_u64() }, ..Default::default() },
+            recent_bias: bias,
+            ..Default::default()
+        };
         for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random] {
-            let p = kind.build(&cfg);
+            let p = kind.build(&cfg).unwrap();
             let input = Input { modality: &modality, split, stats: Some(&s) };
             let r = retain(p.as_ref(), &input, None).unwrap();
             assert_eq!(r.kept(), split.b.min(l), "case {case} {kind}: kept");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, KvCap, SamplingConfig};
-use csp_llava::policy::{csp_preset, Budget, Granularity, PolicyConfig, PolicyKind, PolicySpec, Profile, CSP_PRESETS};
+use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Random, CSP_PRESETS};
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
 ///
@@ -171,6 +171,7 @@ impl ContextFlags {
             kv_max_cells: self.kv_max_cells,
             kv_reserve: self.kv_reserve,
             kv_shift: self.kv_shift,
+            kv_shrink: false,
         }
     }
 }
@@ -222,38 +223,54 @@ pub struct TuningFlags {
 }
 
 impl TuningFlags {
-    /// The library's policy settings for `kind` at `budget` (the random policy seeded by `seed`;
-    /// `shrink`: move the pruned cache into a buffer sized to it).
-    pub fn policy(&self, kind: PolicyKind, budget: Budget, seed: u64, shrink: bool) -> Result<PolicyConfig, String> {
+    /// The library's policy settings for `kind` at `budget` (the random policy seeded by `seed`).
+    pub fn policy(&self, kind: PolicyKind, budget: Budget, seed: u64) -> Result<PolicyConfig, String> {
         let d = PolicyConfig::default();
-        let (mut cross_ratio, mut recent_bias) = (d.cross_ratio, d.recent_bias);
+        let (mut cross_ratio, mut recent_bias) = (d.params.csp.cross_ratio, d.recent_bias);
         if let Some(name) = &self.csp_preset {
             (cross_ratio, recent_bias) = csp_preset(name).ok_or_else(|| {
                 let names: Vec<_> = CSP_PRESETS.iter().map(|p| p.0).collect();
                 format!("unknown --csp-preset '{name}' (one of {})", names.join(", "))
             })?;
         }
-        let prefixkv_profile = match &self.prefixkv_profile {
+        let profile = match &self.prefixkv_profile {
             Some(p) => Some(Profile::load(p).map_err(|e| e.to_string())?),
             None => None,
         };
         Ok(PolicyConfig {
             kind,
             budget,
-            cross_ratio: self.csp_cross_ratio.unwrap_or(cross_ratio),
             recent_bias: self.csp_recent_bias.unwrap_or(recent_bias),
-            csp_n: self.csp_n,
             obs_window: self.obs_window,
-            seed,
-            shrink,
             granularity: self.kv_granularity,
             decode_sink: self.csp_decode_sink,
-            prefixkv_profile,
-            aircache_alpha: self.aircache_alpha,
-            aircache_keep_sink: self.aircache_keep_sink,
-            aircache_r_min: self.aircache_r_min,
+            params: Params {
+                csp: Csp { cross_ratio: self.csp_cross_ratio.unwrap_or(cross_ratio), n: self.csp_n },
+                aircache: AirCache { alpha: self.aircache_alpha, keep_sink: self.aircache_keep_sink, r_min: self.aircache_r_min },
+                prefixkv: PrefixKvParams { profile },
+                random: Random { seed },
+                ..d.params
+            },
         })
     }
+}
+
+/// The command-line flag of a library settings field (errors name what the user typed).
+pub fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "budget" => "--kv-budget",
+        "policy" => "--kv-policy",
+        "recent_bias" => "--csp-recent-bias",
+        "obs_window" => "--obs-window",
+        "decode_sink" => "--csp-decode-sink",
+        "granularity" => "--kv-granularity",
+        "csp.cross_ratio" => "--csp-cross-ratio",
+        "csp.n" => "--csp-n",
+        "aircache.alpha" => "--aircache-alpha",
+        "aircache.r_min" => "--aircache-r-min",
+        "prefixkv.profile" => "--prefixkv-profile",
+        _ => return None,
+    })
 }
 
 /// What to ask: images, prompt, system message, chat template.
@@ -384,9 +401,15 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn policy(&self) -> Result<PolicyConfig, String> {
-        let shrink = self.kv_shrink || (!self.no_kv_shrink && self.ctx.ctx_size.is_none());
         let seed = u64::try_from(self.sampling.seed).unwrap_or(0);
-        self.tuning.policy(self.kv_policy, self.kv_budget.unwrap_or_default(), seed, shrink)
+        self.tuning.policy(self.kv_policy, self.kv_budget.unwrap_or_default(), seed)
+    }
+
+    /// The context; a pruned cache moves into a buffer sized to it unless `-c` is given or
+    /// `--no-kv-shrink` says otherwise.
+    pub fn context(&self) -> ContextConfig {
+        let shrink = self.kv_shrink || (!self.no_kv_shrink && self.ctx.ctx_size.is_none());
+        ContextConfig { kv_shrink: shrink, ..self.ctx.context() }
     }
 }
 
@@ -441,7 +464,7 @@ impl EvalArgs {
             budgets: self.kv_budget.clone(),
             n_predict: self.n_predict,
             ctx: self.ctx.context(),
-            policy: self.tuning.policy(PolicyKind::Full, Budget::default(), 0, false)?,
+            policy: self.tuning.policy(PolicyKind::Full, Budget::default(), 0)?,
             question_after_pruning: self.question_after_pruning,
         })
     }
@@ -527,8 +550,8 @@ impl BenchArgs {
             reps: self.reps,
             n_predict: self.n_predict,
             prompt: self.prompt.clone(),
-            ctx: self.ctx.context(),
-            policy: self.tuning.policy(PolicyKind::Full, Budget::default(), 0, self.kv_shrink)?,
+            ctx: ContextConfig { kv_shrink: self.kv_shrink, ..self.ctx.context() },
+            policy: self.tuning.policy(PolicyKind::Full, Budget::default(), 0)?,
         })
     }
 }

@@ -51,13 +51,22 @@ fn main() -> ExitCode {
         Err(e) if e.is::<ReaderGone>() => ExitCode::SUCCESS,
         Err(e) => {
             // one line: the error and its causes joined by ": "
-            eprintln!("csp-llava: error: {e:#}");
+            eprintln!("csp-llava: error: {}", message(&e));
             if e.is::<Usage>() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// The error's line; a library settings error names the flag the user typed.
+fn message(e: &anyhow::Error) -> String {
+    let inner = e.downcast_ref::<Usage>().map(|u| &u.0).or_else(|| e.downcast_ref::<csp_llava::Error>());
+    match inner {
+        Some(csp_llava::Error::Config { field, reason }) => format!("invalid {}: {reason}", args::flag_of(field).unwrap_or(field)),
+        _ => format!("{e:#}"),
     }
 }
 

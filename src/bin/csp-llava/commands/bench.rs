@@ -10,8 +10,10 @@ use crate::args::{BenchArgs, BenchOutput};
 pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
     let cfg = a.config().map_err(anyhow::Error::msg)?;
     usage(cfg.ctx.validate())?;
-    for b in &cfg.budgets {
-        usage(csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate())?;
+    for spec in &cfg.policies {
+        for b in &cfg.budgets {
+            usage(spec.config(&cfg.policy, *b).validate())?;
+        }
     }
     // the plot is written after the whole run: make sure it can be, first
     let plot = a.plot.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("cannot write the plot {}", p.display()))).transpose()?;

@@ -13,8 +13,10 @@ use crate::args::{EvalArgs, EvalOutput};
 pub fn eval(a: &EvalArgs, verbose: u8) -> Result<()> {
     let cfg = a.config().map_err(anyhow::Error::msg)?;
     usage(cfg.ctx.validate())?;
-    for b in &cfg.budgets {
-        usage(csp_llava::PolicyConfig { budget: *b, ..cfg.policy.clone() }.validate())?;
+    for spec in &cfg.policies {
+        for b in &cfg.budgets {
+            usage(spec.config(&cfg.policy, *b).validate())?;
+        }
     }
     if cfg.policies.is_empty() {
         bail!("--kv-policy: give at least one policy");

@@ -36,7 +36,7 @@ impl std::error::Error for Interrupted {}
 /// A flag value out of range or flags that contradict each other: a usage error, exit 2 like
 /// clap's own (a value that does not parse), so the same kind of mistake always exits the same.
 #[derive(Debug)]
-pub struct Usage(csp_llava::Error);
+pub struct Usage(pub csp_llava::Error);
 
 impl std::fmt::Display for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

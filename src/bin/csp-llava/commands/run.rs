@@ -39,7 +39,7 @@ pub fn run(a: &RunArgs, verbose: u8) -> Result<()> {
     usage(sampling.validate())?;
     let policy = a.policy().map_err(anyhow::Error::msg)?;
     usage(policy.validate())?;
-    let ctx = a.ctx.context();
+    let ctx = a.context();
     usage(ctx.validate())?;
     let mcfg = model_config(&a.model, false)?;
     let req = request(&a.prompt)?;
