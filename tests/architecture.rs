@@ -403,3 +403,11 @@ fn print_module_graph() {
         }
     }
 }
+
+/// A desktop app loads the engine once and shares it across worker threads.
+#[test]
+fn the_engine_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<csp_llava::Engine>();
+    send_sync::<csp_llava::CancelHandle>();
+}

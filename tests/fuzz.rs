@@ -5,14 +5,16 @@
 //! The property everywhere: `Ok` or an error of one line — never a panic, an abort or a hang —
 //! and, for the GGUF reader, eval files and profiles, no allocation beyond what the file could
 //! justify: a counting global allocator (per thread) measures the peak bytes live during each
-//! parse, and it must stay within [`ALLOC_FACTOR`] × the file's size + [`ALLOC_SLACK`].
+//! parse, and it must stay within [`GGUF_FACTOR`] (GGUF) or [`JSON_FACTOR`] (JSON) × the file's
+//! size + [`ALLOC_SLACK`]. Hostile chat templates (time, memory, stack) run in child processes
+//! under a time and memory limit (`hostile_templates_are_bounded`).
 //!
-//! Budget: `CSP_FUZZ_SECS` seconds per target (default 8; targets run two at a time, so about
-//! 45 s for the file), `CSP_FUZZ_CASES` caps the cases per target, `CSP_FUZZ_SEED` fixes the
-//! random seed (printed on every run and in failures, so a failure can be replayed).
-//! `scripts/fuzz.sh` runs the same tests with a long budget, in a loop, with a new seed each
-//! round. Every target prints `fuzz <target>: N cases in S s (seed …)` to stderr
-//! (`-- --nocapture` shows it).
+//! Budget: `CSP_FUZZ_SECS` seconds per target (default 8; the 10 targets run two at a time, so
+//! about 45 s for the file), `CSP_FUZZ_CASES` caps the cases per target, `CSP_FUZZ_SEED` fixes
+//! the random seed (printed on every run and in failures: the same seed replays the same cases).
+//! `scripts/fuzz.sh` runs the same tests with a long budget, in a loop, with new seeds each
+//! round. Every target prints `fuzz <target>: N cases in S s (CSP_FUZZ_SEED=…)` and what it
+//! accepted and refused to stderr (`-- --nocapture` shows it).
 //!
 //! A failing case is shrunk (proptest's value trees) and the smallest input is printed.
 
@@ -260,7 +262,7 @@ where
         }
         std::panic::set_hook(hook);
         panic!(
-            "fuzz {target}: case {cases} failed (CSP_FUZZ_SEED={seed}); smallest input after {steps} shrink steps:\n{:#?}\nfailure: {}",
+            "fuzz {target}: case {cases} failed (CSP_FUZZ_SEED={seed}); smallest input after {steps} shrink steps:\n{:?}\nfailure: {}",
             smallest.0, smallest.1
         );
     }

@@ -18,7 +18,7 @@ mod session;
 pub mod stream;
 mod template;
 
-use std::cell::{Ref, RefCell};
+use std::sync::{Mutex, MutexGuard};
 
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
@@ -41,12 +41,25 @@ use crate::llama::{self, KvInfo};
 /// A loaded text model + projector.
 pub struct Engine {
     // Field order: the mtmd context refers to the model, so it is dropped first.
-    // RefCell: llama-cpp-2's `eval_chunks` wants `&mut MtmdContext`; everything else reads it.
-    mtmd: RefCell<MtmdContext>,
+    // Mutex: libmtmd keeps per-context encode buffers, so one image is encoded at a time (and
+    // llama-cpp-2's `eval_chunks` wants `&mut MtmdContext`); the engine is Send + Sync.
+    mtmd: Mutex<MtmdContext>,
     model: LlamaModel,
     cfg: ModelConfig,
     cancel: crate::CancelHandle,
     device: llama::Device,
+    caps: Capabilities,
+}
+
+/// What the loaded model can do, computed once at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Image tokens get 2-D positions (M-RoPE, Qwen2-VL family): pruning single tokens needs
+    /// cell-level removal, and positions cannot be shifted.
+    pub mrope: bool,
+    /// Image tokens attend to each other both ways (Gemma 3): the observer assumes causal
+    /// attention.
+    pub non_causal_media: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -108,7 +121,8 @@ impl Engine {
             device = %device.name,
             "loaded"
         );
-        Ok(Self { mtmd: RefCell::new(mtmd), model, cfg: cfg.clone(), cancel: crate::CancelHandle::new(), device })
+        let caps = Capabilities { mrope: mtmd.decode_use_mrope(), non_causal_media: mtmd.decode_use_non_causal() };
+        Ok(Self { mtmd: Mutex::new(mtmd), model, cfg: cfg.clone(), cancel: crate::CancelHandle::new(), device, caps })
     }
 
     /// The engine's cancellation handle: [`CancelHandle::cancel`](crate::CancelHandle::cancel)
@@ -144,10 +158,17 @@ impl Engine {
         &self.model
     }
 
-    /// The projector context.
+    /// The projector context, locked (one user at a time; a poisoned lock is taken over: the
+    /// context holds no invariant a panic elsewhere could break).
     #[must_use]
-    pub fn mtmd(&self) -> Ref<'_, MtmdContext> {
-        self.mtmd.borrow()
+    pub fn mtmd(&self) -> MutexGuard<'_, MtmdContext> {
+        self.mtmd.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the model can do (computed at load).
+    #[must_use]
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
     }
 
     /// The configuration the engine was loaded with.
@@ -266,7 +287,7 @@ impl Engine {
             }
             self.check_prunable(prompt, plan.stream_request.is_some())?;
         }
-        if b.shift && (self.mtmd().decode_use_mrope() || prompt.positions().is_none()) {
+        if b.shift && (self.caps.mrope || prompt.positions().is_none()) {
             return Err(Error::Unsupported {
                 what: "--kv-shift",
                 reason: "this model gives images 2-D positions (M-RoPE); shifting positions needs 1-D RoPE — drop --kv-shift".into(),
@@ -367,13 +388,13 @@ impl Engine {
 
     /// Pruning needs one position per token; observing needs causal attention.
     fn check_prunable(&self, prompt: &Prompt, observes: bool) -> Result<()> {
-        if prompt.positions().is_none() || self.mtmd().decode_use_mrope() {
+        if prompt.positions().is_none() || self.caps.mrope {
             return Err(Error::Unsupported {
                 what: "model for pruning",
                 reason: "it uses M-RoPE (2-D image positions); removing single tokens needs cell-level removal, not available yet — use --kv-policy full".into(),
             });
         }
-        if observes && self.mtmd().decode_use_non_causal() {
+        if observes && self.caps.non_causal_media {
             return Err(Error::Unsupported {
                 what: "model for attention-based pruning",
                 reason: "its image tokens attend bidirectionally, which the observer does not model yet — use streaming, random or full".into(),

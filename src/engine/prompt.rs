@@ -165,8 +165,9 @@ fn format_chat(model: &LlamaModel, req: &Request, user: String) -> Result<String
         Some(name) => {
             let names = crate::llama::chat_builtin_templates();
             if !names.iter().any(|n| n == name) {
-                let shown: String = name.chars().take(60).collect();
-                let more = if shown.len() < name.len() { "…" } else { "" };
+                // one line whatever the name holds: control characters escaped, long names cut
+                let shown: String = name.chars().take(60).flat_map(char::escape_debug).collect();
+                let more = if name.chars().count() > 60 { "…" } else { "" };
                 return Err(Error::Config {
                     field: "--chat-template",
                     reason: format!(

@@ -404,7 +404,7 @@ impl<'e> Session<'e> {
         match mode {
             PrefillMode::EvalChunks => {
                 let t = Instant::now();
-                let mut mtmd = self.engine.mtmd.borrow_mut();
+                let mut mtmd = self.engine.mtmd();
                 self.n_past = prompt
                     .chunks
                     .eval_chunks(&mut mtmd, self.lctx.ctx_mut(), self.n_past, 0, self.n_batch as i32, true)

@@ -121,21 +121,67 @@ pub(crate) fn render(
             describe(e)
         ))
     };
-    let env = environment();
-    let template = env.template_from_str(source).map_err(|e| fail(&e))?;
-    let messages: Vec<Value> = messages
-        .iter()
-        .map(|m| Value::from_object(m.clone()))
-        .collect();
-    let ctx = minijinja::context! {
-        messages => messages,
-        add_generation_prompt => true,
-        bos_token => special.bos.as_str(),
-        eos_token => special.eos.as_str(),
-        tools => Value::from(()),
+    // A template is a program from a file: it runs on a thread of its own with a large stack
+    // (deeply nested values print recursively), a bounded number of steps (fuel), a bounded
+    // output, and a panic inside the engine becomes an error instead of ending the process.
+    let (source, messages, special_c) = (source.to_owned(), messages.to_vec(), special.clone());
+    let job = std::thread::Builder::new()
+        .name("chat-template".into())
+        .stack_size(RENDER_STACK)
+        .spawn(move || -> std::result::Result<String, minijinja::Error> {
+            let env = environment();
+            let template = env.template_from_str(&source)?;
+            let messages: Vec<Value> = messages.into_iter().map(Value::from_object).collect();
+            let ctx = minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => special_c.bos.as_str(),
+                eos_token => special_c.eos.as_str(),
+                tools => Value::from(()),
+            };
+            let mut out = Bounded(Vec::new());
+            template.render_to_write(ctx, &mut out)?;
+            String::from_utf8(out.0).map_err(|_| minijinja::Error::new(ErrorKind::InvalidOperation, "the output is not UTF-8"))
+        })
+        .map_err(|e| Error::Prompt(format!("cannot render the chat template ({origin}): {e}")))?;
+    let text = match job.join() {
+        Ok(r) => r.map_err(|e| fail(&e))?,
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| (*s).to_owned()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            return Err(Error::Prompt(format!(
+                "cannot render the chat template ({origin}) as Jinja: the template engine failed ({})",
+                what.split_whitespace().collect::<Vec<_>>().join(" ")
+            )));
+        }
     };
-    let text = template.render(ctx).map_err(|e| fail(&e))?;
     Ok(strip_specials(text, special))
+}
+
+/// Stack of the rendering thread (reserved, touched only as deep as a template goes).
+const RENDER_STACK: usize = 256 << 20;
+/// Steps a template may take: real chat templates take a few thousand per message.
+const FUEL: u64 = 2_000_000;
+/// The longest rendered prompt (a prompt file is at most 16 MiB).
+const MAX_OUTPUT: usize = 32 << 20;
+/// The deepest value `tojson` writes, and its widest indent.
+const MAX_JSON_DEPTH: usize = 256;
+const MAX_JSON_INDENT: usize = 64;
+
+/// Render output that refuses to grow past [`MAX_OUTPUT`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            return Err(std::io::Error::other(format!("the rendered prompt is longer than {} MiB", MAX_OUTPUT >> 20)));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Removes a leading BOS / trailing EOS text the tokenizer will add anyway (as llama.cpp's
@@ -158,6 +204,7 @@ const RAISED: &str = "raise_exception: ";
 /// The Jinja environment transformers uses (see the module docs).
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(false);
@@ -344,9 +391,12 @@ fn tojson(
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => Some(match v.as_str() {
             Some(s) => s.to_owned(),
-            None => " ".repeat(usize::try_from(v.as_i64().unwrap_or(0)).unwrap_or(0)),
+            None => " ".repeat(usize::try_from(v.as_i64().unwrap_or(0)).unwrap_or(0).min(MAX_JSON_INDENT + 1)),
         }),
     };
+    if indent.as_ref().is_some_and(|i| i.len() > MAX_JSON_INDENT) {
+        return Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: an indent of more than {MAX_JSON_INDENT}")));
+    }
     let (mut item_sep, mut key_sep) = (
         if indent.is_some() { "," } else { ", " }.to_owned(),
         ": ".to_owned(),
@@ -391,6 +441,9 @@ impl Json {
         v: &Value,
         depth: usize,
     ) -> std::result::Result<(), minijinja::Error> {
+        if depth > MAX_JSON_DEPTH {
+            return Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: a value nested deeper than {MAX_JSON_DEPTH}")));
+        }
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),

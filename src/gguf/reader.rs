@@ -39,7 +39,20 @@ fn type_bytes(ggml_type: u32, n: u64) -> Option<u64> {
         14 => (256, 210),  // Q6_K
         _ => return None,
     };
-    (n % block == 0).then(|| n / block * size)
+    if n % block != 0 {
+        return None;
+    }
+    (n / block).checked_mul(size)
+}
+
+/// The fewest bytes `n` values of `ggml_type` take: exact for the types [`type_bytes`] knows
+/// (`None` when `n` is not a whole number of blocks or the size overflows), else `n / 8` (no
+/// ggml type packs a value into less than a bit).
+fn min_extent(ggml_type: u32, n: u64) -> Option<u64> {
+    match ggml_type {
+        0..=3 | 6..=8 | 12..=14 | 30 => type_bytes(ggml_type, n),
+        _ => Some(n / 8),
+    }
 }
 
 /// Metadata and tensor infos of a GGUF file.
@@ -296,7 +309,9 @@ impl<R: Read> Reader<R> {
         let data_start = (self.size - self.left).div_ceil(alignment) * alignment;
         for t in &tensors {
             let n = t.ne.iter().try_fold(1u64, |a, d| a.checked_mul(*d)).ok_or_else(|| bad("tensor too large"))?;
-            let end = data_start.saturating_add(t.offset).saturating_add(type_bytes(t.ggml_type, n).unwrap_or(0));
+            let end = min_extent(t.ggml_type, n)
+                .and_then(|b| data_start.checked_add(t.offset)?.checked_add(b))
+                .ok_or_else(|| bad(format!("tensor {}: shape {:?} of type {} is not a valid size", t.name, t.ne, t.ggml_type)))?;
             if end > self.size {
                 return Err(bad(format!(
                     "truncated: tensor {} ends at byte {end} but the file has {} bytes",
