@@ -287,3 +287,10 @@ fn prompt_layout_bounds_the_image_count() {
     let out = child.wait_with_output().unwrap();
     assert_one_line(&out, 1, "n_images");
 }
+
+#[test]
+fn image_markers_the_template_adds_or_drops_are_named() {
+    let img = s(&support::image(0));
+    assert_one_line(&tiny(&["--image", &img, "-p", "hi", "-sys", "<__media__>", "-c", "512"]), 1, "image marker(s) for 1 image(s)");
+    assert_one_line(&tiny(&["--image", &img, "-p", "hi", "--chat-template", "{{ 'no user turn' }}", "-c", "512"]), 1, "0 image marker(s)");
+}

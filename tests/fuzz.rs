@@ -207,6 +207,25 @@ fn seed() -> u64 {
     })
 }
 
+/// Panics anywhere in the process, caught or not (a panic the library catches on its own thread
+/// still prints to stderr — bad input must not panic at all).
+static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            prev(info);
+        }));
+    });
+}
+
+fn panics() -> u64 {
+    PANICS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A test outcome: `Err` with a reason, or a panic (caught and turned into `Err`).
 fn attempt<V>(f: &impl Fn(V) -> Result<(), String>, v: V) -> Result<(), String> {
     match catch_unwind(AssertUnwindSafe(|| f(v))) {
@@ -225,6 +244,7 @@ where
     S: Strategy,
     S::Value: Debug,
 {
+    count_panics();
     let seed = seed();
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
@@ -241,7 +261,9 @@ where
         let mut steps = 0;
         // shrink quietly: the smallest input's failure is in the message below
         let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
+        std::panic::set_hook(Box::new(|_| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
         if tree.simplify() {
             while steps < 2000 {
                 steps += 1;
@@ -904,7 +926,12 @@ fn prepare_checked(engine: &csp_llava::Engine, c: &PromptCase, tally: &Tally) ->
         ..Default::default()
     };
     let markers = markers(&c.prompt);
-    let p = match engine.prepare(&req) {
+    let before = panics();
+    let prepared = engine.prepare(&req);
+    if panics() != before {
+        return Err("a panic while preparing (caught by the library, but printed on stderr)".into());
+    }
+    let p = match prepared {
         Err(e) => {
             tally.err(&e.to_string());
             if must_accept(c) {
@@ -1032,6 +1059,7 @@ fn hostile_templates_are_bounded() {
         match status {
             None => failures.push(format!("{what}: still running after 5 s (killed)")),
             Some(s) if !s.success() => failures.push(format!("{what}: {s}: {said}")),
+            Some(_) if out.contains("panicked at") => failures.push(format!("{what}: a panic, caught but printed: {said}")),
             Some(_) => eprintln!("hostile template, {what}: {said} ({:.1} s)", start.elapsed().as_secs_f64()),
         }
     }
@@ -1272,7 +1300,12 @@ fn prefixkv_profiles_run_or_refuse() {
         let req = Request { images: (0..n_images).map(support::image).collect(), prompt: "Which shape is it?".into(), ..Default::default() };
         let ctx = ContextConfig { n_ctx: 512, kv_shrink: shrink, ..Default::default() };
         let sampling = SamplingConfig { n_predict: 3, temp: 0.0, seed: Some(0), ignore_eos: true, ..Default::default() };
-        match engine.run(&req, &ctx, &sampling, &policy, &mut |_| {}) {
+        let before = panics();
+        let result = engine.run(&req, &ctx, &sampling, &policy, &mut |_| {});
+        if panics() != before {
+            return Err("a panic during the run (caught by the library, but printed on stderr)".into());
+        }
+        match result {
             Ok(r) if r.n_generated != 3 => Err(format!("generated {} of 3", r.n_generated)),
             Ok(_) => {
                 tally.ok();

@@ -312,6 +312,15 @@ pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request, fit: 
     let limits = ImageLimits::new(req.max_image_pixels)?;
     let user = place_markers(&req.prompt, req.images.len())?;
     let text = format_chat(model, req, user)?;
+    // a system message with a marker, or a template that drops or repeats the user's turn,
+    // would otherwise reach mtmd as its "image preprocessing error"
+    let n_markers = text.matches(mtmd_default_marker()).count();
+    if n_markers != req.images.len() {
+        return Err(Error::Prompt(format!(
+            "after the chat template the prompt has {n_markers} image marker(s) for {} image(s): the system message or the template adds, drops or repeats them",
+            req.images.len()
+        )));
+    }
     if let (Some(fit), false) = (fit, req.images.is_empty()) {
         check_fits(mtmd, req, &text, &limits, fit)?;
     }

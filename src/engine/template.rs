@@ -213,6 +213,13 @@ fn environment() -> Environment<'static> {
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
+    // minijinja's own `divisibleby` divides by zero (a panic); Jinja raises an error
+    env.add_test("divisibleby", |v: i64, d: i64| -> std::result::Result<bool, minijinja::Error> {
+        if d == 0 {
+            return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "divisibleby(0)"));
+        }
+        Ok(v.checked_rem(d).unwrap_or(0) == 0)
+    });
     env
 }
 

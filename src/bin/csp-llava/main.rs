@@ -64,10 +64,12 @@ fn main() -> ExitCode {
 /// The error's line; a library settings error names the flag the user typed.
 fn message(e: &anyhow::Error) -> String {
     let inner = e.downcast_ref::<Usage>().map(|u| &u.0).or_else(|| e.downcast_ref::<csp_llava::Error>());
-    match inner {
+    let msg = match inner {
         Some(csp_llava::Error::Config { field, reason }) => format!("invalid {}: {reason}", args::flag_of(field).unwrap_or(field)),
         _ => format!("{e:#}"),
-    }
+    };
+    // one line whatever a file's names held
+    msg.chars().flat_map(|c| if c.is_control() { c.escape_debug().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 
 /// Logs on stderr: warnings only by default (llama.cpp's own are routed through `tracing` and
