@@ -27,8 +27,8 @@ while (( rounds == 0 || round < rounds )); do
     log="target/fuzz/round-$round.log"
     echo "fuzz.sh: round $round, ${secs} s per target (log: $log)"
     rc=0
-    # unset: every target draws its own seed (printed)
-    CSP_FUZZ_SECS="$secs" cargo test --release --test fuzz -- --nocapture ${filter:+"$filter"} >"$log" 2>&1 || rc=$?
+    # random: every target draws its own seed (printed); unset, the tests use CI's fixed seed
+    CSP_FUZZ_SEED="${CSP_FUZZ_SEED:-random}" CSP_FUZZ_SECS="$secs" cargo test --release --test fuzz -- --nocapture ${filter:+"$filter"} >"$log" 2>&1 || rc=$?
     grep -E '^fuzz |^ +[0-9]+ × |^    \(' "$log" || true
     while read -r n target; do
         total["$target"]=$(( ${total["$target"]:-0} + n ))

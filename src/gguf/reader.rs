@@ -311,6 +311,12 @@ impl<R: Read> Reader<R> {
             self.charge(std::mem::size_of::<TensorInfo>() as u64 + 32)?;
             tensors.push(TensorInfo { name, ne, ggml_type, offset });
         }
+        // llama.cpp's gguf loader refuses a name twice; lookups by name would pick the first
+        let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(format!("tensor {} appears twice", w[0])));
+        }
         // Tensor data must lie inside the file: catches truncated downloads before llama.cpp.
         let alignment = kv.get("general.alignment").and_then(Value::as_u64).filter(|a| *a > 0).unwrap_or(super::ALIGNMENT);
         let data_start = (self.size - self.left).div_ceil(alignment) * alignment;
