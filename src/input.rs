@@ -61,6 +61,13 @@ pub fn io_error(what: &'static str, path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// `s` as one line: control characters escaped (`\n`, `\u{0}`) — for messages that quote names
+/// from a file.
+#[must_use]
+pub fn one_line(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_control() { c.escape_debug().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
 /// Size bounds for what csp-llava reads.
 pub mod limits {
     /// A prompt file (`-f`), a chat template file.

@@ -162,13 +162,9 @@ impl GgufHeader {
 /// A format error; the message may quote names from the file, so control characters are
 /// escaped (an error is always one line).
 fn bad(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, one_line(&msg.into()))
+    io::Error::new(io::ErrorKind::InvalidData, crate::input::one_line(&msg.into()))
 }
 
-/// `s` with control characters escaped (`\n`, `\u{0}`).
-pub(crate) fn one_line(s: &str) -> String {
-    s.chars().flat_map(|c| if c.is_control() { c.escape_debug().collect::<Vec<_>>() } else { vec![c] }).collect()
-}
 
 /// The most memory a decoded header may take (metadata values and tensor infos, estimated).
 /// Real headers take tens of MiB — a 262k-token vocabulary with scores and types about 15 MiB —

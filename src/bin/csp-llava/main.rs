@@ -69,7 +69,7 @@ fn message(e: &anyhow::Error) -> String {
         _ => format!("{e:#}"),
     };
     // one line whatever a file's names held
-    msg.chars().flat_map(|c| if c.is_control() { c.escape_debug().collect::<Vec<_>>() } else { vec![c] }).collect()
+    csp_llava::input::one_line(&msg)
 }
 
 /// Logs on stderr: warnings only by default (llama.cpp's own are routed through `tracing` and

@@ -4,17 +4,13 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
-use super::{load, progress, usage};
+use super::{load, progress, usage, usage_grid};
 use crate::args::{BenchArgs, BenchOutput};
 
 pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
     let cfg = a.config().map_err(anyhow::Error::msg)?;
     usage(cfg.ctx.validate())?;
-    for spec in &cfg.policies {
-        for b in &cfg.budgets {
-            usage(spec.config(&cfg.policy, *b).validate())?;
-        }
-    }
+    usage_grid(&cfg.policy, &cfg.policies, &cfg.budgets)?;
     // the plot is written after the whole run: make sure it can be, first
     let plot = a.plot.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("cannot write the plot {}", p.display()))).transpose()?;
     let engine = load(&a.model)?;

@@ -7,17 +7,13 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use csp_llava::eval::{self, CaseResult};
 
-use super::{install_interrupt, load, progress, usage, Interrupted};
+use super::{install_interrupt, load, progress, usage, usage_grid, Interrupted};
 use crate::args::{EvalArgs, EvalOutput};
 
 pub fn eval(a: &EvalArgs, verbose: u8) -> Result<()> {
     let cfg = a.config().map_err(anyhow::Error::msg)?;
     usage(cfg.ctx.validate())?;
-    for spec in &cfg.policies {
-        for b in &cfg.budgets {
-            usage(spec.config(&cfg.policy, *b).validate())?;
-        }
-    }
+    usage_grid(&cfg.policy, &cfg.policies, &cfg.budgets)?;
     if cfg.policies.is_empty() {
         bail!("--kv-policy: give at least one policy");
     }

@@ -22,46 +22,35 @@ use crate::args::{self, ModelFlags};
 use crate::hub;
 
 /// Ctrl-C stopped the run (exit 130, as a shell reports SIGINT).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
 pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted")
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 /// A flag value out of range or flags that contradict each other: a usage error, exit 2 like
 /// clap's own (a value that does not parse), so the same kind of mistake always exits the same.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Usage(pub csp_llava::Error);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for Usage {}
 
 /// Checks of flag values before anything is loaded; their failures are usage errors.
 pub fn usage(r: csp_llava::Result<()>) -> Result<()> {
     r.map_err(|e| Usage(e).into())
 }
 
-/// The reader of stdout went away (`csp-llava … | head`): stop quietly, exit 0.
-#[derive(Debug)]
-pub struct ReaderGone;
-
-impl std::fmt::Display for ReaderGone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("broken pipe")
+/// Every policy × budget of a bench/eval grid, checked before anything is loaded.
+fn usage_grid(cfg: &csp_llava::PolicyConfig, policies: &[csp_llava::policy::PolicySpec], budgets: &[csp_llava::Budget]) -> Result<()> {
+    for spec in policies {
+        for b in budgets {
+            usage(spec.config(cfg, *b).validate())?;
+        }
     }
+    Ok(())
 }
 
-impl std::error::Error for ReaderGone {}
+/// The reader of stdout went away (`csp-llava … | head`): stop quietly, exit 0.
+#[derive(Debug, thiserror::Error)]
+#[error("broken pipe")]
+pub struct ReaderGone;
 
 /// Writes to stdout; a closed pipe becomes [`ReaderGone`], other failures (a full disk) errors.
 fn out_err(e: std::io::Error) -> anyhow::Error {
