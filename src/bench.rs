@@ -1,9 +1,13 @@
 //! `csp-llava bench`: speed and memory of every policy × budget next to llama.cpp's own full
 //! cache, in one process, llama-bench style.
 //!
-//! Rows per image count: a **reference** (full cache through llama.cpp's standard
-//! `eval_chunks`, flash attention as llama.cpp chooses), a `full` row with flash attention off
-//! (what the observing policies pay for turning it off, on its own), then each policy × budget.
+//! Rows per image count: a **reference** (full cache, flash attention as llama.cpp chooses), a
+//! `full` row with flash attention off (what observing on the host costs by turning it off, on
+//! its own), then each policy × budget. Every row reads the prompt through the same llama.cpp
+//! calls (`mtmd_helper_eval_chunk_single` for text; `mtmd_encode_chunk` then
+//! `mtmd_helper_decode_image_chunk` for images — what llama.cpp's own `eval_chunks` does, split
+//! in two so encoding is timed apart), so encoding, prefill and time to first token (TTFT:
+//! encode + prefill + scoring + eviction) compare like with like.
 //! Configurations are interleaved across repetitions after one warm-up pass; each figure is the
 //! median with its min and max. Peak RSS per run resets the kernel's high-water mark through
 //! `/proc/self/clear_refs` (Linux), so one process measures every row.
@@ -102,13 +106,16 @@ pub struct BenchRow {
     pub kv_bytes_allocated: u64,
     /// The most cells the cache held (llama.cpp's high-water mark; ≤ `--kv-max-cells`).
     pub kv_cells_peak: u32,
-    /// Vision encoder ms (0 for the reference row, whose helper does not separate it).
+    /// Vision encoder ms.
     pub encode_ms: Stat,
-    /// Prompt tokens per second (language model).
+    /// Language-model prefill ms (encoding and observation excluded).
+    pub prefill_ms: Stat,
+    /// Prompt tokens per second (language model: `n_prompt_tokens / prefill_ms`).
     pub prefill_tok_s: Stat,
-    /// Prompt tokens per second including image encoding (the reference's helper does not
-    /// separate the two, so `ratio_prefill` compares this figure).
+    /// Prompt tokens per second including image encoding.
     pub prompt_tok_s: Stat,
+    /// Time to first token: encode + prefill + observation + scoring + eviction (+ shrink), ms.
+    pub ttft_ms: Stat,
     /// Observation + selection ms.
     pub score_ms: Stat,
     /// Removal + compaction ms.
@@ -119,8 +126,10 @@ pub struct BenchRow {
     pub peak_rss_bytes: Option<u64>,
     /// Peak GPU memory (not measured yet: `null`).
     pub peak_gpu_bytes: Option<u64>,
-    /// prompt_tok_s / reference's (prompt processing including image encoding).
+    /// prefill_tok_s / reference's (language-model prefill alone).
     pub ratio_prefill: f64,
+    /// ttft_ms / reference's (> 1: slower to the first token).
+    pub ratio_ttft: f64,
     /// decode_tok_s / reference's.
     pub ratio_decode: f64,
     /// kv_bytes / reference's.
@@ -169,13 +178,13 @@ pub fn peak_rss() -> Option<u64> {
 /// Invalid settings and run failures.
 pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<BenchRow>> {
     if cfg.reps == 0 {
-        return Err(Error::Config { field: "-r", reason: "at least one repetition".into() });
+        return Err(Error::Config { field: "repetitions", reason: "at least one repetition".into() });
     }
     if cfg.images.is_empty() {
-        return Err(Error::Config { field: "--images", reason: "give at least one image count".into() });
+        return Err(Error::Config { field: "images", reason: "give at least one image count".into() });
     }
     if cfg.n_predict < 1 {
-        return Err(Error::Config { field: "-n", reason: "bench generates a fixed number of tokens (≥ 1)".into() });
+        return Err(Error::Config { field: "n_predict", reason: "bench generates a fixed number of tokens (≥ 1)".into() });
     }
     let max_images = cfg.images.iter().copied().max().unwrap_or(0);
     let files = if cfg.image_files.is_empty() {
@@ -218,9 +227,8 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
                 (Some(_), _) => ContextConfig { flash_attn: c.flash_attn, n_ctx: 0, ..cfg.ctx.clone() },
             };
             let policy = c.kind.config(&cfg.policy, c.budget.unwrap_or_default());
-            let mode = if c.reference { PrefillMode::EvalChunks } else { PrefillMode::Chunked };
             let rss_ok = reset_peak_rss();
-            let report = engine.run_prompt(prompt, &ctx, &sampling, &policy, mode, &mut |_| {})?;
+            let report = engine.run_prompt(prompt, &ctx, &sampling, &policy, PrefillMode::Chunked, &mut |_| {})?;
             let rss = if rss_ok { peak_rss() } else { None };
             if rep > 0 {
                 results[ci].push((report, rss));
@@ -231,10 +239,12 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     }
     let mut rows: Vec<BenchRow> = configs.iter().zip(results).map(|(c, runs)| row(c, &runs)).collect();
     // ratios against the reference row of the same image count
-    let refs: Vec<(usize, f64, f64, u64)> = rows.iter().filter(|r| r.reference).map(|r| (r.n_images, r.prompt_tok_s.median, r.decode_tok_s.median, r.kv_bytes)).collect();
+    let refs: Vec<(usize, f64, f64, u64, f64)> =
+        rows.iter().filter(|r| r.reference).map(|r| (r.n_images, r.prefill_tok_s.median, r.decode_tok_s.median, r.kv_bytes, r.ttft_ms.median)).collect();
     for r in &mut rows {
-        if let Some(&(_, p, d, kv)) = refs.iter().find(|x| x.0 == r.n_images) {
-            r.ratio_prefill = ratio(r.prompt_tok_s.median, p);
+        if let Some(&(_, p, d, kv, t)) = refs.iter().find(|x| x.0 == r.n_images) {
+            r.ratio_prefill = ratio(r.prefill_tok_s.median, p);
+            r.ratio_ttft = ratio(r.ttft_ms.median, t);
             r.ratio_decode = ratio(r.decode_tok_s.median, d);
             r.ratio_kv_bytes = ratio(r.kv_bytes as f64, kv as f64);
         }
@@ -267,6 +277,8 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
         kv_bytes_allocated: first.kv_bytes_allocated,
         kv_cells_peak: runs.iter().map(|(r, _)| r.kv_cells_peak).max().unwrap_or(0),
         encode_ms: stat(|r| r.encode_ms),
+        prefill_ms: stat(|r| r.prefill_ms),
+        ttft_ms: stat(|r| r.ttft_ms),
         prefill_tok_s: stat(|r| r.prefill_tok_s),
         prompt_tok_s: stat(|r| if r.encode_ms + r.prefill_ms > 0.0 { r.n_prompt_tokens as f64 * 1e3 / (r.encode_ms + r.prefill_ms) } else { 0.0 }),
         score_ms: stat(|r| r.score_ms),
@@ -275,6 +287,7 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
         peak_rss_bytes: runs.iter().filter_map(|(_, m)| *m).max(),
         peak_gpu_bytes: None,
         ratio_prefill: 0.0,
+        ratio_ttft: 0.0,
         ratio_decode: 0.0,
         ratio_kv_bytes: 0.0,
         reps: runs.len(),
@@ -289,11 +302,11 @@ fn fmt_stat(s: &Stat, digits: usize) -> String {
 #[must_use]
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| images | policy | budget | fa | prompt tok | KV cells | KV peak | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | decode tok/s | peak RSS | ×prompt | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| images | policy | budget | fa | prompt tok | KV cells | KV peak | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | TTFT ms | decode tok/s | peak RSS | ×prefill | ×TTFT | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.3} |\n",
             r.n_images,
             r.policy,
             r.kv_budget.as_deref().unwrap_or("–"),
@@ -308,9 +321,11 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             fmt_stat(&r.prompt_tok_s, 0),
             fmt_stat(&r.score_ms, 2),
             fmt_stat(&r.evict_ms, 2),
+            fmt_stat(&r.ttft_ms, 0),
             fmt_stat(&r.decode_tok_s, 0),
             r.peak_rss_bytes.map_or("–".into(), crate::engine::human_bytes),
             r.ratio_prefill,
+            r.ratio_ttft,
             r.ratio_decode,
             r.ratio_kv_bytes,
         ));
@@ -322,10 +337,10 @@ pub fn markdown(rows: &[BenchRow]) -> String {
 #[must_use]
 pub fn csv(rows: &[BenchRow]) -> String {
     let mut out = String::from("n_images,policy,kv_budget,reference,flash_attn,n_prompt_tokens,n_generated,kv_cells_before,kv_cells,kv_cells_peak,kv_bytes,kv_bytes_allocated");
-    for f in ["encode_ms", "prefill_tok_s", "prompt_tok_s", "score_ms", "evict_ms", "decode_tok_s"] {
+    for f in ["encode_ms", "prefill_ms", "prefill_tok_s", "prompt_tok_s", "score_ms", "evict_ms", "ttft_ms", "decode_tok_s"] {
         out.push_str(&format!(",{f},{f}_min,{f}_max"));
     }
-    out.push_str(",peak_rss_bytes,ratio_prefill,ratio_decode,ratio_kv_bytes,reps\n");
+    out.push_str(",peak_rss_bytes,ratio_prefill,ratio_ttft,ratio_decode,ratio_kv_bytes,reps\n");
     for r in rows {
         out.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{},{},{}",
@@ -342,13 +357,14 @@ pub fn csv(rows: &[BenchRow]) -> String {
             r.kv_bytes,
             r.kv_bytes_allocated
         ));
-        for s in [&r.encode_ms, &r.prefill_tok_s, &r.prompt_tok_s, &r.score_ms, &r.evict_ms, &r.decode_tok_s] {
+        for s in [&r.encode_ms, &r.prefill_ms, &r.prefill_tok_s, &r.prompt_tok_s, &r.score_ms, &r.evict_ms, &r.ttft_ms, &r.decode_tok_s] {
             out.push_str(&format!(",{},{},{}", s.median, s.min, s.max));
         }
         out.push_str(&format!(
-            ",{},{},{},{},{}\n",
+            ",{},{},{},{},{},{}\n",
             r.peak_rss_bytes.map_or(String::new(), |v| v.to_string()),
             r.ratio_prefill,
+            r.ratio_ttft,
             r.ratio_decode,
             r.ratio_kv_bytes,
             r.reps

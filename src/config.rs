@@ -253,24 +253,24 @@ impl ContextConfig {
         // addressed, and csp-llava compares positions with it as i32.
         if self.n_ctx > i32::MAX as u32 {
             return Err(cfg_err(
-                "-c/--ctx-size",
+                "n_ctx",
                 &format!("{} is more than the {} positions llama.cpp can address (0 = the model's trained context)", self.n_ctx, i32::MAX),
             ));
         }
         if self.n_batch == 0 {
-            return Err(cfg_err("-b/--batch-size", "must be at least 1"));
+            return Err(cfg_err("n_batch", "must be at least 1"));
         }
         if self.n_ubatch == 0 {
-            return Err(cfg_err("-ub/--ubatch-size", "must be at least 1"));
+            return Err(cfg_err("n_ubatch", "must be at least 1"));
         }
         if self.type_v.is_quantized() && self.flash_attn == FlashAttn::Off {
             return Err(cfg_err(
-                "-ctv/--cache-type-v",
+                "type_v",
                 &format!("a quantized V cache ({}) needs flash attention; drop -fa off or use -ctv f16", self.type_v.name()),
             ));
         }
         if self.kv_max_cells.is_none() && self.kv_shift {
-            return Err(cfg_err("--kv-shift", "applies to a bounded prefill; add --kv-max-cells"));
+            return Err(cfg_err("kv_shift", "applies to a bounded prefill; add --kv-max-cells"));
         }
         Ok(())
     }
@@ -322,25 +322,25 @@ impl SamplingConfig {
     /// [`Error::Config`] naming the flag.
     pub fn validate(&self) -> Result<()> {
         if self.n_predict < -1 {
-            return Err(cfg_err("-n/--n-predict", &format!("{} is below -1 (-1 = until end of generation)", self.n_predict)));
+            return Err(cfg_err("n_predict", &format!("{} is below -1 (-1 = until end of generation)", self.n_predict)));
         }
         if !self.temp.is_finite() {
-            return Err(cfg_err("--temp", "must be a finite number"));
+            return Err(cfg_err("temp", "must be a finite number"));
         }
         if !(0.0..=1.0).contains(&self.top_p) {
-            return Err(cfg_err("--top-p", &format!("{} is outside [0, 1]", self.top_p)));
+            return Err(cfg_err("top_p", &format!("{} is outside [0, 1]", self.top_p)));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(cfg_err("--min-p", &format!("{} is outside [0, 1]", self.min_p)));
+            return Err(cfg_err("min_p", &format!("{} is outside [0, 1]", self.min_p)));
         }
         if self.top_k < 0 {
-            return Err(cfg_err("--top-k", "must be 0 (off) or positive"));
+            return Err(cfg_err("top_k", "must be 0 (off) or positive"));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return Err(cfg_err("--repeat-penalty", "must be positive (1.0 = off)"));
+            return Err(cfg_err("repeat_penalty", "must be positive (1.0 = off)"));
         }
         if self.repeat_last_n < -1 {
-            return Err(cfg_err("--repeat-last-n", "must be -1 (context size), 0 (off) or positive"));
+            return Err(cfg_err("repeat_last_n", "must be -1 (context size), 0 (off) or positive"));
         }
         Ok(())
     }
@@ -389,7 +389,8 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(ContextConfig { n_ctx: i32::MAX as u32, ..Default::default() }.validate().is_ok());
         let e = ContextConfig { n_ctx: 4_000_000_000, ..Default::default() }.validate().unwrap_err().to_string();
-        assert!(e.starts_with("invalid -c/--ctx-size: 4000000000 is more than the 2147483647"), "{e}");
+        // the library names its field; the CLI maps it to -c/--ctx-size (tests/bad_gguf.rs)
+        assert!(e.starts_with("invalid n_ctx: 4000000000 is more than the 2147483647"), "{e}");
         assert_eq!("Q8_0".parse::<CacheType>().unwrap(), CacheType::Q8_0);
         assert!("q3".parse::<CacheType>().is_err());
     }

@@ -411,3 +411,57 @@ fn the_engine_is_send_and_sync() {
     send_sync::<csp_llava::Engine>();
     send_sync::<csp_llava::CancelHandle>();
 }
+
+/// llama.cpp's Rust bindings are named only behind the facade (`src/llama/`, and the C ABI in
+/// `src/capi/`): everything else talks to `crate::llama`'s own types, so a change of bindings
+/// or of llama.cpp's API touches one folder.
+#[test]
+fn only_the_llama_facade_names_the_bindings() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src.clone()];
+    let mut offenders = Vec::new();
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(&src).unwrap().to_path_buf();
+            if p.is_dir() {
+                if rel != Path::new("llama") && rel != Path::new("capi") {
+                    stack.push(p);
+                }
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            seen += 1;
+            let text = std::fs::read_to_string(&p).unwrap();
+            for (i, line) in text.lines().enumerate() {
+                let code = strip_comment(line);
+                if code.contains("llama_cpp_2") || code.contains("llama_cpp_sys_2") {
+                    offenders.push(format!("src/{}:{}: {}", rel.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(seen > 20, "read {seen} files: wrong folder?");
+    assert!(offenders.is_empty(), "llama-cpp-2 named outside src/llama:\n{}", offenders.join("\n"));
+}
+
+/// Contexts own their model (an `Arc`), so sessions and contexts can be stored next to the
+/// engine and moved to worker threads.
+#[test]
+fn contexts_are_send() {
+    fn send<T: Send>() {}
+    send::<csp_llava::llama::Context>();
+    send::<csp_llava::llama::Mtmd>();
+    send::<csp_llava::llama::Model>();
+}
+
+/// A session made from an `Arc<Engine>` is `'static` and `Send`: an app keeps it in its state
+/// (a chat) and hands it to a worker thread.
+#[test]
+fn shared_sessions_are_send() {
+    fn send<T: Send + 'static>() {}
+    send::<csp_llava::engine::Session<'static>>();
+}

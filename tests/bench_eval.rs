@@ -25,6 +25,17 @@ fn bench_rows_and_formats() {
         let reference: Vec<_> = group.iter().filter(|r| r["reference"] == true).collect();
         assert_eq!(reference.len(), 1, "one reference row per image count");
         assert_eq!(reference[0]["ratio_decode"], 1.0);
+        assert_eq!(reference[0]["ratio_ttft"], 1.0);
+        assert_eq!(reference[0]["ratio_prefill"], 1.0);
+        // every row, the reference included, times its image encoding apart from the prefill,
+        // and its time to first token covers both
+        for r in &group {
+            let (enc, pre, ttft) = (r["encode_ms"]["median"].as_f64().unwrap(), r["prefill_ms"]["median"].as_f64().unwrap(), r["ttft_ms"]["median"].as_f64().unwrap());
+            assert!(enc > 0.0, "{} encodes {n} image(s) in {enc} ms", r["policy"]);
+            assert!(ttft >= enc + pre, "{}: ttft {ttft} < encode {enc} + prefill {pre}", r["policy"]);
+            let t = &r["ttft_ms"];
+            assert!(t["min"].as_f64().unwrap() <= t["median"].as_f64().unwrap() && t["median"].as_f64().unwrap() <= t["max"].as_f64().unwrap());
+        }
         let full = group.iter().find(|r| r["policy"] == "full").expect("full row");
         assert_eq!(full["flash_attn"], "off");
         let l = full["n_prompt_tokens"].as_u64().unwrap();
@@ -36,7 +47,7 @@ fn bench_rows_and_formats() {
             let d = &r["decode_tok_s"];
             assert!(d["min"].as_f64().unwrap() <= d["median"].as_f64().unwrap() && d["median"].as_f64().unwrap() <= d["max"].as_f64().unwrap());
         }
-        for key in ["encode_ms", "prefill_tok_s", "score_ms", "evict_ms", "decode_tok_s", "kv_cells", "kv_bytes", "kv_bytes_allocated", "peak_rss_bytes", "ratio_prefill", "ratio_decode", "ratio_kv_bytes"] {
+        for key in ["encode_ms", "prefill_ms", "ttft_ms", "ratio_ttft", "prefill_tok_s", "score_ms", "evict_ms", "decode_tok_s", "kv_cells", "kv_bytes", "kv_bytes_allocated", "peak_rss_bytes", "ratio_prefill", "ratio_decode", "ratio_kv_bytes"] {
             assert!(group.iter().all(|r| r.get(key).is_some()), "{key}");
         }
     }

@@ -92,7 +92,7 @@ fn each_head_attends_to_exactly_its_selection() {
                     let want = heads.get(il, h / group);
                     let hidden = union.iter().filter(|&&t| !want[t]).count();
                     hidden_total += hidden;
-                    assert_eq!(llama::layer_mask_count(s.context(), il, h), Some(hidden), "{kind}@{g} layer {il} head {h}");
+                    assert_eq!(s.context().layer_mask_count(il, h), Some(hidden), "{kind}@{g} layer {il} head {h}");
                 }
             }
             assert!(hidden_total > 0, "{kind}@{g}: some head must drop part of the union");
@@ -166,9 +166,9 @@ fn masks_survive_decoding_and_sinks_apply_n_softmax() {
     let n_layer = e.model().n_layer() as usize;
     let cfg = PolicyConfig { kind: PolicyKind::Csp, budget: Budget::Fraction(0.2), granularity: Some(Granularity::Head), ..Default::default() };
     let (mut s, _, _) = pruned(&e, &cfg, FlashAttn::Auto);
-    let before: Vec<usize> = (0..n_layer).map(|il| llama::layer_mask_count(s.context(), il, 0).unwrap()).collect();
+    let before: Vec<usize> = (0..n_layer).map(|il| s.context().layer_mask_count(il, 0).unwrap()).collect();
     s.generate(&greedy(6), &mut |_| {}).unwrap();
-    let after: Vec<usize> = (0..n_layer).map(|il| llama::layer_mask_count(s.context(), il, 0).unwrap()).collect();
+    let after: Vec<usize> = (0..n_layer).map(|il| s.context().layer_mask_count(il, 0).unwrap()).collect();
     assert_eq!(before, after, "masks stay in force while decoding");
 
     // n-softmax at decode: each row sums to S/(S+n), S = Σ exp(scale·x) over the visible keys.

@@ -143,13 +143,13 @@ impl Bounded {
                 None => "a text chunk".to_owned(),
             };
             Error::Config {
-                field: "--kv-max-cells",
+                field: "kv_max_cells",
                 reason: format!("{what} takes {} cells and cannot be read in parts; the cap of {cap_cells} cells must be at least {}", p.len(), p.len() + 1),
             }
         })?;
         if n_deferred >= cap_cells as usize {
             return Err(Error::Config {
-                field: "--kv-max-cells",
+                field: "kv_max_cells",
                 reason: format!("the question ({n_deferred} tokens, read after pruning) does not fit in {cap_cells} cells"),
             });
         }

@@ -43,14 +43,3 @@ pub enum StopReason {
 pub(super) fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
-
-/// llama.cpp's return code for a failed `llama_decode` (1: no KV slot), for `Error::Llama`.
-// TODO(llama facade): belongs with the decode call in `llama/` once the engine stops calling
-// llama-cpp-2 directly.
-pub(super) fn decode_code(e: &llama_cpp_2::DecodeError) -> i32 {
-    match e {
-        llama_cpp_2::DecodeError::NoKvCacheSlot => 1,
-        llama_cpp_2::DecodeError::NTokensZero => -1,
-        llama_cpp_2::DecodeError::Unknown(c) => *c,
-    }
-}

@@ -3,17 +3,13 @@
 
 use std::time::Instant;
 
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::sampling::LlamaSampler;
-use llama_cpp_2::token::data::LlamaTokenData;
-use llama_cpp_2::token::data_array::LlamaTokenDataArray;
-use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use super::event::{decode_code, ms, Event, StopReason};
+use super::event::{ms, Event, StopReason};
 use super::session::Session;
 use crate::config::SamplingConfig;
 use crate::error::{Error, Result};
+use crate::llama::{Logits, Sampler, Step};
 
 /// Result of a generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -30,7 +26,7 @@ pub struct Generated {
     pub seed: u32,
 }
 
-fn sampler_chain(cfg: &SamplingConfig, seed: u32, n_vocab: i32, n_ctx: u32) -> LlamaSampler {
+fn sampler_chain(cfg: &SamplingConfig, seed: u32, n_vocab: i32, n_ctx: u32) -> Sampler {
     let mut chain = Vec::new();
     if cfg.repeat_penalty != 1.0 && cfg.repeat_last_n != 0 {
         // -1 = the whole context (llama.cpp's convention; the sampler itself takes a count).
@@ -38,24 +34,24 @@ fn sampler_chain(cfg: &SamplingConfig, seed: u32, n_vocab: i32, n_ctx: u32) -> L
         // otherwise allocate a ring buffer of that many tokens)
         let n_ctx = i32::try_from(n_ctx).unwrap_or(i32::MAX);
         let last_n = if cfg.repeat_last_n < 0 { n_ctx } else { cfg.repeat_last_n.min(n_ctx) };
-        chain.push(LlamaSampler::penalties(n_vocab, last_n, cfg.repeat_penalty, 0.0, 0.0));
+        chain.push(Step::Penalties { n_vocab, last_n, repeat: cfg.repeat_penalty });
     }
     if cfg.temp <= 0.0 {
-        chain.push(LlamaSampler::greedy());
+        chain.push(Step::Greedy);
     } else {
         if cfg.top_k > 0 {
-            chain.push(LlamaSampler::top_k(cfg.top_k));
+            chain.push(Step::TopK(cfg.top_k));
         }
         if cfg.top_p < 1.0 {
-            chain.push(LlamaSampler::top_p(cfg.top_p, 1));
+            chain.push(Step::TopP(cfg.top_p));
         }
         if cfg.min_p > 0.0 {
-            chain.push(LlamaSampler::min_p(cfg.min_p, 1));
+            chain.push(Step::MinP(cfg.min_p));
         }
-        chain.push(LlamaSampler::temp(cfg.temp));
-        chain.push(LlamaSampler::dist(seed));
+        chain.push(Step::Temp(cfg.temp));
+        chain.push(Step::Dist(seed));
     }
-    LlamaSampler::chain_simple(chain)
+    Sampler::chain(&chain)
 }
 
 /// A random seed when none was given (llama.cpp's `--seed -1`).
@@ -111,19 +107,6 @@ impl Utf8Stream {
     }
 }
 
-/// Samples one token from `logits` with the chain (what `llama_sampler_sample` does with a
-/// context's logits), and accepts it.
-fn sample(sampler: &mut LlamaSampler, logits: &[f32]) -> Option<LlamaToken> {
-    let mut arr = LlamaTokenDataArray::from_iter(
-        logits.iter().enumerate().map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
-        false,
-    );
-    sampler.apply(&mut arr);
-    let tok = arr.selected_token()?;
-    sampler.accept(tok);
-    Some(tok)
-}
-
 impl Session<'_> {
     /// Generates from the logits left by the prefill.
     ///
@@ -136,9 +119,9 @@ impl Session<'_> {
     ) -> Result<Generated> {
         cfg.validate()?;
         let seed = cfg.seed.unwrap_or_else(random_seed);
-        let vocab = self.engine.model().vocab();
-        let mut sampler = sampler_chain(cfg, seed, self.engine.model().n_vocab(), self.n_ctx);
-        let mut batch = LlamaBatch::new(1, 1);
+        let engine = self.engine.clone();
+        let model = engine.model();
+        let mut sampler = sampler_chain(cfg, seed, model.n_vocab(), self.n_ctx);
         let mut utf8 = Utf8Stream::default();
         let mut text = String::new();
         let mut tokens = Vec::new();
@@ -154,15 +137,15 @@ impl Session<'_> {
                 break StopReason::Cancelled;
             }
             let logits = self.last_logits().ok_or(Error::Llama { op: "read logits", code: -1 })?;
-            let tok = sample(&mut sampler, logits).ok_or(Error::Llama { op: "sample", code: -1 })?;
+            let tok = sampler.sample(logits).ok_or(Error::Llama { op: "sample", code: -1 })?;
             self.first_logits = None;
-            tokens.push(tok.0);
-            let eog = vocab.is_eog(tok);
+            tokens.push(tok);
+            let eog = model.is_eog(tok);
             if eog && !cfg.ignore_eos {
                 break StopReason::Eos;
             }
             if !eog {
-                let piece = utf8.push(&vocab.token_to_piece(tok, false, None));
+                let piece = utf8.push(&model.token_bytes(tok, false));
                 if !piece.is_empty() {
                     on_event(Event::Text(&piece));
                     text.push_str(&piece);
@@ -174,15 +157,11 @@ impl Session<'_> {
             if cells_used >= cells {
                 break StopReason::Context;
             }
-            batch.clear();
-            batch
-                .add(tok, self.n_past, &[0], true)
-                .map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
-            if let Err(e) = self.lctx.ctx_mut().decode(&mut batch) {
+            if let Err(e) = self.lctx.decode(&[tok], self.n_past, Logits::Last) {
                 if self.engine.cancel.is_cancelled() {
                     break StopReason::Cancelled;
                 }
-                return Err(Error::Llama { op: "decode", code: decode_code(&e) });
+                return Err(e);
             }
             self.after_decode(self.n_past)?;
             self.n_past += 1;

@@ -18,11 +18,7 @@ mod session;
 pub mod stream;
 mod template;
 
-use std::sync::{Mutex, MutexGuard};
-
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::mtmd::{MtmdContext, MtmdContextParams};
+use std::sync::Arc;
 
 pub use bounded::{Bounded, Eviction};
 pub use event::{Event, StopReason};
@@ -38,13 +34,30 @@ use crate::policy::{self, PolicyConfig, Target};
 use crate::error::{Error, Result};
 use crate::llama::{self, KvInfo};
 
+/// How a session holds its engine: borrowed (a `Session<'e>` next to `&'e Engine`) or shared
+/// (a `Session<'static>` holding an `Arc<Engine>`, which can be stored next to the engine —
+/// in an app's state, a chat — and moved to another thread).
+#[derive(Debug, Clone)]
+pub(crate) enum EngineRef<'e> {
+    Borrowed(&'e Engine),
+    Shared(Arc<Engine>),
+}
+
+impl std::ops::Deref for EngineRef<'_> {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        match self {
+            Self::Borrowed(e) => e,
+            Self::Shared(e) => e,
+        }
+    }
+}
+
 /// A loaded text model + projector.
 pub struct Engine {
-    // Field order: the mtmd context refers to the model, so it is dropped first.
-    // Mutex: libmtmd keeps per-context encode buffers, so one image is encoded at a time (and
-    // llama-cpp-2's `eval_chunks` wants `&mut MtmdContext`); the engine is Send + Sync.
-    mtmd: Mutex<MtmdContext>,
-    model: LlamaModel,
+    // Both are Send + Sync (the projector encodes one chunk at a time), so the engine is too.
+    mtmd: llama::Mtmd,
+    model: Arc<llama::Model>,
     cfg: ModelConfig,
     cancel: crate::CancelHandle,
     device: llama::Device,
@@ -81,15 +94,12 @@ impl Engine {
         check::text_model(&cfg.model, &model_header)?;
         check::projector(cfg, &model_header, &mmproj_header)?;
 
-        let backend = llama::backend()?;
         // Offload by what the machine has at run time (ggml's device list), as llama.cpp does:
         // a default Apple-silicon build has Metal, a CUDA build may run where no GPU is.
         let device = llama::Device::pick(cfg.n_gpu_layers);
         let gpu = device.gpu;
-        let params = LlamaModelParams::default().with_n_gpu_layers(if gpu { cfg.n_gpu_layers } else { 0 });
-        let model = LlamaModel::load_from_file(backend, &cfg.model, &params)
-            .map_err(|_| Error::Load { what: "model", path: cfg.model.clone() })?;
-        if model.is_recurrent() || model.is_hybrid() {
+        let model = Arc::new(llama::Model::load(&cfg.model, if gpu { cfg.n_gpu_layers } else { 0 })?);
+        if model.is_recurrent_or_hybrid() {
             return Err(Error::Unsupported {
                 what: "model family",
                 reason: format!(
@@ -98,31 +108,19 @@ impl Engine {
                 ),
             });
         }
-
-        let mparams = MtmdContextParams {
-            use_gpu: gpu && cfg.n_gpu_layers > 0,
-            print_timings: false,
-            n_threads: cfg.threads as i32,
-            ..MtmdContextParams::default()
-        };
-        let mmproj_str = cfg.mmproj.to_str().ok_or_else(|| Error::Config {
-            field: "--mmproj",
-            reason: "the path is not valid UTF-8".into(),
-        })?;
-        let mtmd = MtmdContext::init_from_file(mmproj_str, &model, &mparams)
-            .map_err(|_| Error::Load { what: "mmproj", path: cfg.mmproj.clone() })?;
+        let mtmd = llama::Mtmd::load(&cfg.mmproj, &model, gpu && cfg.n_gpu_layers > 0, cfg.threads)?;
         tracing::info!(
             model = %cfg.model.display(),
             mmproj = %cfg.mmproj.display(),
             n_layer = model.n_layer(),
             n_embd = model.n_embd(),
-            mrope = mtmd.decode_use_mrope(),
+            mrope = mtmd.uses_mrope(),
             backend = %device.backend,
             device = %device.name,
             "loaded"
         );
-        let caps = Capabilities { mrope: mtmd.decode_use_mrope(), non_causal_media: mtmd.decode_use_non_causal() };
-        Ok(Self { mtmd: Mutex::new(mtmd), model, cfg: cfg.clone(), cancel: crate::CancelHandle::new(), device, caps })
+        let caps = Capabilities { mrope: mtmd.uses_mrope(), non_causal_media: mtmd.uses_non_causal() };
+        Ok(Self { mtmd, model, cfg: cfg.clone(), cancel: crate::CancelHandle::new(), device, caps })
     }
 
     /// The engine's cancellation handle: [`CancelHandle::cancel`](crate::CancelHandle::cancel)
@@ -154,15 +152,14 @@ impl Engine {
 
     /// The text model.
     #[must_use]
-    pub fn model(&self) -> &LlamaModel {
+    pub fn model(&self) -> &llama::Model {
         &self.model
     }
 
-    /// The projector context, locked (one user at a time; a poisoned lock is taken over: the
-    /// context holds no invariant a panic elsewhere could break).
+    /// The projector.
     #[must_use]
-    pub fn mtmd(&self) -> MutexGuard<'_, MtmdContext> {
-        self.mtmd.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub fn mtmd(&self) -> &llama::Mtmd {
+        &self.mtmd
     }
 
     /// What the model can do (computed at load).
@@ -182,7 +179,7 @@ impl Engine {
     /// # Errors
     /// Empty prompt, marker/image count mismatch, unreadable images, template failures.
     pub fn prepare(&self, req: &Request) -> Result<Prompt> {
-        prompt::build(&self.model, &self.mtmd(), req, None)
+        prompt::build(&self.model, &self.mtmd, req, None)
     }
 
     /// [`Engine::prepare`] for a run with `ctx`: without `--kv-max-cells`, a prompt that cannot
@@ -195,7 +192,7 @@ impl Engine {
     pub fn prepare_for(&self, req: &Request, ctx: &ContextConfig) -> Result<Prompt> {
         let n_ctx_train = self.model.n_ctx_train();
         let fit = ctx.kv_max_cells.is_none().then(|| prompt::Fit { n_ctx: if ctx.n_ctx == 0 { n_ctx_train } else { ctx.n_ctx }, n_ctx_train });
-        prompt::build(&self.model, &self.mtmd(), req, fit)
+        prompt::build(&self.model, &self.mtmd, req, fit)
     }
 
     /// The embeddings the language model receives for media chunk `chunk` of `prompt`
@@ -206,7 +203,7 @@ impl Engine {
     pub fn media_embeddings(&self, prompt: &Prompt, chunk: usize) -> Result<Vec<f32>> {
         let c = prompt.chunks.get(chunk).filter(|_| prompt.spans.get(chunk).is_some_and(|s| s.media.is_some()));
         let c = c.ok_or_else(|| Error::Prompt(format!("chunk {chunk} is not an image")))?;
-        llama::media_embeddings(&self.mtmd(), &c, self.model.n_embd() as usize)
+        self.mtmd.embeddings(&c, self.model.n_embd() as usize)
     }
 
     /// Creates a session (a llama.cpp context) sized for `prompt`; with `observe`, attention
@@ -216,7 +213,17 @@ impl Engine {
     /// Invalid settings, a prompt longer than the context, context creation failures.
     pub fn session(&self, prompt: &Prompt, ctx: &ContextConfig, observe: Vec<StatRequest>) -> Result<Session<'_>> {
         let bounded = ctx.kv_max_cells.map(|cap| Bounded::new(prompt, ctx, cap, -1)).transpose()?;
-        Session::new(self, prompt, ctx, observe, bounded)
+        Session::new(EngineRef::Borrowed(self), prompt, ctx, observe, bounded)
+    }
+
+    /// [`Engine::session`] holding the engine by `Arc`: a `Session<'static>`, storable next to
+    /// the engine and movable to another thread.
+    ///
+    /// # Errors
+    /// As [`Engine::session`].
+    pub fn session_shared(self: &Arc<Self>, prompt: &Prompt, ctx: &ContextConfig, observe: Vec<StatRequest>) -> Result<Session<'static>> {
+        let bounded = ctx.kv_max_cells.map(|cap| Bounded::new(prompt, ctx, cap, -1)).transpose()?;
+        Session::new(EngineRef::Shared(Arc::clone(self)), prompt, ctx, observe, bounded)
     }
 
     /// Prefill (bounded by `--kv-max-cells` when set: evicting with the plan's policy while the
@@ -234,9 +241,39 @@ impl Engine {
         mode: PrefillMode,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Prefilled<'_>> {
+        Self::prefill_pruned_in(EngineRef::Borrowed(self), prompt, ctx, plan, n_predict, mode, on_event)
+    }
+
+    /// [`Engine::prefill_pruned`] holding the engine by `Arc`: the session is a
+    /// `Session<'static>` (see [`Engine::session_shared`]).
+    ///
+    /// # Errors
+    /// As [`Engine::prefill_pruned`].
+    pub fn prefill_pruned_shared(
+        self: &Arc<Self>,
+        prompt: &Prompt,
+        ctx: &ContextConfig,
+        plan: &Plan,
+        n_predict: i32,
+        mode: PrefillMode,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Prefilled<'static>> {
+        Self::prefill_pruned_in(EngineRef::Shared(Arc::clone(self)), prompt, ctx, plan, n_predict, mode, on_event)
+    }
+
+    fn prefill_pruned_in<'e>(
+        engine: EngineRef<'e>,
+        prompt: &Prompt,
+        ctx: &ContextConfig,
+        plan: &Plan,
+        n_predict: i32,
+        mode: PrefillMode,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Prefilled<'e>> {
+        let this: &Engine = &engine;
         let bounded = ctx.kv_max_cells.map(|cap| Bounded::new(prompt, ctx, cap, n_predict)).transpose()?;
         if let Some(b) = &bounded {
-            self.check_bounded(prompt, plan, b, n_predict)?;
+            this.check_bounded(prompt, plan, b, n_predict)?;
         }
         let evicts = bounded.as_ref().is_some_and(Bounded::evicts);
         let observe = if evicts { plan.stream_request } else { plan.request };
@@ -247,20 +284,20 @@ impl Engine {
         let auto_ctx = ctx.n_ctx == 0 && bounded.is_none();
         let ctx = if auto_ctx && plan.shrink && plan.prunes {
             let n = prompt.n_tokens() + prompt.deferred.iter().map(crate::span::Span::n_tokens).sum::<usize>() + 1;
-            let n_ctx_train = self.model.n_ctx_train();
+            let n_ctx_train = this.model.n_ctx_train();
             sized = ContextConfig { n_ctx: u32::try_from(n.next_multiple_of(256)).unwrap_or(u32::MAX).min(n_ctx_train.max(1)), ..ctx.clone() };
             &sized
         } else {
             ctx
         };
-        let mut session = Session::new(self, prompt, ctx, observe.into_iter().collect(), bounded)?;
+        let mut session = Session::new(engine.clone(), prompt, ctx, observe.into_iter().collect(), bounded)?;
         session.shrink_room = match (ctx.kv_reserve, n_predict) {
             (Some(r), _) if ctx.kv_max_cells.is_none() => Some(r),
             (_, n) if n >= 0 => Some(n as u32),
             _ if auto_ctx => Some(1024),
             _ => None,
         };
-        if ctx.kv_shift && !llama::can_shift(session.context()) {
+        if ctx.kv_shift && !session.context().can_shift() {
             return Err(Error::Unsupported { what: "--kv-shift", reason: "llama.cpp cannot shift this model's cached positions".into() });
         }
         let prefill = if evicts { session.prefill_bounded(prompt, plan, on_event)? } else { session.prefill(prompt, mode, on_event)? };
@@ -276,7 +313,7 @@ impl Engine {
         if b.evicts() {
             if !plan.policy.prunes() {
                 return Err(Error::Config {
-                    field: "--kv-max-cells",
+                    field: "kv_max_cells",
                     reason: format!(
                         "the prompt ({} tokens) does not fit in {} cells and --kv-policy {} evicts nothing; choose a policy (csp, h2o, snapkv, streaming …) or raise the cap",
                         prompt.n_tokens(),

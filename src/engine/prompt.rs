@@ -2,16 +2,12 @@
 
 use std::path::Path;
 
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
-use llama_cpp_2::mtmd::{
-    mtmd_default_marker, MtmdBitmap, MtmdContext, MtmdInputChunkType, MtmdInputChunks,
-    MtmdInputText,
-};
 
 use super::image::{self, ImageLimits};
 use super::template::{self, Message, SpecialTokens};
 use crate::config::Request;
 use crate::error::{Error, Result};
+use crate::llama::{marker as mtmd_default_marker, Bitmap, ChatFormatError, ChatMessage, ChunkKind, Chunks, Model, Mtmd};
 use crate::span::{media_tokens, Modality, Span};
 
 /// LLaVA's image marker, accepted in prompts besides mtmd's own `<__media__>`.
@@ -22,7 +18,7 @@ pub struct Prompt {
     /// The text after the chat template, with media markers.
     pub text: String,
     /// mtmd chunks (text runs and image embeddings to compute).
-    pub chunks: MtmdInputChunks,
+    pub chunks: Chunks,
     /// One span per chunk evaluated by the prefill (and considered by pruning).
     pub spans: Vec<Span>,
     /// Spans held back by [`Prompt::defer_question`]: evaluated after pruning.
@@ -147,7 +143,7 @@ pub(crate) fn place_markers(prompt: &str, n_images: usize) -> Result<String> {
 ///    rendered with minijinja instead — so a GGUF with a custom template still works.
 ///
 /// Image markers (`<__media__>`) in the prompt pass through every path untouched.
-fn format_chat(model: &LlamaModel, req: &Request, user: String) -> Result<String> {
+fn format_chat(model: &Model, req: &Request, user: String) -> Result<String> {
     if req.raw {
         return Ok(user);
     }
@@ -169,29 +165,27 @@ fn format_chat(model: &LlamaModel, req: &Request, user: String) -> Result<String
                 let shown: String = name.chars().take(60).flat_map(char::escape_debug).collect();
                 let more = if name.chars().count() > 60 { "…" } else { "" };
                 return Err(Error::Config {
-                    field: "--chat-template",
+                    field: "chat_template",
                     reason: format!(
                         "unknown template '{shown}{more}': neither a Jinja template (no {{{{ or {{%) nor one of llama.cpp's built-in names ({})",
                         names.join(", ")
                     ),
                 });
             }
-            let tmpl = LlamaChatTemplate::new(name)
-                .map_err(|_| Error::Prompt("the chat template contains a NUL byte".into()))?;
-            let text = apply_builtin(model, &tmpl, &messages)?.map_err(|e| {
+            let text = apply_builtin(model, name.as_bytes(), &messages)?.map_err(|e| {
                 Error::Prompt(format!("llama.cpp cannot apply its built-in chat template '{name}' ({e})"))
             })?;
             (text, "llama.cpp built-in")
         }
         None => {
-            let tmpl = model.chat_template(None).map_err(|_| {
+            let tmpl = model.chat_template().ok_or_else(|| {
                 Error::Prompt(
                     "the model has no chat template; pass --chat-template NAME (vicuna for LLaVA-1.5, chatml, llama2, …), --chat-template-file FILE or --no-chat-template".into(),
                 )
             })?;
             let origin = "the model's tokenizer.chat_template";
             let source = || {
-                tmpl.to_string().map_err(|_| Error::Prompt("the model's chat template is not UTF-8".into()))
+                String::from_utf8(tmpl.clone()).map_err(|_| Error::Prompt("the model's chat template is not UTF-8".into()))
             };
             if req.jinja {
                 (template::render(&source()?, origin, &messages, &SpecialTokens::of(model))?, "jinja")
@@ -216,30 +210,22 @@ fn format_chat(model: &LlamaModel, req: &Request, user: String) -> Result<String
 
 /// llama.cpp's formatter (`llama_chat_apply_template`): the outer `Result` fails on a NUL byte
 /// in a message, the inner one when llama.cpp cannot apply the template (it does not know it).
-fn apply_builtin(
-    model: &LlamaModel,
-    tmpl: &LlamaChatTemplate,
-    messages: &[Message],
-) -> Result<std::result::Result<String, llama_cpp_2::ApplyChatTemplateError>> {
-    let chat = messages
-        .iter()
-        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| Error::Prompt("the prompt contains a NUL byte".into()))?;
-    Ok(model.apply_chat_template(tmpl, &chat, true))
+fn apply_builtin(model: &Model, tmpl: &[u8], messages: &[Message]) -> Result<std::result::Result<String, ChatFormatError>> {
+    let chat: Vec<ChatMessage<'_>> = messages.iter().map(|m| ChatMessage { role: &m.role, content: &m.content }).collect();
+    match model.apply_chat_template(tmpl, &chat) {
+        Err(ChatFormatError::Nul(what)) => Err(Error::Prompt(format!("the {what} contains a NUL byte"))),
+        other => Ok(other),
+    }
 }
 
 /// Reads and decodes one image ([`super::image::load`]: bounded read, pixel limit checked on the
 /// header, EXIF orientation, RGB8) and hands mtmd its pixels; the decoded buffer is dropped as soon
 /// as mtmd holds its copy.
-fn load_image(path: &Path, index: usize, limits: &ImageLimits) -> Result<MtmdBitmap> {
+fn load_image(path: &Path, index: usize, limits: &ImageLimits) -> Result<Bitmap> {
     let img = image::load(path, limits)?;
-    let mut bitmap = MtmdBitmap::from_image_data(img.width, img.height, &img.rgb)
+    let bitmap = Bitmap::from_rgb(img.width, img.height, &img.rgb, &media_id(index))
         .map_err(|e| Error::Image { name: path.display().to_string(), reason: format!("mtmd refused its {} × {} pixels ({e})", img.width, img.height) })?;
     drop(img);
-    bitmap
-        .set_id(&media_id(index))
-        .map_err(|_| Error::Prompt("bad media id".into()))?;
     Ok(bitmap)
 }
 
@@ -258,7 +244,7 @@ pub(crate) struct Fit {
 /// that cannot fit `-c` cost 40 header reads, not 40 decodes. The images are probed in order
 /// (each path once), so an unreadable, non-image or oversized file is reported here too. When
 /// mtmd cannot count (it then fails the same way on the real images), nothing is refused here.
-fn check_fits(mtmd: &MtmdContext, req: &Request, text: &str, limits: &ImageLimits, fit: Fit) -> Result<()> {
+fn check_fits(mtmd: &Mtmd, req: &Request, text: &str, limits: &ImageLimits, fit: Fit) -> Result<()> {
     let mut seen: std::collections::HashMap<&Path, (u32, u32)> = std::collections::HashMap::new();
     let mut sizes = Vec::with_capacity(req.images.len());
     for p in &req.images {
@@ -272,7 +258,7 @@ fn check_fits(mtmd: &MtmdContext, req: &Request, text: &str, limits: &ImageLimit
         };
         sizes.push(size);
     }
-    let Some(count) = crate::llama::count_prompt(mtmd, text, true, &sizes) else {
+    let Some(count) = mtmd.count_prompt(text, true, &sizes) else {
         return Ok(());
     };
     if count.n_tokens > fit.n_ctx as usize || count.n_positions > i64::from(fit.n_ctx) {
@@ -299,11 +285,11 @@ fn media_index(id: &str) -> Option<usize> {
 /// cannot fit that context is refused before any image is decoded ([`check_fits`]). Images are
 /// decoded one at a time, each into mtmd's bitmap, and all bitmaps are dropped once mtmd has
 /// tokenized them (its chunks keep the preprocessed pixels only).
-pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request, fit: Option<Fit>) -> Result<Prompt> {
+pub(crate) fn build(model: &Model, mtmd: &Mtmd, req: &Request, fit: Option<Fit>) -> Result<Prompt> {
     if req.prompt.trim().is_empty() {
         return Err(Error::Prompt("the prompt is empty (give one with -p or -f)".into()));
     }
-    if !req.images.is_empty() && !mtmd.support_vision() {
+    if !req.images.is_empty() && !mtmd.supports_vision() {
         return Err(Error::Unsupported {
             what: "input",
             reason: "the projector has no vision encoder, so it cannot take --image".into(),
@@ -330,24 +316,17 @@ pub(crate) fn build(model: &LlamaModel, mtmd: &MtmdContext, req: &Request, fit: 
         .enumerate()
         .map(|(i, p)| load_image(p, i, &limits))
         .collect::<Result<Vec<_>>>()?;
-    let refs: Vec<&MtmdBitmap> = bitmaps.iter().collect();
-    let chunks = mtmd
-        .tokenize(
-            MtmdInputText { text: text.clone(), add_special: true, parse_special: true },
-            &refs,
-        )
-        .map_err(|e| Error::Prompt(format!("mtmd could not tokenize the prompt: {e}")))?;
-    drop(refs);
+    let chunks = mtmd.tokenize(&text, &bitmaps)?;
     drop(bitmaps);
 
     let mut spans = Vec::with_capacity(chunks.len());
     let (mut tok, mut pos) = (0usize, 0i32);
     for i in 0..chunks.len() {
         let c = chunks.get(i).expect("index below len");
-        let modality = match c.chunk_type() {
-            MtmdInputChunkType::Text => Modality::Text,
-            MtmdInputChunkType::Image => Modality::Image,
-            MtmdInputChunkType::Audio => Modality::Audio,
+        let modality = match c.kind() {
+            ChunkKind::Text => Modality::Text,
+            ChunkKind::Image => Modality::Image,
+            ChunkKind::Audio => Modality::Audio,
         };
         let media = match modality {
             Modality::Text => None,

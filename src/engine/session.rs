@@ -1,21 +1,15 @@
 //! A session: one llama.cpp context holding one sequence's KV cache, filled chunk by chunk,
 //! optionally observed, then pruned and compacted.
 
-use std::num::NonZeroU32;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
-use llama_cpp_2::context::session::LlamaStateSeqFlags;
-use llama_cpp_2::context::LlamaContext;
-use llama_cpp_sys_2 as sys;
-
 use super::bounded::{Bounded, Eviction};
-use super::event::{decode_code, ms, Event};
-use super::{Engine, Prompt};
-use crate::config::{CacheType, ContextConfig, FlashAttn};
+use super::event::{ms, Event};
+use super::{Engine, EngineRef, Prompt};
+use crate::config::{ContextConfig, FlashAttn};
 use crate::error::{Error, Result};
 use crate::llama::observer::Observer;
-use crate::llama::{self, KvInfo, ObservedContext};
+use crate::llama::{self, Context, ContextParams, KvInfo, Logits};
 use crate::stats::{AttentionStats, Collector, Reducer, StatRequest};
 use crate::policy::DecodeEviction;
 use crate::policy::HeadKeep;
@@ -57,9 +51,8 @@ pub struct EvictStats {
 
 /// A llama.cpp context sized for one request.
 pub struct Session<'e> {
-    pub(super) engine: &'e Engine,
-    pub(super) lctx: ObservedContext<'e>,
-    params: LlamaContextParams,
+    pub(super) engine: EngineRef<'e>,
+    pub(super) lctx: Context,
     /// Next position to write.
     pub(super) n_past: i32,
     pub(super) n_ctx: u32,
@@ -103,25 +96,11 @@ impl std::fmt::Debug for Session<'_> {
     }
 }
 
-fn kv_type(t: CacheType) -> KvCacheType {
-    match t {
-        CacheType::F32 => KvCacheType::F32,
-        CacheType::F16 => KvCacheType::F16,
-        CacheType::Bf16 => KvCacheType::BF16,
-        CacheType::Q8_0 => KvCacheType::Q8_0,
-        CacheType::Q4_0 => KvCacheType::Q4_0,
-        CacheType::Q4_1 => KvCacheType::Q4_1,
-        CacheType::Iq4Nl => KvCacheType::IQ4_NL,
-        CacheType::Q5_0 => KvCacheType::Q5_0,
-        CacheType::Q5_1 => KvCacheType::Q5_1,
-    }
-}
-
 /// The attention scale the model applies to `q·k` (`{arch}.attention.scale`, else 1/√d_head).
 fn attention_scale(engine: &Engine) -> f32 {
     let model = engine.model();
-    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
-    if let Some(s) = model.meta_val_str(&format!("{arch}.attention.scale")).ok().and_then(|v| v.parse::<f32>().ok()) {
+    let arch = model.meta("general.architecture").unwrap_or_default();
+    if let Some(s) = model.meta(&format!("{arch}.attention.scale")).and_then(|v| v.parse::<f32>().ok()) {
         if s > 0.0 {
             return s;
         }
@@ -132,22 +111,23 @@ fn attention_scale(engine: &Engine) -> f32 {
 /// Elements per key head (`{arch}.attention.key_length`, else n_embd / n_head).
 fn head_dim(engine: &Engine) -> u32 {
     let model = engine.model();
-    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
+    let arch = model.meta("general.architecture").unwrap_or_default();
     model
-        .meta_val_str(&format!("{arch}.attention.key_length"))
-        .ok()
+        .meta(&format!("{arch}.attention.key_length"))
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or_else(|| (model.n_embd() as u32 / model.n_head().max(1)).max(1))
 }
 
 impl<'e> Session<'e> {
-    pub(super) fn new(engine: &'e Engine, prompt: &Prompt, cfg: &ContextConfig, observe: Vec<StatRequest>, bounded: Option<Bounded>) -> Result<Self> {
+    pub(super) fn new(engine: EngineRef<'e>, prompt: &Prompt, cfg: &ContextConfig, observe: Vec<StatRequest>, bounded: Option<Bounded>) -> Result<Self> {
         cfg.validate()?;
         let n_ctx_train = engine.model().n_ctx_train();
+        let engine_ref = engine.clone();
+        let engine: &Engine = &engine_ref;
         let n_ctx = match &bounded {
             // the KV buffer holds the cap (or -c, if larger), not the prompt
             Some(b) if cfg.n_ctx != 0 && cfg.n_ctx < b.cap => {
-                return Err(Error::Config { field: "-c/--ctx-size", reason: format!("{} is smaller than --kv-max-cells ({} cells)", cfg.n_ctx, b.cap) });
+                return Err(Error::Config { field: "n_ctx", reason: format!("{} is smaller than --kv-max-cells ({} cells)", cfg.n_ctx, b.cap) });
             }
             Some(b) => cfg.n_ctx.max(b.cap),
             None if cfg.n_ctx == 0 => n_ctx_train,
@@ -166,19 +146,14 @@ impl<'e> Session<'e> {
         // Observation reads attention probabilities, which flash attention never materialises:
         // it is paused for the observed prefill and resumed for decoding (patch 0003).
         let observes = !observe.is_empty();
-        let fa = match cfg.flash_attn {
-            FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
-            FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
-        };
         if observes && cfg.type_v.is_quantized() {
             return Err(Error::Config {
-                field: "-ctv/--cache-type-v",
+                field: "type_v",
                 reason: "a quantized V cache needs flash attention, which this policy cannot use while it observes; use -ctv f16".into(),
             });
         }
         let hd = head_dim(engine);
-        for (flag, t) in [("-ctk/--cache-type-k", cfg.type_k), ("-ctv/--cache-type-v", cfg.type_v)] {
+        for (flag, t) in [("type_k", cfg.type_k), ("type_v", cfg.type_v)] {
             // every quantized cache type llama.cpp offers has blocks of 32 values
             if t.is_quantized() && hd % 32 != 0 {
                 return Err(Error::Config { field: flag, reason: format!("{} stores blocks of 32 values; this model's heads have {hd}", t.name()) });
@@ -186,16 +161,8 @@ impl<'e> Session<'e> {
         }
         let n_batch = cfg.n_batch.min(n_ctx);
         let n_ubatch = cfg.n_ubatch.min(n_batch);
-        let threads = engine.config().threads as i32;
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_batch)
-            .with_n_ubatch(n_ubatch)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads)
-            .with_flash_attention_policy(fa)
-            .with_type_k(kv_type(cfg.type_k))
-            .with_type_v(kv_type(cfg.type_v));
+        let threads = engine.config().threads;
+        let params = ContextParams { n_ctx, n_batch, n_ubatch, threads, flash_attn: cfg.flash_attn, type_k: cfg.type_k, type_v: cfg.type_v };
         let collector = observes.then(|| {
             let model = engine.model();
             let modality = prompt.token_modalities();
@@ -209,24 +176,22 @@ impl<'e> Session<'e> {
             ))
         });
         let observer = collector.as_ref().map(|c| Observer::new(Some(c.sink())));
-        let mut lctx = ObservedContext::new(engine.model(), params.clone(), observer, Some(engine.cancel.flag()))
-            .map_err(|e| Error::Context { n_ctx, reason: e.to_string() })?;
-        let flash_attn = llama::flash_attn_enabled(lctx.ctx());
+        let mut lctx = Context::new(&engine.model, params, observer, Some(engine.cancel.flag()))?;
+        let flash_attn = lctx.flash_attn();
         let resume_flash_attn = observes && flash_attn;
         if resume_flash_attn {
-            llama::set_flash_attn(lctx.ctx_mut(), false);
+            lctx.set_flash_attn(false);
         }
         if cfg.flash_attn == FlashAttn::On && !flash_attn {
             return Err(Error::Config {
-                field: "-fa/--flash-attn",
+                field: "flash_attn",
                 reason: "flash attention was requested but llama.cpp cannot use it for this model/backend".into(),
             });
         }
         tracing::debug!(n_ctx, n_batch, n_ubatch, flash_attn, observed = observes, "context created");
         Ok(Self {
-            engine,
+            engine: engine_ref.clone(),
             lctx,
-            params,
             n_past: 0,
             n_ctx,
             n_batch,
@@ -279,8 +244,8 @@ impl<'e> Session<'e> {
 
     /// The llama.cpp context.
     #[must_use]
-    pub fn context(&self) -> &LlamaContext<'e> {
-        self.lctx.ctx()
+    pub fn context(&self) -> &Context {
+        &self.lctx
     }
 
     /// Context size in cells.
@@ -304,7 +269,7 @@ impl<'e> Session<'e> {
     /// KV cache size and occupancy now.
     #[must_use]
     pub fn kv_info(&self) -> KvInfo {
-        llama::kv_info(self.lctx.ctx()).unwrap_or_default()
+        self.lctx.kv_info().unwrap_or_default()
     }
 
     /// The attention observer, when the session observes.
@@ -319,8 +284,7 @@ impl<'e> Session<'e> {
         if let Some(l) = &self.first_logits {
             return Some(l);
         }
-        let n_vocab = usize::try_from(self.engine.model().n_vocab()).unwrap_or(0);
-        llama::last_logits(self.lctx.ctx(), n_vocab)
+        self.lctx.last_logits()
     }
 
     /// Milliseconds the observer spent reducing attention during the prefill.
@@ -356,7 +320,7 @@ impl<'e> Session<'e> {
     ) -> Result<PrefillStats> {
         if self.bounded.as_ref().is_some_and(Bounded::evicts) {
             return Err(Error::Config {
-                field: "--kv-max-cells",
+                field: "kv_max_cells",
                 reason: "this prompt needs evictions while it is read: use Engine::prefill_pruned or Session::prefill_bounded".into(),
             });
         }
@@ -386,7 +350,7 @@ impl<'e> Session<'e> {
             stats.prefill_ms = (stats.prefill_ms - stats.observe_ms).max(0.0);
         }
         if std::mem::take(&mut self.resume_flash_attn) {
-            self.flash_attn = llama::set_flash_attn(self.lctx.ctx_mut(), true);
+            self.flash_attn = self.lctx.set_flash_attn(true);
         }
         let logits = self.last_logits().map(<[f32]>::to_vec);
         self.first_logits = logits;
@@ -404,11 +368,7 @@ impl<'e> Session<'e> {
         match mode {
             PrefillMode::EvalChunks => {
                 let t = Instant::now();
-                let mut mtmd = self.engine.mtmd();
-                self.n_past = prompt
-                    .chunks
-                    .eval_chunks(&mut mtmd, self.lctx.ctx_mut(), self.n_past, 0, self.n_batch as i32, true)
-                    .map_err(|e| Error::Prompt(format!("eval_chunks failed: {e}")))?;
+                self.n_past = self.engine.mtmd.eval_chunks(&mut self.lctx, &prompt.chunks, self.n_past, self.n_batch)?;
                 stats.prefill_ms = ms(t);
             }
             PrefillMode::Chunked => {
@@ -418,13 +378,11 @@ impl<'e> Session<'e> {
                     self.engine.check_cancel()?;
                     let chunk = prompt.chunks.get(i).expect("one span per chunk");
                     let last = i + 1 == n_chunks;
-                    let mtmd = self.engine.mtmd();
                     if span.modality == Modality::Text {
                         let t = Instant::now();
-                        self.n_past = llama::eval_text_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch, last)?;
+                        self.n_past = self.engine.mtmd.eval_text(&mut self.lctx, &chunk, self.n_past, self.n_batch, last)?;
                         stats.prefill_ms += ms(t);
                     } else {
-                        drop(mtmd);
                         self.read_media(&chunk, &mut stats)?;
                     }
                     done += span.n_tokens();
@@ -436,14 +394,13 @@ impl<'e> Session<'e> {
     }
 
     /// Encodes an image chunk and decodes its embeddings after the cache, timing both.
-    pub(super) fn read_media(&mut self, chunk: &llama_cpp_2::mtmd::MtmdInputChunk<'_>, stats: &mut PrefillStats) -> Result<()> {
-        let mtmd = self.engine.mtmd();
+    pub(super) fn read_media(&mut self, chunk: &llama::Chunk<'_>, stats: &mut PrefillStats) -> Result<()> {
         let t = Instant::now();
-        llama::encode_media_chunk(&mtmd, chunk)?;
-        stats.encode_ms += ms(t);
-        let t = Instant::now();
-        self.n_past = llama::decode_media_chunk(&mtmd, self.lctx.ctx_mut(), chunk, self.n_past, self.n_batch)?;
-        stats.prefill_ms += ms(t);
+        let (n_past, encode) = self.engine.mtmd.read_media(&mut self.lctx, chunk, self.n_past, self.n_batch)?;
+        self.n_past = n_past;
+        let encode_ms = encode.as_secs_f64() * 1e3;
+        stats.encode_ms += encode_ms;
+        stats.prefill_ms += (ms(t) - encode_ms).max(0.0);
         Ok(())
     }
 
@@ -457,12 +414,11 @@ impl<'e> Session<'e> {
         for (k, span) in prompt.deferred.iter().enumerate() {
             let chunk = prompt.chunks.get(first + k).expect("deferred span has a chunk");
             let last = k + 1 == prompt.deferred.len();
-            let mtmd = self.engine.mtmd();
+            let mtmd = &self.engine.mtmd;
             self.n_past = if span.modality == Modality::Text {
-                llama::eval_text_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch, last)?
+                mtmd.eval_text(&mut self.lctx, &chunk, self.n_past, self.n_batch, last)?
             } else {
-                llama::encode_media_chunk(&mtmd, &chunk)?;
-                llama::decode_media_chunk(&mtmd, self.lctx.ctx_mut(), &chunk, self.n_past, self.n_batch)?
+                mtmd.read_media(&mut self.lctx, &chunk, self.n_past, self.n_batch)?.0
             };
         }
         if !prompt.deferred.is_empty() {
@@ -523,10 +479,7 @@ impl<'e> Session<'e> {
                 i += 1;
             }
             let (p0, p1) = (self.token_pos[cached[start]], self.token_pos[cached[i - 1]] + 1);
-            self.lctx
-                .ctx_mut()
-                .kv_cache_seq_rm(0, Some(p0 as u32), Some(p1 as u32))
-                .map_err(|_| Error::Llama { op: "remove KV cells", code: -1 })?;
+            self.lctx.remove(p0, p1)?;
             for &u in &cached[start..i] {
                 self.token_pos[u] = -1;
             }
@@ -559,49 +512,35 @@ impl<'e> Session<'e> {
             }
             if delta != 0 {
                 let (p0, p1) = (self.token_pos[cached[start]], self.token_pos[cached[i - 1]] + 1);
-                self.lctx
-                    .ctx_mut()
-                    .kv_cache_seq_add(0, Some(p0 as u32), Some(p1 as u32), delta)
-                    .map_err(|_| Error::Llama { op: "shift KV positions", code: -1 })?;
+                self.lctx.shift(p0, p1, delta)?;
             }
         }
         for (i, &u) in cached.iter().enumerate() {
             self.token_pos[u] = i as i32;
         }
         self.n_past = cached.len() as i32;
-        llama::apply_kv_updates(self.lctx.ctx_mut());
+        self.lctx.apply_kv_updates();
         Ok(())
     }
 
     /// Packs the sequence's cells to the front (state save, clear, restore); with `cells`,
     /// moves it into a new context of that many cells and frees the old buffer.
     fn compact(&mut self, cells: Option<u32>) -> Result<()> {
-        let state = self
-            .lctx
-            .ctx()
-            .state_seq_get(0, LlamaStateSeqFlags::empty())
-            .map_err(|e| Error::Prompt(format!("cannot save the sequence state: {e}")))?;
+        let state = self.lctx.save()?;
         match cells {
             None => self.set_state(&state)?,
             Some(n) => {
                 let n_batch = self.n_batch.min(n);
-                let params = self
-                    .params
-                    .clone()
-                    .with_n_ctx(NonZeroU32::new(n))
-                    .with_n_batch(n_batch)
-                    .with_n_ubatch(self.params.n_ubatch().min(n_batch));
-                let mut lctx = ObservedContext::new(self.engine.model(), params, None, Some(self.engine.cancel.flag()))
-                    .map_err(|e| Error::Context { n_ctx: n, reason: e.to_string() })?;
-                lctx.ctx_mut()
-                    .state_seq_set(&state, 0)
-                    .map_err(|e| Error::Prompt(format!("cannot move the pruned cache: {e}")))?;
+                let old = self.lctx.params();
+                let params = ContextParams { n_ctx: n, n_batch, n_ubatch: old.n_ubatch.min(n_batch), ..old };
+                let mut lctx = self.lctx.sibling(params)?;
+                lctx.load(&state).map_err(|e| Error::Prompt(format!("cannot move the pruned cache: {e}")))?;
                 self.cells_peak = self.kv_cells_peak();
                 self.alloc_peak = self.kv_bytes_allocated_peak();
                 self.lctx = lctx;
                 self.n_ctx = n;
                 self.n_batch = n_batch;
-                self.flash_attn = llama::flash_attn_enabled(self.lctx.ctx());
+                self.flash_attn = self.lctx.flash_attn();
             }
         }
         Ok(())
@@ -631,7 +570,7 @@ impl<'e> Session<'e> {
                     continue;
                 }
                 let bits = (g * group..(g + 1) * group).fold(0u64, |b, h| b | (1u64 << h));
-                llama::mask_layer(self.lctx.ctx_mut(), layer, &hidden, bits)?;
+                self.lctx.mask_layer(layer, &hidden, bits)?;
             }
         }
         Ok(())
@@ -645,7 +584,7 @@ impl<'e> Session<'e> {
         let n_head = self.engine.model().n_head() as usize;
         let sinks = vec![n.ln(); n_head];
         for layer in 0..self.engine.model().n_layer() as usize {
-            llama::set_attn_sinks(self.lctx.ctx_mut(), layer, &sinks)?;
+            self.lctx.set_attn_sinks(layer, &sinks)?;
         }
         Ok(())
     }
@@ -662,7 +601,7 @@ impl<'e> Session<'e> {
         let dropped = fp.step(pos as usize);
         self.decode_evicted += dropped.len();
         for (layer, p) in dropped {
-            llama::mask_layer(self.lctx.ctx_mut(), layer, &[p as i32], u64::MAX)?;
+            self.lctx.mask_layer(layer, &[p as i32], u64::MAX)?;
         }
         Ok(())
     }
@@ -683,7 +622,7 @@ impl<'e> Session<'e> {
 /// A saved sequence: its KV cells, the next position and the logits to sample from.
 #[derive(Clone)]
 pub struct Snapshot {
-    state: llama_cpp_2::context::session::SeqState,
+    state: llama::SeqSnapshot,
     logits: Option<Vec<f32>>,
     n_past: i32,
     token_pos: Vec<i32>,
@@ -698,19 +637,10 @@ impl std::fmt::Debug for Snapshot {
 
 impl Session<'_> {
     /// Replaces sequence 0 by `state` (its cells land packed from cell 0).
-    fn set_state(&mut self, state: &llama_cpp_2::context::session::SeqState) -> Result<()> {
-        // masks and sinks belong to the contents being replaced
-        llama::clear_overrides(self.lctx.ctx_mut(), self.engine.model().n_layer() as usize);
+    fn set_state(&mut self, state: &llama::SeqSnapshot) -> Result<()> {
+        // masks and sinks belong to the contents being replaced (Context::restore drops them)
         self.decode_eviction = None;
-        self.lctx
-            .ctx_mut()
-            .clear_kv_cache_seq(Some(0), None, None)
-            .map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
-        self.lctx
-            .ctx_mut()
-            .state_seq_set(state, 0)
-            .map_err(|e| Error::Prompt(format!("cannot restore the sequence state: {e}")))?;
-        Ok(())
+        self.lctx.restore(state)
     }
 
     /// Saves the sequence (cells, position, pending logits), e.g. right after the prefill.
@@ -718,11 +648,7 @@ impl Session<'_> {
     /// # Errors
     /// llama.cpp state errors.
     pub fn snapshot(&self) -> Result<Snapshot> {
-        let state = self
-            .lctx
-            .ctx()
-            .state_seq_get(0, LlamaStateSeqFlags::empty())
-            .map_err(|e| Error::Prompt(format!("cannot save the sequence state: {e}")))?;
+        let state = self.lctx.save()?;
         Ok(Snapshot { state, logits: self.first_logits.clone(), n_past: self.n_past, token_pos: self.token_pos.clone(), n_read: self.n_read })
     }
 
@@ -762,17 +688,11 @@ impl Session<'_> {
 
     fn teacher_forced_batch(&mut self, tokens: &[i32]) -> Result<Vec<Vec<f32>>> {
         if tokens.len() > self.n_batch as usize {
-            return Err(Error::Config { field: "-n/--n-predict", reason: format!("{} teacher-forced tokens exceed the batch size {}", tokens.len(), self.n_batch) });
+            return Err(Error::Config { field: "n_predict", reason: format!("{} teacher-forced tokens exceed the batch size {}", tokens.len(), self.n_batch) });
         }
-        let mut batch = llama_cpp_2::llama_batch::LlamaBatch::new(tokens.len(), 1);
-        for (i, &t) in tokens.iter().enumerate() {
-            batch
-                .add(llama_cpp_2::token::LlamaToken(t), self.n_past + i as i32, &[0], true)
-                .map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
-        }
-        self.lctx.ctx_mut().decode(&mut batch).map_err(|e| Error::Llama { op: "decode", code: decode_code(&e) })?;
+        self.lctx.decode(tokens, self.n_past, Logits::All)?;
         self.n_past += tokens.len() as i32;
         self.first_logits = None;
-        Ok((0..tokens.len()).map(|i| self.lctx.ctx().get_logits_ith(i as i32).to_vec()).collect())
+        Ok((0..tokens.len()).map(|i| self.lctx.logits_ith(i as i32)).collect())
     }
 }

@@ -29,13 +29,13 @@
 
 use std::time::Instant;
 
-use llama_cpp_2::llama_batch::LlamaBatch;
 
 pub use super::bounded::{pieces, schedule, Bounded, Eviction, Piece, Step};
-use super::event::{decode_code, ms, Event};
+use super::event::{ms, Event};
 use super::session::{PrefillStats, Session};
 use super::{Plan, Prompt};
 use crate::error::{Error, Result};
+use crate::llama::Logits;
 use crate::policy::{self, Granularity, Retention, Split, Target};
 use crate::span::Modality;
 
@@ -78,7 +78,7 @@ impl Session<'_> {
     /// # Errors
     /// A session without a cap; llama.cpp evaluation failures; policy and observer failures.
     pub fn prefill_bounded(&mut self, prompt: &Prompt, plan: &Plan, on_event: &mut dyn FnMut(Event<'_>)) -> Result<PrefillStats> {
-        let bounded = self.bounded.clone().ok_or(Error::Config { field: "--kv-max-cells", reason: "the session has no cap".into() })?;
+        let bounded = self.bounded.clone().ok_or(Error::Config { field: "kv_max_cells", reason: "the session has no cap".into() })?;
         let res = self.prefill_bounded_inner(prompt, plan, &bounded, on_event);
         self.finish_prefill(res)
     }
@@ -129,20 +129,15 @@ impl Session<'_> {
 
     /// Evaluates text tokens after the cache, in batches of `n_batch`; the last token's logits
     /// are kept when `logits_last`.
-    fn eval_tokens(&mut self, tokens: &[llama_cpp_2::token::LlamaToken], logits_last: bool) -> Result<()> {
+    fn eval_tokens(&mut self, tokens: &[i32], logits_last: bool) -> Result<()> {
         let n_batch = self.n_batch as usize;
-        let mut batch = LlamaBatch::new(n_batch, 1);
         for (c, part) in tokens.chunks(n_batch).enumerate() {
-            batch.clear();
             let final_part = (c + 1) * n_batch >= tokens.len();
-            for (k, &tok) in part.iter().enumerate() {
-                let logits = logits_last && final_part && k + 1 == part.len();
-                batch.add(tok, self.n_past + k as i32, &[0], logits).map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
-            }
-            self.lctx
-                .ctx_mut()
-                .decode(&mut batch)
-                .map_err(|e| Error::Llama { op: "decode text chunk", code: decode_code(&e) })?;
+            let logits = if logits_last && final_part { Logits::Last } else { Logits::None };
+            self.lctx.decode(part, self.n_past, logits).map_err(|e| match e {
+                Error::Llama { code, .. } => Error::Llama { op: "decode text chunk", code },
+                e => e,
+            })?;
             self.n_past += part.len() as i32;
         }
         Ok(())

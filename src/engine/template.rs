@@ -22,8 +22,6 @@
 
 use std::sync::Arc;
 
-use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::token::LlamaToken;
 use minijinja::value::{Enumerator, Kwargs, Object, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind};
 
@@ -77,23 +75,11 @@ pub(crate) struct SpecialTokens {
 
 impl SpecialTokens {
     /// Reads the BOS/EOS texts and the add-BOS/EOS flags from the model's vocabulary.
-    pub(crate) fn of(model: &LlamaModel) -> Self {
-        let vocab = model.vocab();
-        let n_tokens = vocab.n_tokens();
-        let text = |t: LlamaToken| {
-            // llama.cpp returns -1 for a missing token; token_to_piece must not see it.
-            if (0..n_tokens).contains(&t.0) {
-                String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned()
-            } else {
-                String::new()
-            }
-        };
-        Self {
-            bos: text(vocab.bos()),
-            eos: text(vocab.eos()),
-            add_bos: vocab.should_add_bos(),
-            add_eos: vocab.should_add_eos(),
-        }
+    pub(crate) fn of(model: &crate::llama::Model) -> Self {
+        // llama.cpp returns -1 for a missing token; token_bytes gives nothing for it.
+        let text = |t: i32| String::from_utf8_lossy(&model.token_bytes(t, true)).into_owned();
+        let ((bos, eos), (add_bos, add_eos)) = (model.bos_eos(), model.adds_bos_eos());
+        Self { bos: text(bos), eos: text(eos), add_bos, add_eos }
     }
 }
 

@@ -18,10 +18,10 @@ use crate::policy::prefixkv::{self, Profile};
 /// No usable case; engine errors of a case are returned with the case id.
 pub fn calibrate(engine: &Engine, cases: &[Case], budgets: &[f64], ctx: &ContextConfig, progress: &mut dyn FnMut(usize)) -> Result<Profile> {
     if cases.is_empty() {
-        return Err(Error::Config { field: "--data", reason: "no calibration cases".into() });
+        return Err(Error::Config { field: "data", reason: "no calibration cases".into() });
     }
     if let Some(b) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
-        return Err(Error::Config { field: "--kv-budget", reason: format!("{b} is not a fraction in (0, 1]") });
+        return Err(Error::Config { field: "budget", reason: format!("{b} is not a fraction in (0, 1]") });
     }
     let mut per_budget: Vec<Vec<Vec<f64>>> = vec![Vec::new(); budgets.len()];
     let ctx = ContextConfig { flash_attn: FlashAttn::Off, ..ctx.clone() };

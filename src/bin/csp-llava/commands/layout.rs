@@ -46,7 +46,7 @@ fn layout_lines(engine: &Engine, blank: &Path) -> Result<()> {
             .map(|i| {
                 let c = prompt.chunks.get(i).expect("one chunk per span");
                 match c.text_tokens() {
-                    Some(t) => serde_json::json!({ "text": t.iter().map(|x| x.0).collect::<Vec<_>>() }),
+                    Some(t) => serde_json::json!({ "text": t }),
                     None => serde_json::json!({ "image": c.n_tokens() }),
                 }
             })

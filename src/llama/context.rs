@@ -1,0 +1,395 @@
+//! A llama.cpp context (one KV cache) and what csp-llava does with it: evaluate tokens, read
+//! logits, remove/shift/save/restore the cells of sequence 0, and the per-(layer, head) masks,
+//! run-time sinks and flash-attention toggle of our patches (`0001-llama-info-accessors`,
+//! `0003-layer-head-masks-sinks-fa-toggle`, `0004-memory-apply-updates`).
+//!
+//! A [`Context`] owns an `Arc` of its [`Model`], so it has no lifetime and can live next to
+//! (or outlive) whoever made it.
+
+use std::ffi::c_void;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_sys_2 as sys;
+
+use super::model::Model;
+use super::observer::Observer;
+use super::KvInfo;
+use crate::config::{CacheType, FlashAttn};
+use crate::error::{Error, Result};
+
+/// The settings of a context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextParams {
+    /// Cells.
+    pub n_ctx: u32,
+    /// Logical batch.
+    pub n_batch: u32,
+    /// Physical batch.
+    pub n_ubatch: u32,
+    /// Threads (generation and batch).
+    pub threads: u32,
+    /// Flash attention.
+    pub flash_attn: FlashAttn,
+    /// K cache type.
+    pub type_k: CacheType,
+    /// V cache type.
+    pub type_v: CacheType,
+}
+
+fn kv_type(t: CacheType) -> KvCacheType {
+    match t {
+        CacheType::F32 => KvCacheType::F32,
+        CacheType::F16 => KvCacheType::F16,
+        CacheType::Bf16 => KvCacheType::BF16,
+        CacheType::Q8_0 => KvCacheType::Q8_0,
+        CacheType::Q4_0 => KvCacheType::Q4_0,
+        CacheType::Q4_1 => KvCacheType::Q4_1,
+        CacheType::Iq4Nl => KvCacheType::IQ4_NL,
+        CacheType::Q5_0 => KvCacheType::Q5_0,
+        CacheType::Q5_1 => KvCacheType::Q5_1,
+    }
+}
+
+impl ContextParams {
+    fn to_llama(self) -> LlamaContextParams {
+        let fa = match self.flash_attn {
+            FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        };
+        let threads = i32::try_from(self.threads).unwrap_or(i32::MAX);
+        LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(self.n_ctx))
+            .with_n_batch(self.n_batch)
+            .with_n_ubatch(self.n_ubatch)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_flash_attention_policy(fa)
+            .with_type_k(kv_type(self.type_k))
+            .with_type_v(kv_type(self.type_v))
+    }
+}
+
+/// A saved sequence (its KV cells, in llama.cpp's state format).
+#[derive(Clone)]
+pub struct SeqSnapshot(SeqState);
+
+impl std::fmt::Debug for SeqSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqSnapshot").field("bytes", &self.byte_len()).finish()
+    }
+}
+
+impl SeqSnapshot {
+    /// Bytes of the saved state.
+    #[must_use]
+    pub fn byte_len(&self) -> usize {
+        self.0.byte_len()
+    }
+}
+
+/// Which logits an evaluation computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None.
+    None,
+    /// The last token's.
+    Last,
+    /// Every token's.
+    All,
+}
+
+/// A llama.cpp context, the attention observer its `cb_eval` points to and the flag its abort
+/// callback reads, owned together so neither can be dropped while llama.cpp may still call it:
+/// fields drop in declaration order, the context first, the model last.
+pub struct Context {
+    ctx: LlamaContext<'static>,
+    observer: Option<Box<Observer>>,
+    /// The flag llama.cpp's abort callback reads (kept alive as long as the context).
+    _cancel: Option<Arc<AtomicBool>>,
+    params: ContextParams,
+    model: Arc<Model>,
+}
+
+/// llama.cpp's abort callback: `data` is the `AtomicBool` of a [`Context`]'s cancel flag.
+extern "C" fn abort_requested(data: *mut c_void) -> bool {
+    // SAFETY: `data` is `Arc::as_ptr` of the flag the context's owner holds until after the
+    // context is freed (field order of Context); a load cannot panic.
+    unsafe { (*(data as *const AtomicBool)).load(Ordering::Relaxed) }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("params", &self.params).field("observed", &self.observer.is_some()).finish_non_exhaustive()
+    }
+}
+
+fn decode_code(e: &llama_cpp_2::DecodeError) -> i32 {
+    match e {
+        llama_cpp_2::DecodeError::NoKvCacheSlot => 1,
+        llama_cpp_2::DecodeError::NTokensZero => -1,
+        llama_cpp_2::DecodeError::Unknown(c) => *c,
+    }
+}
+
+impl Context {
+    /// Creates a context; with an observer, llama.cpp's `cb_eval` is routed to it; with
+    /// `cancel`, setting the flag makes a running evaluation return "aborted".
+    ///
+    /// # Errors
+    /// [`Error::Context`] when llama.cpp cannot create it (usually memory).
+    pub fn new(model: &Arc<Model>, params: ContextParams, observer: Option<Observer>, cancel: Option<Arc<AtomicBool>>) -> Result<Self> {
+        let fail = |reason: String| Error::Context { n_ctx: params.n_ctx, reason };
+        let observer = observer.map(Box::new);
+        let lparams = match &observer {
+            Some(obs) => {
+                let (cb, ud) = obs.callback();
+                // SAFETY: `ud` points into the boxed observer, which this struct owns and drops
+                // only after the context (field order); the box never moves its contents.
+                unsafe { params.to_llama().with_cb_eval(cb, ud) }
+            }
+            None => params.to_llama(),
+        };
+        let backend = super::backend()?;
+        let (raw_model, guard) = model.raw_for_context();
+        let ctx = raw_model.new_context(backend, lparams).map_err(|e| fail(e.to_string()))?;
+        drop(guard);
+        // SAFETY: the context borrows the model, which lives in the `Arc` this struct holds and
+        // drops after the context (field order); an `Arc`'s contents never move. So the borrow
+        // outlives every use of the context, which is all `'static` promises here.
+        let ctx = unsafe { std::mem::transmute::<LlamaContext<'_>, LlamaContext<'static>>(ctx) };
+        if let Some(flag) = &cancel {
+            // SAFETY: a live context; the data pointer is the flag's AtomicBool, which the Arc in
+            // this struct keeps alive until after the context is dropped (field order). llama.cpp
+            // polls it between graph nodes and makes the evaluation return "aborted".
+            unsafe { sys::llama_set_abort_callback(ctx.as_raw(), Some(abort_requested), Arc::as_ptr(flag) as *mut c_void) };
+        }
+        Ok(Self { ctx, observer, _cancel: cancel, params, model: Arc::clone(model) })
+    }
+
+    /// A new context like this one with other settings and no observer (a shrink).
+    ///
+    /// # Errors
+    /// As [`Context::new`].
+    pub fn sibling(&self, params: ContextParams) -> Result<Self> {
+        Self::new(&self.model, params, None, self._cancel.clone())
+    }
+
+    /// The settings it was created with.
+    #[must_use]
+    pub fn params(&self) -> ContextParams {
+        self.params
+    }
+
+    /// The model.
+    #[must_use]
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The observer, if any.
+    #[must_use]
+    pub fn observer(&self) -> Option<&Observer> {
+        self.observer.as_deref()
+    }
+
+    /// The llama-cpp-2 context, for the other wrappers of this module.
+    pub(super) fn raw_mut(&mut self) -> &mut LlamaContext<'static> {
+        &mut self.ctx
+    }
+
+    /// Evaluates `tokens` at positions `pos0..`, sequence 0, in one batch (at most the
+    /// context's `n_batch` tokens).
+    ///
+    /// # Errors
+    /// [`Error::Llama`] with llama.cpp's return code (1: no KV slot; 2: aborted).
+    pub fn decode(&mut self, tokens: &[i32], pos0: i32, logits: Logits) -> Result<()> {
+        let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            let want = match logits {
+                Logits::None => false,
+                Logits::Last => i + 1 == tokens.len(),
+                Logits::All => true,
+            };
+            batch.add(LlamaToken(t), pos0 + i as i32, &[0], want).map_err(|_| Error::Llama { op: "batch add", code: -1 })?;
+        }
+        self.ctx.decode(&mut batch).map_err(|e| Error::Llama { op: "decode", code: decode_code(&e) })
+    }
+
+    /// Logits of output `i` of the last evaluation (`Logits::All` numbers outputs by token).
+    #[must_use]
+    pub fn logits_ith(&self, i: i32) -> Vec<f32> {
+        self.ctx.get_logits_ith(i).to_vec()
+    }
+
+    /// Logits of the last output of the most recent evaluation (`n_vocab` values), or `None`
+    /// if that evaluation produced no logits.
+    #[must_use]
+    pub fn last_logits(&self) -> Option<&[f32]> {
+        let n_vocab = usize::try_from(self.model.n_vocab()).unwrap_or(0);
+        // SAFETY: llama_get_logits_ith(-1) returns null or a pointer to n_vocab floats owned by
+        // the context, valid until the next evaluation — which needs &mut self, so not while the
+        // returned borrow lives.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ctx.as_raw(), -1);
+            (!p.is_null()).then(|| std::slice::from_raw_parts(p, n_vocab))
+        }
+    }
+
+    /// Removes sequence 0's cells at positions `p0..p1`.
+    ///
+    /// # Errors
+    /// [`Error::Llama`] when llama.cpp refuses (a partial removal it cannot do).
+    pub fn remove(&mut self, p0: i32, p1: i32) -> Result<()> {
+        let (p0, p1) = (u32::try_from(p0).ok(), u32::try_from(p1).ok());
+        self.ctx.kv_cache_seq_rm(0, p0, p1).map_err(|_| Error::Llama { op: "remove KV cells", code: -1 })?;
+        Ok(())
+    }
+
+    /// Adds `delta` to the positions `p0..p1` of sequence 0 (the keys are re-rotated at the
+    /// next evaluation, or by [`Context::apply_kv_updates`]).
+    ///
+    /// # Errors
+    /// [`Error::Llama`] when llama.cpp refuses.
+    pub fn shift(&mut self, p0: i32, p1: i32, delta: i32) -> Result<()> {
+        let (p0, p1) = (u32::try_from(p0).ok(), u32::try_from(p1).ok());
+        self.ctx.kv_cache_seq_add(0, p0, p1, delta).map_err(|_| Error::Llama { op: "shift KV positions", code: -1 })
+    }
+
+    /// Saves sequence 0.
+    ///
+    /// # Errors
+    /// [`Error::Prompt`] with llama.cpp's reason.
+    pub fn save(&self) -> Result<SeqSnapshot> {
+        self.ctx.state_seq_get(0, LlamaStateSeqFlags::empty()).map(SeqSnapshot).map_err(|e| Error::Prompt(format!("cannot save the sequence state: {e}")))
+    }
+
+    /// Replaces sequence 0 by a saved one (its cells land packed from cell 0); masks and sinks
+    /// of the replaced contents are dropped.
+    ///
+    /// # Errors
+    /// [`Error::Llama`] / [`Error::Prompt`] when llama.cpp refuses.
+    pub fn restore(&mut self, state: &SeqSnapshot) -> Result<()> {
+        self.clear_overrides();
+        self.ctx.clear_kv_cache_seq(Some(0), None, None).map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
+        self.load(state)
+    }
+
+    /// Loads a saved sequence into an empty context.
+    ///
+    /// # Errors
+    /// [`Error::Prompt`] when llama.cpp refuses (e.g. too few cells).
+    pub fn load(&mut self, state: &SeqSnapshot) -> Result<()> {
+        self.ctx.state_seq_set(&state.0, 0).map(|_| ()).map_err(|e| Error::Prompt(format!("cannot restore the sequence state: {e}")))
+    }
+
+    /// KV cache info; `None` for memories that are not a KV cache (recurrent models).
+    #[must_use]
+    pub fn kv_info(&self) -> Option<KvInfo> {
+        let mut out = sys::llama_kv_info { n_cells: 0, n_used: 0, n_used_peak: 0, used_max_p1: 0, k_bytes: 0, v_bytes: 0 };
+        // SAFETY: a live llama_context; llama_get_memory returns its memory (or null, which
+        // llama_memory_kv_info handles); `out` is a valid, writable struct.
+        let ok = unsafe { sys::llama_memory_kv_info(sys::llama_get_memory(self.ctx.as_raw()), &mut out) };
+        ok.then_some(KvInfo {
+            n_cells: out.n_cells,
+            n_used: out.n_used,
+            n_used_peak: out.n_used_peak,
+            used_max_p1: out.used_max_p1,
+            k_bytes: out.k_bytes,
+            v_bytes: out.v_bytes,
+        })
+    }
+
+    /// Applies pending KV updates (the K-shift after [`Context::shift`]) now rather than at the
+    /// next evaluation (patch 0004).
+    pub fn apply_kv_updates(&mut self) -> bool {
+        // SAFETY: the live context this struct owns; the call only runs llama.cpp's own memory
+        // update on it.
+        unsafe { sys::llama_memory_apply_updates(self.ctx.as_raw()) }
+    }
+
+    /// Whether the cache can shift positions (`llama_memory_seq_add` with RoPE re-applied).
+    #[must_use]
+    pub fn can_shift(&self) -> bool {
+        // SAFETY: the memory handle of a live context; the call only reads a flag.
+        unsafe { sys::llama_memory_can_shift(sys::llama_get_memory(self.ctx.as_raw())) }
+    }
+
+    /// Whether the context runs flash attention (`-fa auto` resolved).
+    #[must_use]
+    pub fn flash_attn(&self) -> bool {
+        // SAFETY: a live llama_context; the function only reads its parameters.
+        unsafe { sys::llama_flash_attn_enabled(self.ctx.as_raw()) }
+    }
+
+    /// Pauses (`false`) or resumes (`true`) flash attention (patch 0003): observation on the
+    /// host needs the attention probabilities, which flash attention never materialises, while
+    /// decoding is faster with it. Resuming only works where it resolved to on at creation.
+    /// Returns the state now in force.
+    pub fn set_flash_attn(&mut self, on: bool) -> bool {
+        // SAFETY: a live llama_context, borrowed mutably; the call only flips a parameter and
+        // asks the scheduler to reserve again before the next evaluation.
+        unsafe { sys::llama_set_flash_attn(self.ctx.as_raw(), on) }
+    }
+
+    /// Hides the cells at `positions` (sequence 0) from query heads `head_mask` (bit h = head
+    /// h) of layer `layer` (patch 0003). Masking only; the cells stay allocated.
+    ///
+    /// # Errors
+    /// Unsupported memory/architecture, a layer out of range, more than 64 heads.
+    pub fn mask_layer(&mut self, layer: usize, positions: &[i32], head_mask: u64) -> Result<()> {
+        let il = i32::try_from(layer).map_err(|_| Error::Llama { op: "mask layer", code: -1 })?;
+        // SAFETY: a live llama_context borrowed mutably; `positions` is a valid slice for the
+        // duration of the call (the callee copies what it needs).
+        let ok = unsafe { sys::llama_memory_seq_mask_layer(sys::llama_get_memory(self.ctx.as_raw()), 0, il, positions.as_ptr(), positions.len(), head_mask) };
+        ok.then_some(()).ok_or(Error::Unsupported {
+            what: "per-layer/per-head retention",
+            reason: format!("llama.cpp refused a mask for layer {layer} (needs the llama architecture, a plain KV cache and at most 64 heads); use --kv-granularity global"),
+        })
+    }
+
+    /// Occupied cells hidden from query head `head` of `layer`; `None` when unsupported.
+    #[must_use]
+    pub fn layer_mask_count(&self, layer: usize, head: usize) -> Option<usize> {
+        let (Ok(il), Ok(h)) = (i32::try_from(layer), i32::try_from(head)) else { return None };
+        // SAFETY: a live llama_context; the call only reads the cache's metadata.
+        let n = unsafe { sys::llama_memory_layer_mask_count(sys::llama_get_memory(self.ctx.as_raw()), il, h) };
+        usize::try_from(n).ok()
+    }
+
+    /// Removes every per-layer mask and sink (they are also dropped with the cache's contents).
+    pub fn clear_overrides(&mut self) {
+        let n_layer = self.model.n_layer();
+        // SAFETY: a live llama_context borrowed mutably; a null pointer with length 0 removes
+        // the sinks of a layer without reading anything.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ctx.as_raw());
+            sys::llama_memory_layer_mask_clear(mem);
+            for il in 0..n_layer {
+                sys::llama_memory_set_attn_sinks(mem, il as i32, std::ptr::null(), 0);
+            }
+        }
+    }
+
+    /// Sets the attention sink logits of `layer`, one per query head (`ln n` gives n-softmax).
+    ///
+    /// # Errors
+    /// Unsupported memory or a length other than the layer's head count.
+    pub fn set_attn_sinks(&mut self, layer: usize, sinks: &[f32]) -> Result<()> {
+        let il = i32::try_from(layer).map_err(|_| Error::Llama { op: "set sinks", code: -1 })?;
+        // SAFETY: a live llama_context borrowed mutably; `sinks` is valid for `sinks.len()`
+        // floats during the call, which copies them.
+        let ok = unsafe { sys::llama_memory_set_attn_sinks(sys::llama_get_memory(self.ctx.as_raw()), il, sinks.as_ptr(), sinks.len()) };
+        ok.then_some(()).ok_or(Error::Unsupported {
+            what: "decode-time attention sinks",
+            reason: format!("llama.cpp refused sinks for layer {layer} (needs the llama architecture and a plain KV cache)"),
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! The text model: llama.cpp's `llama_model`, with what the engine reads of it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+
+use crate::error::{Error, Result};
+
+/// A loaded text model. `Send + Sync`: contexts made from it are serialised (llama.cpp's
+/// context creation may write the model's `n_ctx_train`), everything else only reads it.
+pub struct Model {
+    inner: LlamaModel,
+    /// Held while a context is created (see [`Model::raw_for_context`]).
+    create: Mutex<()>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("n_layer", &self.n_layer()).field("n_embd", &self.n_embd()).finish_non_exhaustive()
+    }
+}
+
+/// A chat message for llama.cpp's built-in formatter.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatMessage<'a> {
+    /// `system`, `user`, `assistant`.
+    pub role: &'a str,
+    /// The text.
+    pub content: &'a str,
+}
+
+/// Why llama.cpp's built-in chat formatter could not format a chat.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatFormatError {
+    /// A NUL byte in the template or a message (C strings cannot hold one).
+    #[error("the {0} contains a NUL byte")]
+    Nul(&'static str),
+    /// llama.cpp does not know the template.
+    #[error("{0}")]
+    Unrecognised(String),
+}
+
+impl Model {
+    /// Loads a GGUF text model, offloading `n_gpu_layers` layers when a GPU is used.
+    ///
+    /// # Errors
+    /// [`Error::Load`] when llama.cpp cannot load the file; [`Error::Backend`].
+    pub fn load(path: &Path, n_gpu_layers: u32) -> Result<Self> {
+        let backend = super::backend()?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers);
+        let inner = LlamaModel::load_from_file(backend, path, &params).map_err(|_| Error::Load { what: "model", path: path.to_path_buf() })?;
+        Ok(Self { inner, create: Mutex::new(()) })
+    }
+
+    /// The llama-cpp-2 model, for the other wrappers of this module.
+    pub(super) fn raw(&self) -> &LlamaModel {
+        &self.inner
+    }
+
+    /// The model and the lock to hold while a context is created from it.
+    pub(super) fn raw_for_context(&self) -> (&LlamaModel, std::sync::MutexGuard<'_, ()>) {
+        (&self.inner, self.create.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Layers.
+    #[must_use]
+    pub fn n_layer(&self) -> u32 {
+        self.inner.n_layer()
+    }
+
+    /// Query heads per layer.
+    #[must_use]
+    pub fn n_head(&self) -> u32 {
+        self.inner.n_head()
+    }
+
+    /// Key/value heads per layer (GQA).
+    #[must_use]
+    pub fn n_head_kv(&self) -> u32 {
+        self.inner.n_head_kv()
+    }
+
+    /// Hidden size.
+    #[must_use]
+    pub fn n_embd(&self) -> i32 {
+        self.inner.n_embd()
+    }
+
+    /// The context the model was trained with.
+    #[must_use]
+    pub fn n_ctx_train(&self) -> u32 {
+        self.inner.n_ctx_train()
+    }
+
+    /// Vocabulary size.
+    #[must_use]
+    pub fn n_vocab(&self) -> i32 {
+        self.inner.n_vocab()
+    }
+
+    /// Recurrent or hybrid (Mamba, RWKV, Jamba …): no transformer KV cache to prune.
+    #[must_use]
+    pub fn is_recurrent_or_hybrid(&self) -> bool {
+        self.inner.is_recurrent() || self.inner.is_hybrid()
+    }
+
+    /// A metadata value as text (`general.architecture`, `{arch}.attention.scale`, …).
+    #[must_use]
+    pub fn meta(&self, key: &str) -> Option<String> {
+        self.inner.meta_val_str(key).ok()
+    }
+
+    /// Whether `token` ends generation (EOS, EOT, …).
+    #[must_use]
+    pub fn is_eog(&self, token: i32) -> bool {
+        self.inner.vocab().is_eog(LlamaToken(token))
+    }
+
+    /// The bytes a token stands for; `special` renders control tokens as their text. Empty for
+    /// ids outside the vocabulary (llama.cpp would assert on them).
+    #[must_use]
+    pub fn token_bytes(&self, token: i32, special: bool) -> Vec<u8> {
+        let vocab = self.inner.vocab();
+        if !(0..vocab.n_tokens()).contains(&token) {
+            return Vec::new();
+        }
+        vocab.token_to_piece(LlamaToken(token), special, None)
+    }
+
+    /// BOS and EOS ids (−1 when the model has none).
+    #[must_use]
+    pub fn bos_eos(&self) -> (i32, i32) {
+        let vocab = self.inner.vocab();
+        (vocab.bos().0, vocab.eos().0)
+    }
+
+    /// Whether tokenization adds BOS / EOS.
+    #[must_use]
+    pub fn adds_bos_eos(&self) -> (bool, bool) {
+        let vocab = self.inner.vocab();
+        (vocab.should_add_bos(), vocab.should_add_eos())
+    }
+
+    /// The model's `tokenizer.chat_template`, raw bytes (`None` when it has none).
+    #[must_use]
+    pub fn chat_template(&self) -> Option<Vec<u8>> {
+        let t = self.inner.chat_template(None).ok()?;
+        Some(t.as_c_str().to_bytes().to_vec())
+    }
+
+    /// llama.cpp's formatter (`llama_chat_apply_template`) with `template` (a built-in name or a
+    /// template text llama.cpp recognises), the assistant's turn opened.
+    ///
+    /// # Errors
+    /// [`ChatFormatError`].
+    pub fn apply_chat_template(&self, template: &[u8], messages: &[ChatMessage<'_>]) -> std::result::Result<String, ChatFormatError> {
+        // llama.cpp only matches the template's text against known markers: a non-UTF-8 byte
+        // cannot be part of one
+        let tmpl = LlamaChatTemplate::new(&String::from_utf8_lossy(template)).map_err(|_| ChatFormatError::Nul("chat template"))?;
+        let chat = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.to_owned(), m.content.to_owned()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| ChatFormatError::Nul("prompt"))?;
+        self.inner.apply_chat_template(&tmpl, &chat, true).map_err(|e| ChatFormatError::Unrecognised(e.to_string()))
+    }
+}
