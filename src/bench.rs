@@ -90,8 +90,12 @@ pub struct BenchRow {
     pub kv_budget: Option<String>,
     /// llama.cpp's standard path with the full cache.
     pub reference: bool,
-    /// Flash attention as used.
+    /// Flash attention as used for decoding.
     pub flash_attn: String,
+    /// Whether flash attention ran while the prompt was read.
+    pub prefill_flash_attn: bool,
+    /// How attention was observed: `graph`, `host`, or `null`.
+    pub observer: Option<String>,
     /// Prompt tokens.
     pub n_prompt_tokens: usize,
     /// Generated tokens per run.
@@ -269,6 +273,8 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
         kv_budget: c.budget.map(|b| b.to_string()),
         reference: c.reference,
         flash_attn: first.flash_attn.into(),
+        prefill_flash_attn: first.prefill_flash_attn,
+        observer: first.observer.map(str::to_owned),
         n_prompt_tokens: first.n_prompt_tokens,
         n_generated: first.n_generated,
         kv_cells_before: first.kv_cells_before,
@@ -302,15 +308,16 @@ fn fmt_stat(s: &Stat, digits: usize) -> String {
 #[must_use]
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| images | policy | budget | fa | prompt tok | KV cells | KV peak | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | TTFT ms | decode tok/s | peak RSS | ×prefill | ×TTFT | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| images | policy | budget | fa | observer | prompt tok | KV cells | KV peak | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | TTFT ms | decode tok/s | peak RSS | ×prefill | ×TTFT | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.3} |\n",
             r.n_images,
             r.policy,
             r.kv_budget.as_deref().unwrap_or("–"),
-            r.flash_attn,
+            if r.prefill_flash_attn || r.flash_attn == "off" { r.flash_attn.clone() } else { format!("{} (off for the prompt)", r.flash_attn) },
+            r.observer.as_deref().unwrap_or("–"),
             r.n_prompt_tokens,
             r.kv_cells,
             r.kv_cells_peak,

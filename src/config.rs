@@ -56,6 +56,22 @@ pub enum FlashAttn {
     Off,
 }
 
+/// Where attention statistics are computed while a policy observes the prompt
+/// (`--kv-observer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObserverMode {
+    /// Inside llama.cpp's graph where the requests allow it (flash attention stays on), else
+    /// on the host.
+    #[default]
+    Auto,
+    /// Inside the graph (patch 0005): only the sums leave llama.cpp; flash attention stays on.
+    Graph,
+    /// On the host from the `kq` logits (`cb_eval`); flash attention is paused for the prompt.
+    /// AirCache's elite window needs it.
+    Host,
+}
+
 /// KV cache element type (`-ctk`, `-ctv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,6 +177,8 @@ pub struct ContextConfig {
     /// generation room (`kv_reserve`), freeing the large buffer; without `-c`, the prompt is
     /// then read into a buffer sized to it rather than the model's trained context.
     pub kv_shrink: bool,
+    /// `--kv-observer`: where attention statistics are computed.
+    pub observer: ObserverMode,
 }
 
 /// `--kv-max-cells`: a number of cells, or a fraction of the prompt's tokens.
@@ -239,6 +257,7 @@ impl Default for ContextConfig {
             kv_reserve: None,
             kv_shift: false,
             kv_shrink: false,
+            observer: ObserverMode::Auto,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The attention observer against an independent recomputation: the RoPE'd queries and keys
 //! (`Qcur-<il>`, `Kcur-<il>`) captured from the same run give the logits; causal n-softmax and
-//! column sums by query modality are then computed here in f64 and compared.
+//! column sums by query modality are then computed here in f64 and compared — for the host
+//! observer (`kq` logits, flash attention off) and the in-graph statistics (patch 0005), with
+//! flash attention off and on.
 
 mod support;
 
-use csp_llava::config::{CacheType, ContextConfig, FlashAttn, ModelConfig, Request};
+use csp_llava::config::{CacheType, ContextConfig, FlashAttn, ModelConfig, ObserverMode, Request, SamplingConfig};
 use csp_llava::engine::PrefillMode;
 use csp_llava::gguf::tiny;
 use csp_llava::stats::{Bucket, Rows, StatRequest};
@@ -13,6 +15,20 @@ use csp_llava::Engine;
 
 #[test]
 fn observer_matches_recomputation_from_q_and_k() {
+    recomputation(ObserverMode::Host, FlashAttn::Off);
+}
+
+#[test]
+fn graph_statistics_match_recomputation_with_flash_attention_off() {
+    recomputation(ObserverMode::Graph, FlashAttn::Off);
+}
+
+#[test]
+fn graph_statistics_match_recomputation_with_flash_attention_on() {
+    recomputation(ObserverMode::Graph, FlashAttn::Auto);
+}
+
+fn recomputation(observer: ObserverMode, fa: FlashAttn) {
     let mut cfg = ModelConfig::new(support::model(), support::mmproj());
     cfg.threads = 2;
     let engine = Engine::load(&cfg).unwrap();
@@ -25,7 +41,7 @@ fn observer_matches_recomputation_from_q_and_k() {
     let l = prompt.n_tokens();
     let modality = prompt.token_modalities();
     // f32 cache: the recomputation uses f32 keys, so the cached keys must not be rounded to f16
-    let ctx = ContextConfig { n_ctx: 1024, n_ubatch: 128, flash_attn: FlashAttn::Off, type_k: CacheType::F32, type_v: CacheType::F32, ..Default::default() };
+    let ctx = ContextConfig { n_ctx: 1024, n_ubatch: 128, flash_attn: fa, type_k: CacheType::F32, type_v: CacheType::F32, observer, ..Default::default() };
     let n_layer = tiny::text::N_LAYER as usize;
     let (n_head, n_head_kv) = (tiny::text::N_HEAD as usize, tiny::text::N_HEAD_KV as usize);
     let head_dim = (tiny::text::N_EMBD / tiny::text::N_HEAD) as usize;
@@ -37,6 +53,11 @@ fn observer_matches_recomputation_from_q_and_k() {
     let mut session = engine.session(&prompt, &ctx, requests.to_vec()).unwrap();
     session.observer().unwrap().capture_qk(n_layer);
     session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+    let want_mode = if observer == ObserverMode::Host { "host" } else { "graph" };
+    assert_eq!(session.observer_mode(), Some(want_mode));
+    // the host observer pauses flash attention for the prompt; the graph keeps what -fa chose
+    assert_eq!(session.prefill_flash_attn(), observer == ObserverMode::Graph && session.flash_attn(), "{observer:?} {fa:?}");
+    eprintln!("{observer:?}, -fa {fa:?}: flash attention during the prompt: {}", session.prefill_flash_attn());
     let captured = session.observer().unwrap().take_captured();
     let all_stats = session.take_stats(&prompt).unwrap();
     assert_eq!(all_stats.len(), 2);
@@ -85,7 +106,7 @@ fn observer_matches_recomputation_from_q_and_k() {
                 }
             }
         }
-        eprintln!("{rows:?} n={n}: max err {max_err:e}");
+        eprintln!("{observer:?} -fa {fa:?} {rows:?} n={n}: max err {max_err:e}");
         assert!(max_err <= 1e-4, "{rows:?} n={n}: max |Δ column sum| = {max_err}");
         // the sums are not trivially zero
         let total: f32 = (0..n_layer).flat_map(|il| (0..n_head_kv).map(move |g| (il, g))).map(|(il, g)| stats.total(il, g).iter().sum::<f32>()).sum();
@@ -175,4 +196,35 @@ fn elite_window_matches_recomputation() {
     eprintln!("elite: max err {max_err:e}, total {total}");
     assert!(total > 0.1, "elite queries see the images");
     assert!(max_err <= 1e-4, "max |Δ| = {max_err}");
+}
+
+/// The in-graph statistics change nothing the model computes: with flash attention on, the
+/// prompt's logits are bit-identical with and without the observer, and so are 16 greedy tokens
+/// (the observer removed after the prefill, the graph reused at decode).
+#[test]
+fn graph_observer_leaves_logits_unchanged() {
+    let engine = support::engine();
+    let req = Request { images: (0..2).map(support::image).collect(), prompt: "Which image is red?".into(), ..Default::default() };
+    let prompt = engine.prepare(&req).unwrap();
+    let ctx = ContextConfig { n_ctx: 1024, n_ubatch: 128, observer: ObserverMode::Graph, ..Default::default() };
+    let sampling = SamplingConfig { n_predict: 16, temp: 0.0, ignore_eos: true, seed: Some(0), ..Default::default() };
+    let run = |observe: Vec<StatRequest>| {
+        let mut s = engine.session(&prompt, &ctx, observe).unwrap();
+        s.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+        let logits = s.last_logits().unwrap().to_vec();
+        let mode = s.observer_mode();
+        let stats = s.take_stats(&prompt).unwrap();
+        let gen = s.generate(&sampling, &mut |_| {}).unwrap();
+        (logits, gen.tokens, mode, stats, s.prefill_flash_attn())
+    };
+    let (plain, plain_tokens, none, _, _) = run(Vec::new());
+    let requests = vec![StatRequest { rows: Rows::Last(40), n: 1.0 }, StatRequest { rows: Rows::All, n: 0.0 }];
+    let (observed, observed_tokens, graph, stats, fa) = run(requests);
+    assert_eq!(none, None);
+    assert_eq!(graph, Some("graph"));
+    eprintln!("flash attention during the observed prompt: {fa}");
+    assert_eq!(stats.len(), 2);
+    assert!(stats.iter().all(|s| s.n_rows[0] > 0), "rows were observed");
+    assert!(plain.iter().zip(&observed).all(|(a, b)| a.to_bits() == b.to_bits()), "prompt logits differ with the observer");
+    assert_eq!(plain_tokens, observed_tokens);
 }

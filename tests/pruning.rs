@@ -5,7 +5,7 @@ mod support;
 
 use std::process::Command;
 
-use csp_llava::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
+use csp_llava::config::{CacheType, ContextConfig, FlashAttn, ObserverMode, Request, SamplingConfig};
 use csp_llava::policy::{Budget, PolicyConfig, PolicyKind};
 use csp_llava::{Engine, RunReport};
 
@@ -74,32 +74,54 @@ fn budget_point_two_prunes_compacts_and_still_generates() {
     }
 }
 
+/// Issue 15: observing policies keep flash attention for the prompt (statistics computed inside
+/// llama.cpp's graph), so a quantized V cache works with them; the host observer (and AirCache,
+/// whose elite window needs it) pauses flash attention for the prompt only.
 #[test]
-fn observing_policies_pause_flash_attention_for_the_prefill_only() {
+fn observing_policies_keep_flash_attention_with_the_graph_observer() {
     let e = engine();
     let req = four_images();
     let full = run(&e, &req, FlashAttn::Auto, PolicyKind::Full, Budget::Fraction(1.0), false);
+    assert_eq!(full.observer, None);
+    let with = |kind: PolicyKind, fa: FlashAttn, observer: ObserverMode, type_v: CacheType| {
+        let ctx = ContextConfig { n_ctx: 1024, flash_attn: fa, observer, type_v, ..Default::default() };
+        e.run(&req, &ctx, &greedy(12), &PolicyConfig { kind, budget: Budget::Fraction(0.2), ..Default::default() }, &mut |_| {})
+    };
     for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
-        // observed with flash attention off, decoded with it as resolved for the full cache
-        let r = run(&e, &req, FlashAttn::Auto, kind, Budget::Fraction(0.2), false);
-        assert_eq!(r.flash_attn, full.flash_attn, "{kind}");
-        assert!(r.score_ms > 0.0);
+        let graph = with(kind, FlashAttn::Auto, ObserverMode::Auto, CacheType::F16).unwrap();
+        assert_eq!(graph.observer, Some("graph"), "{kind}");
+        assert_eq!(graph.flash_attn, full.flash_attn, "{kind}");
+        assert_eq!(graph.prefill_flash_attn, full.flash_attn == "on", "{kind}: flash attention kept for the prompt");
+        assert!(graph.score_ms > 0.0);
+        // the host observer: flash attention off for the prompt, resumed for decoding, the same
+        // selection within float noise (same kept count, same first token)
+        let host = with(kind, FlashAttn::Auto, ObserverMode::Host, CacheType::F16).unwrap();
+        assert_eq!(host.observer, Some("host"), "{kind}");
+        assert!(!host.prefill_flash_attn, "{kind}");
+        assert_eq!(host.flash_attn, full.flash_attn, "{kind}");
+        assert_eq!(host.kv_cells_after, graph.kv_cells_after, "{kind}");
         let r = run(&e, &req, FlashAttn::Off, kind, Budget::Fraction(0.2), false);
         assert_eq!(r.flash_attn, "off", "{kind}: -fa off stays off");
-        // same selection, same text whether decoding runs with flash attention or not
         let on = run(&e, &req, FlashAttn::On, kind, Budget::Fraction(0.2), false);
-        assert_eq!(on.flash_attn, "on", "{kind}: -fa on is honoured for decoding");
+        assert_eq!(on.flash_attn, "on", "{kind}: -fa on is honoured");
+        assert!(on.prefill_flash_attn, "{kind}: and kept for the prompt");
         assert_eq!(on.kv_cells_after, r.kv_cells_after);
-        // a quantized V cache needs flash attention, which observation cannot use
-        let ctx = ContextConfig { n_ctx: 1024, type_v: csp_llava::CacheType::Q8_0, ..Default::default() };
-        let policy = PolicyConfig { kind, ..Default::default() };
-        let err = e.run(&req, &ctx, &greedy(2), &policy, &mut |_| {}).unwrap_err().to_string();
+        // a quantized V cache needs flash attention, so the host observer refuses it (the tiny
+        // model's 16-wide heads cannot hold q8_0 blocks at all: tests/real_model.rs runs CSP
+        // with q8_0 K and V through the graph observer)
+        let err = with(kind, FlashAttn::Auto, ObserverMode::Host, CacheType::Q8_0).unwrap_err().to_string();
         assert!(err.contains("-ctv"), "{err}");
     }
+    // AirCache's elite window is observed on the host; asking for the graph is an error
+    let air = with(PolicyKind::AirCache, FlashAttn::Auto, ObserverMode::Auto, CacheType::F16).unwrap();
+    assert_eq!((air.observer, air.prefill_flash_attn), (Some("host"), false));
+    let err = with(PolicyKind::AirCache, FlashAttn::Auto, ObserverMode::Graph, CacheType::F16).unwrap_err().to_string();
+    assert!(err.contains("inside the graph"), "{err}");
     // policies that do not observe keep flash attention as requested
     for kind in [PolicyKind::Streaming, PolicyKind::Random] {
         let r = run(&e, &req, FlashAttn::On, kind, Budget::Fraction(0.2), false);
         assert_eq!(r.flash_attn, "on", "{kind}");
+        assert_eq!(r.observer, None, "{kind}");
     }
 }
 
@@ -174,7 +196,7 @@ fn cli_flags_json_and_dump() {
     bad(&["--kv-policy", "h2o", "--kv-budget", "0"], "keeps nothing");
     bad(&["--kv-policy", "csp", "--csp-cross-ratio", "2"], "--csp-cross-ratio");
     bad(&["--kv-policy", "csp", "--csp-preset", "NoSuchSet"], "unknown --csp-preset");
-    bad(&["--kv-policy", "snapkv", "-ctv", "q8_0"], "quantized V cache");
+    bad(&["--kv-policy", "snapkv", "-ctv", "q8_0", "--kv-observer", "host"], "quantized V cache");
     bad(&["--kv-policy", "h2o", "--kv-budget", "0.001"], "keeps no cell");
     bad(&["--kv-policy", "pyramid"], "unknown policy");
 }

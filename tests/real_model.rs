@@ -59,11 +59,11 @@ fn dinov2_encoder_matches_onnxruntime() {
 }
 
 /// Bounded prefill on the real model: 16 images through a cache of a quarter of the prompt with
-/// a q8_0 K cache (observing policy), and q8_0 K + V with flash attention (streaming); a
-/// quantized V cache with an observing policy is refused.
+/// a q8_0 K cache (observing policy), and q8_0 K + V with flash attention (CSP observed in the
+/// graph, streaming); a quantized V cache with the host observer is refused.
 #[test]
 fn sixteen_images_in_a_quarter_cache_with_quantized_kv() {
-    use csp_llava::config::{CacheType, ContextConfig, KvCap, SamplingConfig};
+    use csp_llava::config::{CacheType, ContextConfig, KvCap, ObserverMode, SamplingConfig};
     use csp_llava::policy::{PolicyConfig, PolicyKind};
     let Some(dir) = model_dir() else { return };
     let mut cfg = ModelConfig::new(dir.join("text.gguf"), dir.join("mmproj.gguf"));
@@ -76,11 +76,12 @@ fn sixteen_images_in_a_quarter_cache_with_quantized_kv() {
     let req = Request { images, prompt: "In image 13, is no blue shape present?".into(), ..Default::default() };
     let sampling = SamplingConfig { n_predict: 4, temp: 0.0, ignore_eos: true, seed: Some(0), ..Default::default() };
     let cap = KvCap::Fraction(0.25);
-    let run = |kind: PolicyKind, type_k: CacheType, type_v: CacheType| {
-        let ctx = ContextConfig { kv_max_cells: Some(cap), type_k, type_v, ..Default::default() };
+    let run_with = |kind: PolicyKind, type_k: CacheType, type_v: CacheType, observer: ObserverMode| {
+        let ctx = ContextConfig { kv_max_cells: Some(cap), type_k, type_v, observer, ..Default::default() };
         engine.run(&req, &ctx, &sampling, &PolicyConfig { kind, budget: csp_llava::Budget::Fraction(1.0), ..Default::default() }, &mut |_| {})
     };
-    for (kind, type_v) in [(PolicyKind::Csp, CacheType::F16), (PolicyKind::Streaming, CacheType::Q8_0)] {
+    let run = |kind, type_k, type_v| run_with(kind, type_k, type_v, ObserverMode::Auto);
+    for (kind, type_v) in [(PolicyKind::Csp, CacheType::F16), (PolicyKind::Csp, CacheType::Q8_0), (PolicyKind::Streaming, CacheType::Q8_0)] {
         let r = run(kind, CacheType::Q8_0, type_v).unwrap_or_else(|e| panic!("{kind}: {e}"));
         let cells = cap.cells(r.n_prompt_tokens);
         assert!(r.n_images == 16 && r.kv_cells_peak <= cells, "{kind}: peak {} of {cells}", r.kv_cells_peak);
@@ -91,6 +92,6 @@ fn sixteen_images_in_a_quarter_cache_with_quantized_kv() {
             assert_eq!(r.flash_attn, "on", "a quantized V cache runs with flash attention");
         }
     }
-    let err = run(PolicyKind::Csp, CacheType::Q8_0, CacheType::Q8_0).unwrap_err().to_string();
+    let err = run_with(PolicyKind::Csp, CacheType::Q8_0, CacheType::Q8_0, ObserverMode::Host).unwrap_err().to_string();
     assert!(err.contains("-ctv") && err.contains("flash attention"), "{err}");
 }

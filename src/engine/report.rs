@@ -78,6 +78,11 @@ pub struct RunReport {
     pub decode_tok_s: f64,
     /// Flash attention as actually used: "on" or "off".
     pub flash_attn: &'static str,
+    /// Whether flash attention ran while the prompt was read (the host observer pauses it).
+    pub prefill_flash_attn: bool,
+    /// How attention was observed during the prefill: `"graph"` (inside llama.cpp's graph),
+    /// `"host"` (attention logits read on the host), `null` (not observed).
+    pub observer: Option<&'static str>,
     /// KV cells occupied when decoding starts.
     pub kv_cells: u32,
     /// K+V bytes of those cells.
@@ -208,6 +213,8 @@ impl RunReport {
             decode_ms: generated.decode_ms,
             decode_tok_s: per_s(n_generated, generated.decode_ms),
             flash_attn: if session.flash_attn() { "on" } else { "off" },
+            prefill_flash_attn: session.prefill_flash_attn(),
+            observer: session.observer_mode(),
             kv_cells: kv.n_used,
             kv_bytes: kv.bytes_used(),
             kv_cells_allocated: kv.n_cells,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::bounded::{Bounded, Eviction};
 use super::event::{ms, Event};
 use super::{Engine, EngineRef, Prompt};
-use crate::config::{ContextConfig, FlashAttn};
+use crate::config::{ContextConfig, FlashAttn, ObserverMode};
 use crate::error::{Error, Result};
 use crate::llama::observer::Observer;
 use crate::llama::{self, Context, ContextParams, KvInfo, Logits};
@@ -63,8 +63,12 @@ pub struct Session<'e> {
     observe_ms: f64,
     /// The statistics the observer feeds (shared with it), when the session observes.
     collector: Option<Collector>,
-    /// Flash attention is paused while the prefill is observed and resumed after it.
+    /// Flash attention is paused while the prefill is observed on the host and resumed after it.
     resume_flash_attn: bool,
+    /// How the prefill was observed: `"graph"` (patch 0005), `"host"` (`cb_eval`), or not.
+    observer_mode: Option<&'static str>,
+    /// Whether flash attention ran while the prompt was read.
+    prefill_flash_attn: bool,
     /// Eviction while decoding (PrefixKV's fixed-point FIFO); entries are positions.
     pub(super) decode_eviction: Option<Box<dyn DecodeEviction>>,
     decode_evicted: usize,
@@ -143,13 +147,34 @@ impl<'e> Session<'e> {
                 n_ctx_train,
             });
         }
-        // Observation reads attention probabilities, which flash attention never materialises:
-        // it is paused for the observed prefill and resumed for decoding (patch 0003).
         let observes = !observe.is_empty();
-        if observes && cfg.type_v.is_quantized() {
+        let collector = observes.then(|| {
+            let model = engine.model();
+            let modality = prompt.token_modalities();
+            Collector::new(Reducer::new(
+                observe.clone(),
+                &modality,
+                model.n_layer() as usize,
+                model.n_head_kv().max(1) as usize,
+                attention_scale(engine),
+                engine.config().threads.max(1) as usize,
+            ))
+        });
+        // Statistics are computed inside llama.cpp's graph where the requests allow (patch 0005:
+        // flash attention stays on); on the host, observation reads attention probabilities,
+        // which flash attention never materialises: it is paused for the observed prefill and
+        // resumed for decoding (patch 0003).
+        let graph = collector.as_ref().is_some_and(|c| cfg.observer != ObserverMode::Host && c.graph_capable());
+        if observes && !graph && cfg.observer == ObserverMode::Graph {
+            return Err(Error::Config {
+                field: "observer",
+                reason: "these statistics (AirCache's elite window) cannot be computed inside the graph; use the host observer".into(),
+            });
+        }
+        if observes && !graph && cfg.type_v.is_quantized() {
             return Err(Error::Config {
                 field: "type_v",
-                reason: "a quantized V cache needs flash attention, which this policy cannot use while it observes; use -ctv f16".into(),
+                reason: "a quantized V cache needs flash attention, which the host observer pauses while it reads the prompt; use -ctv f16 (or the graph observer where the policy allows)".into(),
             });
         }
         let hd = head_dim(engine);
@@ -163,24 +188,15 @@ impl<'e> Session<'e> {
         let n_ubatch = cfg.n_ubatch.min(n_batch);
         let threads = engine.config().threads;
         let params = ContextParams { n_ctx, n_batch, n_ubatch, threads, flash_attn: cfg.flash_attn, type_k: cfg.type_k, type_v: cfg.type_v };
-        let collector = observes.then(|| {
-            let model = engine.model();
-            let modality = prompt.token_modalities();
-            Collector::new(Reducer::new(
-                observe.clone(),
-                &modality,
-                model.n_layer() as usize,
-                model.n_head_kv().max(1) as usize,
-                attention_scale(engine),
-                threads.max(1) as usize,
-            ))
-        });
-        let observer = collector.as_ref().map(|c| Observer::new(Some(c.sink())));
+        let observer = collector.as_ref().map(|c| if graph { Observer::graph(c.sink()) } else { Observer::new(Some(c.sink())) });
         let mut lctx = Context::new(&engine.model, params, observer, Some(engine.cancel.flag()))?;
         let flash_attn = lctx.flash_attn();
-        let resume_flash_attn = observes && flash_attn;
+        let resume_flash_attn = observes && !graph && flash_attn;
         if resume_flash_attn {
             lctx.set_flash_attn(false);
+        }
+        if let (true, Some(c)) = (graph, &collector) {
+            lctx.set_graph_plan(c.graph_plan(0, &[], 0).as_ref())?;
         }
         if cfg.flash_attn == FlashAttn::On && !flash_attn {
             return Err(Error::Config {
@@ -200,6 +216,8 @@ impl<'e> Session<'e> {
             observe_ms: 0.0,
             collector,
             resume_flash_attn,
+            observer_mode: observes.then_some(if graph { "graph" } else { "host" }),
+            prefill_flash_attn: flash_attn && !resume_flash_attn,
             decode_eviction: None,
             decode_evicted: 0,
             token_pos: Vec::new(),
@@ -258,6 +276,28 @@ impl<'e> Session<'e> {
     #[must_use]
     pub fn n_past(&self) -> i32 {
         self.n_past
+    }
+
+    /// How the prefill was observed: `"graph"`, `"host"`, or `None` (not observed).
+    #[must_use]
+    pub fn observer_mode(&self) -> Option<&'static str> {
+        self.observer_mode
+    }
+
+    /// Whether flash attention ran while the prompt was read.
+    #[must_use]
+    pub fn prefill_flash_attn(&self) -> bool {
+        self.prefill_flash_attn
+    }
+
+    /// Graph path: installs the plan for the prompt tokens still to be read (after an eviction
+    /// moved the windows' horizon, or positions with `--kv-shift`).
+    pub(super) fn install_graph_plan(&mut self) -> Result<()> {
+        if !self.lctx.observer().is_some_and(|o| o.is_graph() && o.has_sink()) {
+            return Ok(());
+        }
+        let plan = self.collector.as_ref().and_then(|c| c.graph_plan(self.n_read, &self.token_pos, self.n_past));
+        self.lctx.set_graph_plan(plan.as_ref())
     }
 
     /// Whether flash attention is in use.
@@ -343,6 +383,9 @@ impl<'e> Session<'e> {
             }
         }
         let mut stats = res?;
+        if self.lctx.observer().is_some_and(Observer::is_graph) {
+            self.lctx.set_graph_plan(None)?;
+        }
         if let Some(obs) = self.lctx.observer() {
             obs.deactivate();
             stats.observe_ms = self.collector().map_or(0.0, Collector::ms);

@@ -90,7 +90,7 @@ impl Session<'_> {
         self.token_pos = vec![-1; l];
         self.n_read = 0;
         let mut steps = b.steps.iter().peekable();
-        self.set_horizon(steps.peek().map_or(l, |s| s.at_token));
+        self.set_horizon(steps.peek().map_or(l, |s| s.at_token))?;
         let n_chunks = prompt.spans.len();
         for (i, piece) in b.pieces.iter().enumerate() {
             self.engine.check_cancel()?;
@@ -99,7 +99,7 @@ impl Session<'_> {
                 let cached = self.cached_tokens();
                 let keep = self.select(prompt, plan, &cached, step.keep)?;
                 let removed = self.evict(&keep)?.removed;
-                self.set_horizon(steps.peek().map_or(l, |s| s.at_token));
+                self.set_horizon(steps.peek().map_or(l, |s| s.at_token))?;
                 let kept = cached.len() - removed;
                 self.evictions.push(Eviction { at_token: step.at_token, removed, kept, ms: ms(t) });
                 tracing::debug!(at_token = step.at_token, removed, kept, "bounded prefill: evicted");
@@ -143,10 +143,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn set_horizon(&self, horizon: usize) {
+    fn set_horizon(&mut self, horizon: usize) -> Result<()> {
         if let Some(c) = self.collector() {
             c.set_horizon(horizon);
         }
+        self.install_graph_plan()
     }
 
     /// Runs `plan`'s policy on the cached tokens to keep `keep` of them, at global granularity

@@ -19,7 +19,8 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_sys_2 as sys;
 
 use super::model::Model;
-use super::observer::Observer;
+use super::observer::{graph_trampoline, Observer};
+use super::sink::GraphPlan;
 use super::KvInfo;
 use crate::config::{CacheType, FlashAttn};
 use crate::error::{Error, Result};
@@ -203,6 +204,45 @@ impl Context {
     /// The llama-cpp-2 context, for the other wrappers of this module.
     pub(super) fn raw_mut(&mut self) -> &mut LlamaContext<'static> {
         &mut self.ctx
+    }
+
+    /// Installs (`Some`) or removes (`None`) the in-graph attention statistics of patch 0005,
+    /// fed to this context's graph observer ([`Observer::graph`]). Takes effect at the next
+    /// evaluation, which reserves compute buffers again: install once per prefill pass.
+    ///
+    /// # Errors
+    /// No graph observer; a plan llama.cpp refuses (more than 64 columns, a column of no
+    /// variant).
+    pub fn set_graph_plan(&mut self, plan: Option<&GraphPlan>) -> Result<()> {
+        let refuse = |reason: String| Error::Unsupported { what: "in-graph attention statistics", reason };
+        let Some(plan) = plan else {
+            // SAFETY: a live context; a null params pointer removes the observer.
+            unsafe { sys::llama_set_attn_observer(self.ctx.as_raw(), std::ptr::null()) };
+            return Ok(());
+        };
+        let obs = self.observer.as_deref().filter(|o| o.is_graph()).ok_or_else(|| refuse("the context has no graph observer".into()))?;
+        let n_var = i32::try_from(plan.n.len()).map_err(|_| refuse("too many variants".into()))?;
+        let n_cols = i32::try_from(plan.col_var.len()).map_err(|_| refuse("too many columns".into()))?;
+        let n_pos = i32::try_from(plan.cols_of_pos.len()).map_err(|_| refuse("too many positions".into()))?;
+        let params = sys::llama_attn_obs_params {
+            seq: 0,
+            n_var,
+            n: plan.n.as_ptr(),
+            n_cols,
+            col_var: plan.col_var.as_ptr(),
+            n_pos,
+            cols_of_pos: plan.cols_of_pos.as_ptr(),
+            n_rows_chunk: plan.rows_chunk,
+            // LLAMA_ATTN_OBS_FORCE_TRANSPOSE (a #define bindgen does not see)
+            flags: if plan.force_transpose { 2 } else { 0 },
+            cb: Some(graph_trampoline),
+            user_data: std::ptr::from_ref(obs).cast_mut().cast(),
+        };
+        // SAFETY: a live context; the tables are valid for the lengths given and llama.cpp
+        // copies them; `user_data` is the boxed observer this struct owns and drops after the
+        // context (field order), so it outlives every callback.
+        let ok = unsafe { sys::llama_set_attn_observer(self.ctx.as_raw(), &raw const params) };
+        ok.then_some(()).ok_or_else(|| refuse(format!("llama.cpp refused the plan ({} variants, {} columns)", plan.n.len(), plan.col_var.len())))
     }
 
     /// Evaluates `tokens` at positions `pos0..`, sequence 0, in one batch (at most the

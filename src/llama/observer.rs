@@ -9,6 +9,10 @@
 //! What it reads goes to an [`AttentionSink`] (see [`super::sink`]); this file knows nothing
 //! of the statistics made of it.
 //!
+//! The graph path (patch 0005): llama.cpp computes the sums itself and calls
+//! [`graph_trampoline`] once per observed (ubatch, layer, variant); `cb_eval` then wants no
+//! node (unless tensors are captured for a test), so nothing splits the graph or is copied.
+//!
 //! Every wanted node splits the graph computation (a synchronisation), so asking is selective.
 //! Panics are caught (unwinding must not cross `extern "C"`); a failure returns `false`, which
 //! aborts the computation, and the error is kept for the engine to report.
@@ -19,7 +23,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use llama_cpp_sys_2 as sys;
 
-use super::sink::{AttentionSink, KqShape, SharedSink};
+use super::sink::{AttentionSink, GraphSums, KqShape, SharedSink};
 
 /// A tensor captured by name (tests): shape `ne` and F32 data.
 #[derive(Debug, Clone)]
@@ -35,6 +39,8 @@ pub struct Captured {
 #[derive(Default)]
 struct State {
     active: bool,
+    /// The sink is fed by the graph path (no `kq` read on the host).
+    graph: bool,
     sink: Option<SharedSink>,
     /// Names to capture (exact, e.g. "Qcur-0") with the op they must have (ROPE output).
     capture: Vec<(String, u32)>,
@@ -68,11 +74,27 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// An observer feeding `sink` (active from the start).
+    /// An observer feeding `sink` from host `kq` logits through `cb_eval` (active from the
+    /// start; flash attention must be off while it observes).
     #[must_use]
     pub fn new(sink: Option<SharedSink>) -> Self {
         Self { state: Mutex::new(State { active: sink.is_some(), sink, ..State::default() }) }
     }
+
+    /// An observer feeding `sink` from sums computed inside llama.cpp's graph (patch 0005;
+    /// install the plan with `Context::set_graph_plan`). Its `cb_eval` wants no node unless
+    /// tensors are captured (tests).
+    #[must_use]
+    pub fn graph(sink: SharedSink) -> Self {
+        Self { state: Mutex::new(State { active: true, graph: true, sink: Some(sink), ..State::default() }) }
+    }
+
+    /// Whether the sink is fed by the graph path.
+    #[must_use]
+    pub fn is_graph(&self) -> bool {
+        self.lock().graph
+    }
+
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -142,6 +164,9 @@ impl Observer {
             return true;
         }
         let Some(sink) = &s.sink else { return false };
+        if s.graph {
+            return false;
+        }
         if t.op == sys::GGML_OP_SET_ROWS && name.starts_with("cache_k_l0") {
             return true;
         }
@@ -223,6 +248,17 @@ impl Observer {
         Ok(())
     }
 
+    /// Graph path: one (layer, variant)'s sums of the ubatch just computed.
+    fn on_sums(&self, sums: &GraphSums<'_>) -> Result<(), String> {
+        let s = self.lock();
+        if !s.active || !s.graph {
+            return Ok(());
+        }
+        let Some(sink) = &s.sink else { return Ok(()) };
+        let res = lock_sink(sink).on_sums(sums);
+        res
+    }
+
     fn fail(&self, msg: String) {
         let mut s = self.lock();
         s.error.get_or_insert(msg);
@@ -279,6 +315,49 @@ unsafe extern "C" fn trampoline(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_
         obs.fail("panic in the attention observer".into());
         false
     })
+}
+
+/// The graph path's callback (`llama_attn_obs_cb`): `ud` is the context's `Observer`.
+pub(super) unsafe extern "C" fn graph_trampoline(ud: *mut c_void, r: *const sys::llama_attn_obs_result) -> bool {
+    // SAFETY: `ud` is the `Observer` the context owns and drops after itself (see Context).
+    let obs = unsafe { &*(ud as *const Observer) };
+    let res = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: llama.cpp passes a valid result whose arrays hold the lengths its fields
+        // state (n_cols, n_head_kv·n_cols·n_kv, n_kv, n_rows), valid during this call; each is
+        // null-checked (or its length 0) before a slice is made.
+        let sums = unsafe {
+            let r = &*r;
+            let len = |n: i32| usize::try_from(n).unwrap_or(0);
+            let (n_kv, n_head_kv, n_cols, n_rows) = (len(r.n_kv), len(r.n_head_kv), len(r.n_cols), len(r.n_rows));
+            let slice = |p: *const f32, n: usize| if p.is_null() || n == 0 { &[][..] } else { std::slice::from_raw_parts(p, n) };
+            let islice = |p: *const i32, n: usize| if p.is_null() || n == 0 { &[][..] } else { std::slice::from_raw_parts(p, n) };
+            GraphSums {
+                layer: len(r.il),
+                var: len(r.var),
+                n_kv,
+                n_head_kv,
+                cols: islice(r.cols, n_cols),
+                sums: slice(r.sums, n_head_kv * n_cols * n_kv),
+                cell_pos: islice(r.cell_pos, n_kv),
+                row_pos: islice(r.row_pos, n_rows),
+            }
+        };
+        if sums.sums.len() != sums.n_head_kv * sums.cols.len() * sums.n_kv || sums.cell_pos.len() != sums.n_kv {
+            return Err("attention sums: missing arrays".to_owned());
+        }
+        obs.on_sums(&sums)
+    }));
+    match res {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            obs.fail(e);
+            false
+        }
+        Err(_) => {
+            obs.fail("panic in the attention observer".into());
+            false
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,17 +30,14 @@ pub struct KqShape {
 /// the graph and synchronises) and hands them over ([`on_logits`](Self::on_logits)). Scale,
 /// causal mask and (n-)softmax are the sink's business. `crate::stats::Reducer` implements it.
 ///
-/// Statistics computed inside llama.cpp's graph (issue 15, `research/observe-in-graph.md`) plug
-/// in behind the same seam: a second producer in `llama/` (reading the per-layer `attn_obs`
-/// sums `[n_kv, columns, n_head_kv]` and `cell_pos` after each observed ubatch, with flash
-/// attention left on) feeds the same sink through one more method, e.g.
-/// `on_sums(layer, n_kv, n_head_kv, columns, sums, cell_pos)`, and gets what to compute from
-/// one more query, e.g. `graph_request() -> Option<GraphRequest>` (positions of each request's
-/// window, the n of each n-softmax, the column of each position: plain numbers defined here, so
-/// `llama/` still imports nothing from `stats`). The sink turns sums of cells into sums of
-/// prompt tokens with the same cell map it keeps for [`on_ubatch`](Self::on_ubatch); the host
-/// reducer stays as the test oracle. Either way the engine reads the result as
-/// `stats::AttentionStats`, so policies do not change.
+/// The graph path (patch `0005-attn-observer-in-graph`, flash attention left on): llama.cpp
+/// computes, inside its graph, per layer and observed ubatch, the sums over query rows of the
+/// (n-)softmax probabilities each KV cell receives, per KV head (mean over its query heads) and
+/// per *column* (a request's window × the query's modality), as [`GraphPlan`] asks; the
+/// observer hands them over as [`GraphSums`] ([`on_sums`](Self::on_sums)) with each cell's
+/// position, so no `kq` and no cell map leave llama.cpp. The host reducer stays as the test
+/// oracle and for what a plan cannot express (AirCache's elite window). Either way the engine
+/// reads the result as `stats::AttentionStats`, so policies do not change.
 pub trait AttentionSink: Send {
     /// A new ubatch: its tokens (the prompt's next ones, in order) are written to `cells`
     /// (one per token; a negative index means none).
@@ -55,6 +52,54 @@ pub trait AttentionSink: Send {
     /// `[rows × n_kv]` slab (row-major, key cell fastest), borrowed in place from host memory or
     /// copied from the device.
     fn on_logits<'s>(&mut self, shape: KqShape, head_rows: &(dyn Fn(usize) -> &'s [f32] + Sync));
+
+    /// One layer's in-graph sums of one variant (the graph path); `Err` stops observing.
+    ///
+    /// # Errors
+    /// Sums the sink cannot place (a plan it did not make).
+    fn on_sums(&mut self, sums: &GraphSums<'_>) -> Result<(), String>;
+}
+
+/// What the graph computes (`llama_attn_obs_params`): variants (one n-softmax each), columns
+/// (each of one variant), and for every position the columns its query row adds to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphPlan {
+    /// n of each variant's n-softmax (0 = softmax).
+    pub n: Vec<f32>,
+    /// The variant of each column (at most [`GraphPlan::MAX_COLS`] columns).
+    pub col_var: Vec<i32>,
+    /// Per position: bit c set = the query row at that position adds to column c.
+    pub cols_of_pos: Vec<u64>,
+    /// Query rows per chunk of the extra `QKᵀ` (bounds the extra compute buffer; 0 = 128).
+    pub rows_chunk: i32,
+    /// Reduce with `mul_mat(transpose)` even where the backend has `OUT_PROD` (tests).
+    pub force_transpose: bool,
+}
+
+impl GraphPlan {
+    /// Columns llama.cpp accepts.
+    pub const MAX_COLS: usize = 64;
+}
+
+/// One layer's sums of one variant, for one observed ubatch (`llama_attn_obs_result`).
+#[derive(Debug, Clone, Copy)]
+pub struct GraphSums<'a> {
+    /// Layer.
+    pub layer: usize,
+    /// Variant.
+    pub var: usize,
+    /// KV cells of the ubatch's view.
+    pub n_kv: usize,
+    /// KV heads.
+    pub n_head_kv: usize,
+    /// The plan's column of each local column (ascending).
+    pub cols: &'a [i32],
+    /// `[n_head_kv][cols.len()][n_kv]`, cell fastest.
+    pub sums: &'a [f32],
+    /// Position of each cell in the observed sequence (−1: empty or another sequence).
+    pub cell_pos: &'a [i32],
+    /// Positions of the ubatch rows this variant observed.
+    pub row_pos: &'a [i32],
 }
 
 /// A sink shared between the observer, which feeds it from llama.cpp's callback (locking it

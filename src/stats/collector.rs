@@ -44,6 +44,18 @@ impl Collector {
         self.lock().stats().first().map(|s| s.gather(tokens))
     }
 
+    /// The in-graph plan for the tokens from `n_read` on (see [`Reducer::graph_plan`]).
+    #[must_use]
+    pub fn graph_plan(&self, n_read: usize, token_pos: &[i32], next_pos: i32) -> Option<super::GraphPlan> {
+        self.lock().graph_plan(n_read, token_pos, next_pos)
+    }
+
+    /// Whether the requests can be computed in the graph.
+    #[must_use]
+    pub fn graph_capable(&self) -> bool {
+        self.lock().graph_capable()
+    }
+
     /// Milliseconds spent reducing so far.
     #[must_use]
     pub fn ms(&self) -> f64 {

@@ -33,16 +33,18 @@
 //! | `window.rs` | which query rows count: last O, all, the horizon of a bounded prefill |
 //! | `softmax.rs` | one row: scale, causal mask, (n-)softmax, grouped-head weight |
 //! | `elite.rs` | AirCache's elite observation window |
+//! | `graph.rs` | the graph path: requests → [`GraphPlan`], in-graph sums → statistics |
 //! | `collector.rs` | [`Collector`]: the engine's handle on the reducer the observer feeds |
 
 mod cells;
 mod collector;
 mod elite;
+mod graph;
 mod reducer;
 mod softmax;
 mod window;
 
-pub use crate::llama::sink::{AttentionSink, KqShape, SharedSink};
+pub use crate::llama::sink::{AttentionSink, GraphPlan, GraphSums, KqShape, SharedSink};
 pub use collector::Collector;
 pub use reducer::Reducer;
 pub use softmax::exp_neg;

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use super::cells::Cells;
 use super::softmax::{accumulate, causal, exponentials, weight};
-use super::{elite, window, AttentionSink, AttentionStats, Bucket, KqShape, LayerRows, Rows, StatRequest};
+use super::{elite, window, AttentionSink, AttentionStats, Bucket, GraphSums, KqShape, LayerRows, Rows, StatRequest};
 use crate::span::Modality;
 
 /// One (layer, KV head)'s text and media sums of one request, `[token]` each.
@@ -19,14 +19,18 @@ type Sums<'a> = (&'a mut [f32], &'a mut [f32]);
 /// computed once and shared).
 #[derive(Debug)]
 pub struct Reducer {
-    reqs: Vec<StatRequest>,
+    pub(super) reqs: Vec<StatRequest>,
     scale: f32,
-    bucket: Vec<Bucket>,
+    pub(super) bucket: Vec<Bucket>,
     cells: Cells,
     /// Windows end here: the prompt's end, or the next eviction of a bounded prefill.
-    horizon: usize,
+    pub(super) horizon: usize,
     threads: usize,
-    stats: Vec<AttentionStats>,
+    pub(super) stats: Vec<AttentionStats>,
+    /// Graph path: prompt token at each position (−1: none), from the installed plan.
+    pub(super) token_of_pos: Vec<i64>,
+    /// Graph path: one past the last prompt token whose cell the sums covered.
+    pub(super) graph_seen: usize,
     /// Milliseconds spent reducing.
     pub ms: f64,
 }
@@ -44,6 +48,8 @@ impl Reducer {
             horizon: modality.len(),
             threads: threads.max(1),
             stats,
+            token_of_pos: Vec::new(),
+            graph_seen: 0,
             ms: 0.0,
         }
     }
@@ -68,7 +74,7 @@ impl Reducer {
     /// Prompt tokens seen so far.
     #[must_use]
     pub fn tokens_seen(&self) -> usize {
-        self.cells.tokens_seen()
+        self.cells.tokens_seen().max(self.graph_seen)
     }
 
     /// Bounded prefill: the windows of the following ubatches end before token `horizon` (the
@@ -204,6 +210,10 @@ impl AttentionSink for Reducer {
 
     fn on_logits<'s>(&mut self, shape: KqShape, head_rows: &(dyn Fn(usize) -> &'s [f32] + Sync)) {
         self.reduce(shape, head_rows);
+    }
+
+    fn on_sums(&mut self, sums: &GraphSums<'_>) -> Result<(), String> {
+        self.add_sums(sums)
     }
 }
 

@@ -130,7 +130,8 @@ pub struct ContextFlags {
     /// Physical batch size (written `-ub`, as in llama.cpp).
     #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
     pub ubatch_size: u32,
-    /// Flash attention (written `-fa`); policies that observe attention pause it for the prompt.
+    /// Flash attention (written `-fa`); policies that observe on the host (--kv-observer host,
+    /// AirCache) pause it for the prompt.
     #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
     pub flash_attn: FaArg,
     /// KV cache type for K (written `-ctk`): f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1.
@@ -153,6 +154,20 @@ pub struct ContextFlags {
     /// (1-D RoPE models only).
     #[arg(long = "kv-shift", requires = "kv_max_cells", help_heading = "KV cache pruning")]
     pub kv_shift: bool,
+    /// Where the policy's attention statistics are computed: graph = inside llama.cpp's graph,
+    /// flash attention stays on and only the sums leave it; host = from the attention logits
+    /// on the host, flash attention paused for the prompt (AirCache needs it); auto = graph
+    /// where the policy allows.
+    #[arg(long = "kv-observer", value_enum, value_name = "auto|graph|host", default_value = "auto", help_heading = "KV cache pruning")]
+    pub kv_observer: ObserverArg,
+}
+
+/// `--kv-observer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ObserverArg {
+    Auto,
+    Graph,
+    Host,
 }
 
 impl ContextFlags {
@@ -172,6 +187,11 @@ impl ContextFlags {
             kv_reserve: self.kv_reserve,
             kv_shift: self.kv_shift,
             kv_shrink: false,
+            observer: match self.kv_observer {
+                ObserverArg::Auto => config::ObserverMode::Auto,
+                ObserverArg::Graph => config::ObserverMode::Graph,
+                ObserverArg::Host => config::ObserverMode::Host,
+            },
         }
     }
 }
@@ -278,6 +298,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         "flash_attn" => "-fa/--flash-attn",
         "kv_max_cells" => "--kv-max-cells",
         "kv_shift" => "--kv-shift",
+        "observer" => "--kv-observer",
         "chat_template" => "--chat-template",
         "n_predict" => "-n/--n-predict",
         "temp" => "--temp",

@@ -1,0 +1,156 @@
+//! Pruning a prefilled session: the [`Plan`] a policy makes for a prompt (budget, the
+//! statistics it needs) and [`Plan::apply`] — score, evict, compact, shrink, masks, decode-time
+//! eviction.
+
+use super::event::ms;
+use super::{stream, Bounded, Engine, Prompt, Pruning, Session};
+use crate::error::{Error, Result};
+use crate::policy::{self, PolicyConfig, Target};
+use crate::stats::StatRequest;
+
+impl Engine {
+    /// What a policy will do with a prompt: its budget and the statistics it needs. The plan
+    /// does not shrink the pruned cache; [`Engine::run_prompt`] sets [`Plan::shrink`] from
+    /// [`ContextConfig::kv_shrink`].
+    ///
+    /// # Errors
+    /// A policy that cannot be built for the budget (a PrefixKV profile without it); a budget
+    /// that keeps nothing; models the policy cannot prune.
+    pub fn plan(&self, prompt: &Prompt, policy_cfg: &PolicyConfig) -> Result<Plan> {
+        let modality = prompt.token_modalities();
+        let policy = policy_cfg.kind.build(policy_cfg)?;
+        let (target, bias) = (Target::Budget(policy_cfg.budget), policy_cfg.recent_bias);
+        let split = if policy.applies(&modality) { Some(policy.split(target, &modality, bias)?) } else { None };
+        let prunes = split.is_some_and(|s| s.prunes());
+        let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
+        if prunes {
+            self.check_prunable(prompt, request.is_some())?;
+        }
+        // a bounded prefill evicts even where the prompt-end pass would not (text-only CSP)
+        let stream_request = split.or_else(|| policy.split(target, &modality, bias).ok()).and_then(|s| policy.request(&s, policy_cfg.obs_window));
+        Ok(Plan {
+            policy,
+            split,
+            prunes,
+            request,
+            stream_request,
+            recent_bias: bias,
+            shrink: false,
+            granularity: policy_cfg.granularity,
+            decode_sink: policy_cfg.decode_sink_n(),
+        })
+    }
+
+    /// Pruning needs one position per token; observing needs causal attention.
+    pub(super) fn check_prunable(&self, prompt: &Prompt, observes: bool) -> Result<()> {
+        if prompt.positions().is_none() || self.caps.mrope {
+            return Err(Error::Unsupported {
+                what: "model for pruning",
+                reason: "it uses M-RoPE (2-D image positions); removing single tokens needs cell-level removal, not available yet — use --kv-policy full".into(),
+            });
+        }
+        if observes && self.caps.non_causal_media {
+            return Err(Error::Unsupported {
+                what: "model for attention-based pruning",
+                reason: "its image tokens attend bidirectionally, which the observer does not model yet — use streaming, random or full".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A policy applied to one prompt: see [`Engine::plan`].
+#[derive(Debug)]
+pub struct Plan {
+    /// The policy.
+    pub policy: Box<dyn policy::Policy>,
+    /// Its budget, when it applies to the prompt.
+    pub split: Option<policy::Split>,
+    /// Whether anything will be evicted.
+    pub prunes: bool,
+    /// The attention statistics it needs.
+    pub request: Option<StatRequest>,
+    /// The statistics a bounded prefill's evictions need (also where the prompt-end pass does
+    /// not prune).
+    pub stream_request: Option<StatRequest>,
+    /// `recent_bias`, for budgets resolved on what a bounded cache holds.
+    pub recent_bias: f64,
+    /// Move the pruned cache into a smaller context ([`ContextConfig::kv_shrink`]; `false` from
+    /// [`Engine::plan`]).
+    pub shrink: bool,
+    /// `--kv-granularity` (the policy's own when `None`).
+    pub granularity: Option<policy::Granularity>,
+    /// n of the n-softmax applied at decode (`--csp-decode-sink`).
+    pub decode_sink: Option<f32>,
+}
+
+impl Plan {
+    /// Scores, evicts and compacts (and shrinks) a prefilled session; `stats` must answer
+    /// `self.request`. `n_predict` sizes the room kept by `--kv-shrink`. On a bounded session the
+    /// budget `B` (of the whole prompt) is applied to what the cache holds, within the room the
+    /// cap leaves for the deferred question and the reserve.
+    ///
+    /// # Errors
+    /// Missing statistics; llama.cpp refusals.
+    pub fn apply(&self, session: &mut Session<'_>, prompt: &Prompt, stats: Option<&crate::stats::AttentionStats>, n_predict: i32) -> Result<Pruning> {
+        let mut pruning = Pruning { split: self.split, ..Pruning::default() };
+        let cached = session.cached_tokens();
+        let limit = session.bounded.as_ref().map(Bounded::final_limit);
+        let over = limit.is_some_and(|m| cached.len() > m);
+        let split = self.split.filter(|_| self.prunes);
+        if split.is_none() && !over {
+            return Ok(pruning);
+        }
+        let t = std::time::Instant::now();
+        let whole = cached.len() == prompt.n_tokens() && !over;
+        let (retention, decode_eviction) = if let (true, Some(split)) = (whole, split) {
+            let modality = prompt.token_modalities();
+            let input = policy::Input { modality: &modality, split, stats };
+            let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
+            let de = self.policy.decode_eviction(&input, &retention)?;
+            (retention, de.map(|de| (de, None)))
+        } else {
+            // what a bounded cache holds, ranked as a prompt of its own
+            let b = split.map_or(cached.len(), |s| s.b).min(cached.len()).min(limit.unwrap_or(usize::MAX));
+            let granularity = if split.is_some() { self.granularity } else { Some(policy::Granularity::Global) };
+            let gathered = stats.map(|s| s.gather(&cached));
+            let view = stream::View::new(prompt, cached, gathered);
+            let sel = view.retain(self, b, granularity)?;
+            let de = self.policy.decode_eviction(&view.input(sel.split), &sel.sub)?;
+            (sel.full, de.map(|de| (de, Some(view.tokens))))
+        };
+        pruning.score_ms = session.observe_ms() + ms(t);
+        let n_read = session.n_read;
+        let ev = session.evict(&retention.keep)?;
+        pruning.evict_ms = ev.ms;
+        pruning.pruned = ev.removed > 0;
+        if session.bounded.is_some() && ev.removed > 0 {
+            let kept = session.cached_tokens().len();
+            session.evictions.push(stream::Eviction { at_token: n_read, removed: ev.removed, kept, ms: ms(t) });
+        }
+        if self.shrink {
+            let kept = retention.kept() as u32;
+            let room = session.shrink_room.unwrap_or_else(|| if n_predict >= 0 { n_predict as u32 } else { session.n_ctx().saturating_sub(prompt.n_tokens() as u32) });
+            pruning.evict_ms += session.shrink(kept + room.max(1))?;
+        }
+        let t = std::time::Instant::now();
+        if let Some(heads) = &retention.per_head {
+            session.apply_masks(heads)?;
+        }
+        if let Some(n) = self.decode_sink {
+            session.set_decode_sinks(n)?;
+        }
+        session.decode_eviction = decode_eviction.map(|(mut fp, view)| {
+            // entries are prompt (or view) indices; the cache knows positions
+            let pos = session.token_pos.clone();
+            match view {
+                Some(tokens) => fp.remap(&|i| pos[tokens[i]] as usize),
+                None => fp.remap(&|t| pos[t] as usize),
+            }
+            fp
+        });
+        pruning.evict_ms += ms(t);
+        pruning.retention = Some(retention);
+        Ok(pruning)
+    }
+}
