@@ -1,11 +1,13 @@
-//! The hot pure-Rust parts at LLaVA-1.5-7B shapes: the observer's reduction of one layer's
-//! attention logits (32 heads × 400 window rows × 4096 keys), and a policy's selection over
-//! statistics of 32 layers × 32 KV heads × 4096 tokens.
+//! The hot pure-Rust parts at LLaVA-1.5-7B shapes: the host observer's reduction of one layer's
+//! attention logits (32 heads × 400 window rows × 4096 keys); what remains on the host of the
+//! in-graph statistics (the plan for a prompt, placing one layer's sums of 32 KV heads × 2
+//! columns × 4096 cells); and a policy's selection over statistics of 32 layers × 32 KV heads ×
+//! 4096 tokens.
 //!
 //!     cargo bench --bench hot_paths
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use csp_llava::stats::{AttentionStats, Bucket, KqShape, Reducer, Rows, StatRequest};
+use csp_llava::stats::{AttentionStats, Bucket, GraphSums, KqShape, Reducer, Rows, StatRequest};
 use csp_llava::policy::{self, Budget, PolicyConfig, PolicyKind, Split};
 use csp_llava::rng::Rng;
 use csp_llava::span::Modality;
@@ -45,6 +47,30 @@ fn reduction(c: &mut Criterion) {
     }
 }
 
+fn graph_host_part(c: &mut Criterion) {
+    let modality = modality();
+    let reqs = vec![StatRequest { rows: Rows::Last(WINDOW), n: 1.0 }, StatRequest { rows: Rows::All, n: 0.0 }];
+    c.bench_function("graph: plan for a 4096-token prompt, CSP window + H2O", |b| {
+        b.iter_batched(
+            || Reducer::new(reqs.clone(), &modality, LAYERS, HEADS, 0.088, 1),
+            |mut r| r.graph_plan(0, &[], 0),
+            criterion::BatchSize::LargeInput,
+        );
+    });
+    let mut rng = Rng::new(3, "bench-sums");
+    let sums: Vec<f32> = (0..HEADS * 2 * L).map(|_| rng.uniform()).collect();
+    let cell_pos: Vec<i32> = (0..L as i32).collect();
+    let row_pos: Vec<i32> = ((L - 512) as i32..L as i32).collect();
+    let mut r = Reducer::new(reqs.clone(), &modality, LAYERS, HEADS, 0.088, 1);
+    r.graph_plan(0, &[], 0);
+    c.bench_function("graph: place one layer's sums, 32 KV heads × 2 columns × 4096 cells", |b| {
+        b.iter(|| {
+            let s = GraphSums { layer: 1, var: 0, n_kv: L, n_head_kv: HEADS, cols: &[0, 1], sums: &sums, cell_pos: &cell_pos, row_pos: &row_pos };
+            r.add_sums(&s).unwrap();
+        });
+    });
+}
+
 fn selection(c: &mut Criterion) {
     let modality = modality();
     let mut stats = AttentionStats::new(LAYERS, HEADS, L);
@@ -68,6 +94,6 @@ fn selection(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = reduction, selection
+    targets = reduction, graph_host_part, selection
 }
 criterion_main!(benches);

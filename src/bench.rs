@@ -96,6 +96,12 @@ pub struct BenchRow {
     pub prefill_flash_attn: bool,
     /// How attention was observed: `graph`, `host`, or `null`.
     pub observer: Option<String>,
+    /// Bytes of attention data read out of llama.cpp per prompt.
+    pub observe_bytes: u64,
+    /// How the cache was compacted (`device`, `state`, `null`).
+    pub compaction: Option<String>,
+    /// K+V bytes moved by compaction and shrinking per run.
+    pub compact_bytes: u64,
     /// Prompt tokens.
     pub n_prompt_tokens: usize,
     /// Generated tokens per run.
@@ -275,6 +281,9 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
         flash_attn: first.flash_attn.into(),
         prefill_flash_attn: first.prefill_flash_attn,
         observer: first.observer.map(str::to_owned),
+        observe_bytes: first.observe_bytes,
+        compaction: first.compaction.map(str::to_owned),
+        compact_bytes: first.compact_bytes,
         n_prompt_tokens: first.n_prompt_tokens,
         n_generated: first.n_generated,
         kv_cells_before: first.kv_cells_before,

@@ -179,6 +179,9 @@ pub struct ContextConfig {
     pub kv_shrink: bool,
     /// `--kv-observer`: where attention statistics are computed.
     pub observer: ObserverMode,
+    /// Compact (and shrink) the pruned cache on the device (patch 0006; default), instead of a
+    /// state round trip through host memory (`--kv-compact state`).
+    pub kv_compact_on_device: bool,
 }
 
 /// `--kv-max-cells`: a number of cells, or a fraction of the prompt's tokens.
@@ -258,6 +261,7 @@ impl Default for ContextConfig {
             kv_shift: false,
             kv_shrink: false,
             observer: ObserverMode::Auto,
+            kv_compact_on_device: true,
         }
     }
 }

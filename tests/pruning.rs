@@ -93,6 +93,8 @@ fn observing_policies_keep_flash_attention_with_the_graph_observer() {
         assert_eq!(graph.flash_attn, full.flash_attn, "{kind}");
         assert_eq!(graph.prefill_flash_attn, full.flash_attn == "on", "{kind}: flash attention kept for the prompt");
         assert!(graph.score_ms > 0.0);
+        // only sums come back: per layer and observed ubatch, KV heads × 2 columns × cells
+        assert!(graph.observe_bytes > 0, "{kind}");
         // the host observer: flash attention off for the prompt, resumed for decoding, the same
         // selection within float noise (same kept count, same first token)
         let host = with(kind, FlashAttn::Auto, ObserverMode::Host, CacheType::F16).unwrap();
@@ -100,6 +102,7 @@ fn observing_policies_keep_flash_attention_with_the_graph_observer() {
         assert!(!host.prefill_flash_attn, "{kind}");
         assert_eq!(host.flash_attn, full.flash_attn, "{kind}");
         assert_eq!(host.kv_cells_after, graph.kv_cells_after, "{kind}");
+        assert_eq!(host.observe_bytes, 0, "{kind}: on the CPU the host path reads kq in place");
         let r = run(&e, &req, FlashAttn::Off, kind, Budget::Fraction(0.2), false);
         assert_eq!(r.flash_attn, "off", "{kind}: -fa off stays off");
         let on = run(&e, &req, FlashAttn::On, kind, Budget::Fraction(0.2), false);
@@ -199,4 +202,41 @@ fn cli_flags_json_and_dump() {
     bad(&["--kv-policy", "snapkv", "-ctv", "q8_0", "--kv-observer", "host"], "quantized V cache");
     bad(&["--kv-policy", "h2o", "--kv-budget", "0.001"], "keeps no cell");
     bad(&["--kv-policy", "pyramid"], "unknown policy");
+}
+
+/// Issue 15: compaction (and `--kv-shrink`) on the device gives the same cache as the state round
+/// trip through host memory: the same logits over the compacted cache, bit for bit, and the same 16 greedy
+/// tokens — after the prompt-end pass, with and without shrinking, and in a bounded prefill
+/// (evictions while the prompt is read).
+#[test]
+fn device_compaction_matches_the_state_round_trip() {
+    use csp_llava::config::KvCap;
+    use csp_llava::engine::PrefillMode;
+    let e = engine();
+    let req = four_images();
+    let prompt = e.prepare(&req).unwrap();
+    let sampling = greedy(16);
+    for (shrink, cap) in [(false, None), (true, None), (false, Some(KvCap::Fraction(0.5)))] {
+        for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::Streaming] {
+            let policy = PolicyConfig { kind, budget: Budget::Fraction(0.3), ..Default::default() };
+            let run = |device: bool| {
+                let ctx = ContextConfig { n_ctx: if cap.is_some() { 0 } else { 1024 }, kv_shrink: shrink, kv_max_cells: cap, kv_compact_on_device: device, ..Default::default() };
+                let plan = csp_llava::engine::Plan { shrink, ..e.plan(&prompt, &policy).unwrap() };
+                let mut p = e.prefill_pruned(&prompt, &ctx, &plan, sampling.n_predict, PrefillMode::Chunked, &mut |_| {}).unwrap();
+                // logits computed over the compacted cache (the prompt's own were computed before)
+                let logits: Vec<f32> = p.session.teacher_forced(&[5, 9, 14]).unwrap().concat();
+                let (how, bytes, cells) = (p.session.compaction(), p.session.compact_bytes(), p.session.kv_info().n_used);
+                let gen = p.session.generate(&sampling, &mut |_| {}).unwrap();
+                (logits, gen.tokens, how, bytes, cells)
+            };
+            let (dl, dt, dhow, dbytes, dcells) = run(true);
+            let (sl, st, show, _, scells) = run(false);
+            let what = format!("{kind}, shrink {shrink}, cap {cap:?}");
+            assert_eq!((dhow, show), (Some("device"), Some("state")), "{what}");
+            assert!(dbytes > 0, "{what}");
+            assert_eq!(dcells, scells, "{what}");
+            assert!(dl.iter().zip(&sl).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: logits after pruning differ");
+            assert_eq!(dt, st, "{what}: greedy tokens differ");
+        }
+    }
 }

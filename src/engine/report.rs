@@ -83,6 +83,13 @@ pub struct RunReport {
     /// How attention was observed during the prefill: `"graph"` (inside llama.cpp's graph),
     /// `"host"` (attention logits read on the host), `null` (not observed).
     pub observer: Option<&'static str>,
+    /// Bytes of attention data the observer read out of llama.cpp during the prefill.
+    pub observe_bytes: u64,
+    /// How the pruned cache was compacted: `"device"` (K/V never left it), `"state"` (a round
+    /// trip through host memory), `null` (never).
+    pub compaction: Option<&'static str>,
+    /// K+V bytes moved by compaction and shrinking.
+    pub compact_bytes: u64,
     /// KV cells occupied when decoding starts.
     pub kv_cells: u32,
     /// K+V bytes of those cells.
@@ -215,6 +222,9 @@ impl RunReport {
             flash_attn: if session.flash_attn() { "on" } else { "off" },
             prefill_flash_attn: session.prefill_flash_attn(),
             observer: session.observer_mode(),
+            observe_bytes: prefill.observe_bytes,
+            compaction: session.compaction(),
+            compact_bytes: session.compact_bytes(),
             kv_cells: kv.n_used,
             kv_bytes: kv.bytes_used(),
             kv_cells_allocated: kv.n_cells,

@@ -36,6 +36,9 @@ pub struct PrefillStats {
     pub prefill_ms: f64,
     /// Milliseconds the observer spent reducing attention.
     pub observe_ms: f64,
+    /// Bytes of attention data read out of llama.cpp for the statistics (the graph path's sums;
+    /// the host path's `kq` rows where they were copied from device memory).
+    pub observe_bytes: u64,
     /// Tokens evaluated.
     pub n_tokens: usize,
 }
@@ -69,6 +72,11 @@ pub struct Session<'e> {
     observer_mode: Option<&'static str>,
     /// Whether flash attention ran while the prompt was read.
     prefill_flash_attn: bool,
+    /// Compact on the device where llama.cpp can ([`ContextConfig::kv_compact_on_device`]).
+    compact_on_device: bool,
+    /// How the cache was last compacted, and the bytes compactions moved.
+    compaction: Option<&'static str>,
+    compact_bytes: u64,
     /// Eviction while decoding (PrefixKV's fixed-point FIFO); entries are positions.
     pub(super) decode_eviction: Option<Box<dyn DecodeEviction>>,
     decode_evicted: usize,
@@ -218,6 +226,9 @@ impl<'e> Session<'e> {
             resume_flash_attn,
             observer_mode: observes.then_some(if graph { "graph" } else { "host" }),
             prefill_flash_attn: flash_attn && !resume_flash_attn,
+            compact_on_device: cfg.kv_compact_on_device,
+            compaction: None,
+            compact_bytes: 0,
             decode_eviction: None,
             decode_evicted: 0,
             token_pos: Vec::new(),
@@ -388,6 +399,7 @@ impl<'e> Session<'e> {
         }
         if let Some(obs) = self.lctx.observer() {
             obs.deactivate();
+            stats.observe_bytes = obs.bytes_read();
             stats.observe_ms = self.collector().map_or(0.0, Collector::ms);
             self.observe_ms = stats.observe_ms;
             stats.prefill_ms = (stats.prefill_ms - stats.observe_ms).max(0.0);
@@ -484,11 +496,12 @@ impl<'e> Session<'e> {
         }
         let (Some(_), Some(collector)) = (sink, &self.collector) else { return Ok(Vec::new()) };
         if collector.tokens_seen() < prompt.n_tokens() {
-            return Err(Error::Callback(format!(
-                "the observer saw {} of {} prompt tokens",
-                collector.tokens_seen(),
-                prompt.n_tokens()
-            )));
+            let hint = if self.observer_mode == Some("graph") {
+                " (the in-graph statistics cover models attending through llama.cpp's plain KV cache; --kv-observer host reads attention on the host)"
+            } else {
+                ""
+            };
+            return Err(Error::Callback(format!("the observer saw {} of {} prompt tokens{hint}", collector.tokens_seen(), prompt.n_tokens())));
         }
         Ok(collector.take_stats())
     }
@@ -566,18 +579,49 @@ impl<'e> Session<'e> {
         Ok(())
     }
 
-    /// Packs the sequence's cells to the front (state save, clear, restore); with `cells`,
-    /// moves it into a new context of that many cells and frees the old buffer.
+    /// Packs the sequence's cells to the front; with `cells`, moves it into a new context of that
+    /// many cells and frees the old buffer. On the device where llama.cpp can (patch 0006: K/V
+    /// never leave it), else — or with [`ContextConfig::kv_compact_on_device`] off — through a
+    /// state round trip in host memory (save, clear, restore).
     fn compact(&mut self, cells: Option<u32>) -> Result<()> {
-        let state = self.lctx.save()?;
         match cells {
-            None => self.set_state(&state)?,
+            None => {
+                if self.compact_on_device {
+                    match self.lctx.compact_on_device() {
+                        Ok(bytes) => {
+                            self.note_compaction("device", bytes);
+                            return Ok(());
+                        }
+                        Err(Error::Unsupported { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                let state = self.lctx.save()?;
+                self.note_compaction("state", 2 * state.byte_len() as u64);
+                self.set_state(&state)?;
+            }
             Some(n) => {
                 let n_batch = self.n_batch.min(n);
                 let old = self.lctx.params();
                 let params = ContextParams { n_ctx: n, n_batch, n_ubatch: old.n_ubatch.min(n_batch), ..old };
                 let mut lctx = self.lctx.sibling(params)?;
-                lctx.load(&state).map_err(|e| Error::Prompt(format!("cannot move the pruned cache: {e}")))?;
+                let on_device = if self.compact_on_device {
+                    match self.lctx.copy_to(&mut lctx) {
+                        Ok(bytes) => {
+                            self.note_compaction("device", bytes);
+                            true
+                        }
+                        Err(Error::Unsupported { .. }) => false,
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    false
+                };
+                if !on_device {
+                    let state = self.lctx.save()?;
+                    self.note_compaction("state", 2 * state.byte_len() as u64);
+                    lctx.load(&state).map_err(|e| Error::Prompt(format!("cannot move the pruned cache: {e}")))?;
+                }
                 self.cells_peak = self.kv_cells_peak();
                 self.alloc_peak = self.kv_bytes_allocated_peak();
                 self.lctx = lctx;
@@ -587,6 +631,25 @@ impl<'e> Session<'e> {
             }
         }
         Ok(())
+    }
+
+    fn note_compaction(&mut self, how: &'static str, bytes: u64) {
+        self.compaction = Some(how);
+        self.compact_bytes += bytes;
+    }
+
+    /// How the cache was last compacted: `"device"` (patch 0006) or `"state"` (host round
+    /// trip); `None` if it never was.
+    #[must_use]
+    pub fn compaction(&self) -> Option<&'static str> {
+        self.compaction
+    }
+
+    /// K+V bytes moved by compactions and shrinks so far (a state round trip counts its save
+    /// and its restore).
+    #[must_use]
+    pub fn compact_bytes(&self) -> u64 {
+        self.compact_bytes
     }
 
     /// Hides from each (layer, KV head) the cached prompt tokens it did not keep (its query

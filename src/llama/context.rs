@@ -303,6 +303,44 @@ impl Context {
         self.ctx.kv_cache_seq_add(0, p0, p1, delta).map_err(|_| Error::Llama { op: "shift KV positions", code: -1 })
     }
 
+    /// Packs sequence 0's cells to cells `0..n` without leaving the device (patch 0006): K and V
+    /// of every layer move through a graph on the context's backend, with each cell's metadata
+    /// (position, pending shift, patch 0003's head masks). Returns the K+V bytes moved.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the cache cannot be compacted this way (nothing changed: the
+    /// caller may fall back to a state round trip); [`Error::Llama`] when the graph failed
+    /// after it started (the cache contents are then undefined).
+    pub fn compact_on_device(&mut self) -> Result<u64> {
+        let mut bytes = 0u64;
+        // SAFETY: a live context borrowed mutably; `bytes` is a valid out-pointer.
+        let n = unsafe { sys::llama_memory_seq_compact(self.ctx.as_raw(), 0, &mut bytes) };
+        match n {
+            n if n >= 0 => Ok(bytes),
+            -1 => Err(Error::Unsupported { what: "compaction on the device", reason: "llama.cpp cannot gather this cache's cells".into() }),
+            code => Err(Error::Llama { op: "compact the KV cache", code }),
+        }
+    }
+
+    /// Copies sequence 0's cells, packed, into `dst` (a context of the same model with an empty
+    /// cache of at least as many cells) without a host round trip (patch 0006); masks and sinks
+    /// go along. Returns the K+V bytes copied.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when it cannot be done this way (`dst` unchanged); [`Error::Llama`]
+    /// when the copy failed after it started.
+    pub fn copy_to(&self, dst: &mut Context) -> Result<u64> {
+        let mut bytes = 0u64;
+        // SAFETY: two distinct live contexts (`dst` is borrowed mutably, so it is not `self`);
+        // llama.cpp reads src's cache tensors and writes dst's; `bytes` is a valid out-pointer.
+        let n = unsafe { sys::llama_memory_seq_copy_to(self.ctx.as_raw(), dst.ctx.as_raw(), 0, &mut bytes) };
+        match n {
+            n if n >= 0 => Ok(bytes),
+            -1 => Err(Error::Unsupported { what: "copying the KV cache on the device", reason: "llama.cpp cannot copy this cache's cells".into() }),
+            code => Err(Error::Llama { op: "copy the KV cache", code }),
+        }
+    }
+
     /// Saves sequence 0.
     ///
     /// # Errors

@@ -46,6 +46,10 @@ struct State {
     capture: Vec<(String, u32)>,
     captured: Vec<Captured>,
     error: Option<String>,
+    /// Bytes of attention data copied out of llama.cpp's buffers for the sink (host path: `kq`
+    /// rows copied from device memory — host memory is read in place; graph path: the sums and
+    /// cell positions).
+    bytes_read: u64,
 }
 
 impl std::fmt::Debug for State {
@@ -143,6 +147,12 @@ impl Observer {
         self.lock().sink.is_some()
     }
 
+    /// Bytes of attention data read out of llama.cpp for the sink so far.
+    #[must_use]
+    pub fn bytes_read(&self) -> u64 {
+        self.lock().bytes_read
+    }
+
     /// Takes the captured tensors.
     pub fn take_captured(&self) -> Vec<Captured> {
         std::mem::take(&mut self.lock().captured)
@@ -187,8 +197,8 @@ impl Observer {
             s.captured.push(Captured { name: name.to_owned(), ne: ne(tr), data: c });
             return Ok(());
         }
-        let Some(sink) = &s.sink else { return Ok(()) };
-        let mut sink = lock_sink(sink);
+        let Some(shared) = s.sink.clone() else { return Ok(()) };
+        let mut sink = lock_sink(&shared);
         if tr.op == sys::GGML_OP_SET_ROWS {
             let idx = tr.src[1];
             // SAFETY: a SET_ROWS node's src[1] is its row-index input, allocated and filled
@@ -220,6 +230,7 @@ impl Observer {
         let copies: Vec<Vec<f32>> = if host {
             Vec::new()
         } else {
+            s.bytes_read += (n_head * row_block * 4) as u64;
             (0..n_head)
                 .map(|h| {
                     let mut v = vec![0f32; row_block];
@@ -250,10 +261,11 @@ impl Observer {
 
     /// Graph path: one (layer, variant)'s sums of the ubatch just computed.
     fn on_sums(&self, sums: &GraphSums<'_>) -> Result<(), String> {
-        let s = self.lock();
+        let mut s = self.lock();
         if !s.active || !s.graph {
             return Ok(());
         }
+        s.bytes_read += ((sums.sums.len() + sums.cell_pos.len() + sums.row_pos.len()) * 4) as u64;
         let Some(sink) = &s.sink else { return Ok(()) };
         let res = lock_sink(sink).on_sums(sums);
         res

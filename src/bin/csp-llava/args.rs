@@ -160,6 +160,18 @@ pub struct ContextFlags {
     /// where the policy allows.
     #[arg(long = "kv-observer", value_enum, value_name = "auto|graph|host", default_value = "auto", help_heading = "KV cache pruning")]
     pub kv_observer: ObserverArg,
+    /// How the pruned cache is packed and shrunk: device = K/V move on the device (llama.cpp
+    /// graph; falls back to state where unsupported); state = a save/restore round trip
+    /// through host memory.
+    #[arg(long = "kv-compact", value_enum, value_name = "device|state", default_value = "device", help_heading = "KV cache pruning")]
+    pub kv_compact: CompactArg,
+}
+
+/// `--kv-compact`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompactArg {
+    Device,
+    State,
 }
 
 /// `--kv-observer`.
@@ -192,6 +204,7 @@ impl ContextFlags {
                 ObserverArg::Graph => config::ObserverMode::Graph,
                 ObserverArg::Host => config::ObserverMode::Host,
             },
+            kv_compact_on_device: self.kv_compact == CompactArg::Device,
         }
     }
 }
