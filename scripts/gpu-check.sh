@@ -11,7 +11,9 @@
 # 2. writes a LLaVA-1.5-7B-shaped random-weight model (Q4_0; MODEL_SHAPE overrides);
 # 3. obs_check: in-graph attention sums (flash attention on) against an f64 reference, logits
 #    identical with the observer on and off, OUT_PROD vs the transpose reduction;
-# 4. obs_bench: prefill/decode speed of the reference (flash attention auto), flash attention
+# 4. compact_check: compaction and shrinking on the device (patch 0006) against the state round
+#    trip (bit-identical logits), with timings;
+# 5. obs_bench: prefill/decode speed of the reference (flash attention auto), flash attention
 #    off, and the in-graph observer for CSP's window, H2O's all rows and both; bytes read back.
 #
 # GPU_CHECK_BACKEND=cpu runs the same on the CPU (a dry run of the script; use a small
@@ -47,7 +49,7 @@ fi
 gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
 t0=$(date +%s)
 cmake -S "$ROOT/scripts/gpu" -B "$BUILD" "${gen[@]}" "${flags[@]}" > "$OUT/cmake.txt" 2>&1 || { tail -20 "$OUT/cmake.txt"; exit 1; }
-cmake --build "$BUILD" -j "$JOBS" --target make_model obs_check obs_bench > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; exit 1; }
+cmake --build "$BUILD" -j "$JOBS" --target make_model obs_check obs_bench compact_check > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; exit 1; }
 log "built in $(( $(date +%s) - t0 )) s"
 
 MODEL="${MODEL:-$BUILD/random-llama.gguf}"
@@ -60,6 +62,8 @@ fi
 
 log "parity (obs_check)"
 "$BUILD/obs_check" "$MODEL" > "$OUT/obs_check.txt" 2>&1 && log "obs_check passed" || { log "obs_check FAILED"; tail -20 "$OUT/obs_check.txt"; status=1; }
+log "device compaction (compact_check)"
+"$BUILD/compact_check" "$MODEL" > "$OUT/compact_check.txt" 2>&1 && log "compact_check passed" || { log "compact_check FAILED"; tail -20 "$OUT/compact_check.txt"; status=1; }
 log "speed (obs_bench $BENCH_ARGS)"
 # shellcheck disable=SC2086
 "$BUILD/obs_bench" "$MODEL" $BENCH_ARGS > "$OUT/obs_bench.jsonl" 2> "$OUT/obs_bench.log" || { log "obs_bench FAILED"; tail -20 "$OUT/obs_bench.log"; exit 1; }

@@ -319,7 +319,11 @@ int main(int argc, char ** argv) {
     const int n_tok = std::max(N, n_big);
     while ((int) text.size() < 8*n_tok) text += "The quick brown fox jumps over the lazy dog while the cache is compacted. In 1905, 17 cats sat on 3 mats; why? ";
     toks.resize(text.size() + 8);
-    const int nt = llama_tokenize(vocab, text.c_str(), (int) text.size(), toks.data(), (int) toks.size(), true, false);
+    int nt = llama_tokenize(vocab, text.c_str(), (int) text.size(), toks.data(), (int) toks.size(), true, false);
+    if (nt < 0) { // a byte-level vocabulary (the random model of make_model.cpp) needs more room
+        toks.resize(-nt);
+        nt = llama_tokenize(vocab, text.c_str(), (int) text.size(), toks.data(), (int) toks.size(), true, false);
+    }
     if (nt < n_tok) { fprintf(stderr, "tokenize gave %d tokens\n", nt); return 1; }
     toks.resize(nt);
 

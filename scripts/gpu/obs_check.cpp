@@ -257,6 +257,10 @@ int main(int argc, char ** argv) {
     while ((int) text.size() < 8*N) text += "The quick brown fox jumps over the lazy dog while the observer counts attention. In 1905, 17 cats sat on 3 mats; why? ";
     std::vector<llama_token> toks(text.size() + 8);
     int nt = llama_tokenize(vocab, text.c_str(), (int) text.size(), toks.data(), (int) toks.size(), true, false);
+    if (nt < 0) { // a byte-level vocabulary (the random model of make_model.cpp) needs more room
+        toks.resize(-nt);
+        nt = llama_tokenize(vocab, text.c_str(), (int) text.size(), toks.data(), (int) toks.size(), true, false);
+    }
     if (nt < N) { fprintf(stderr, "tokenize gave %d tokens\n", nt); return 1; }
     toks.resize(N);
 
