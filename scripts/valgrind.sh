@@ -36,12 +36,13 @@ quick=0
 # harness, not the child) and the slowest repeats of these paths.
 declare -A tests=(
     [engine]="spans_markers_and_report chunked_prefill_matches_eval_chunks"
-    [pruning]="observing_policies_pause_flash_attention_for_the_prefill_only"
+    [pruning]="observing_policies_keep_flash_attention_with_the_graph_observer device_compaction_matches_the_state_round_trip"
+    [observer]="graph_observer_leaves_logits_unchanged"
     [granularity]="masks_survive_decoding_and_sinks_apply_n_softmax prefixkv_evicts_while_decoding_and_aircache_keeps_all_text each_head_attends_to_exactly_its_selection"
     [bounded]="observed_window_after_evictions_matches_recomputation errors_are_one_line_and_name_the_problem shifted_cache_decodes_like_one_read_at_those_positions"
     [soak]="generations_do_not_grow_memory_or_file_descriptors"
 )
-order=(engine pruning granularity bounded soak)
+order=(engine pruning observer granularity bounded soak)
 
 args=()
 for b in "${order[@]}"; do args+=(--test "$b"); done
