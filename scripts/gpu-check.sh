@@ -13,7 +13,9 @@
 #    identical with the observer on and off, OUT_PROD vs the transpose reduction;
 # 4. compact_check: compaction and shrinking on the device (patch 0006) against the state round
 #    trip (bit-identical logits), with timings;
-# 5. obs_bench: prefill/decode speed of the reference (flash attention auto), flash attention
+# 5. headmask_check: per-head masks through flash attention (patch 0007) against the non-flash
+#    path where the backend accepts them (CUDA does not: the layer falls back), decode tok/s;
+# 6. obs_bench: prefill/decode speed of the reference (flash attention auto), flash attention
 #    off, and the in-graph observer for CSP's window, H2O's all rows and both; bytes read back.
 #
 # GPU_CHECK_BACKEND=cpu runs the same on the CPU (a dry run of the script; use a small
@@ -49,7 +51,7 @@ fi
 gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
 t0=$(date +%s)
 cmake -S "$ROOT/scripts/gpu" -B "$BUILD" "${gen[@]}" "${flags[@]}" > "$OUT/cmake.txt" 2>&1 || { tail -20 "$OUT/cmake.txt"; exit 1; }
-cmake --build "$BUILD" -j "$JOBS" --target make_model obs_check obs_bench compact_check > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; exit 1; }
+cmake --build "$BUILD" -j "$JOBS" --target make_model obs_check obs_bench compact_check headmask_check > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; exit 1; }
 log "built in $(( $(date +%s) - t0 )) s"
 
 MODEL="${MODEL:-$BUILD/random-llama.gguf}"
@@ -64,6 +66,8 @@ log "parity (obs_check)"
 "$BUILD/obs_check" "$MODEL" > "$OUT/obs_check.txt" 2>&1 && log "obs_check passed" || { log "obs_check FAILED"; tail -20 "$OUT/obs_check.txt"; status=1; }
 log "device compaction (compact_check)"
 "$BUILD/compact_check" "$MODEL" > "$OUT/compact_check.txt" 2>&1 && log "compact_check passed" || { log "compact_check FAILED"; tail -20 "$OUT/compact_check.txt"; status=1; }
+log "per-head masks through flash attention (headmask_check)"
+"$BUILD/headmask_check" "$MODEL" > "$OUT/headmask_check.txt" 2>&1 && log "headmask_check passed" || { log "headmask_check FAILED"; tail -20 "$OUT/headmask_check.txt"; status=1; }
 log "speed (obs_bench $BENCH_ARGS)"
 # shellcheck disable=SC2086
 "$BUILD/obs_bench" "$MODEL" $BENCH_ARGS > "$OUT/obs_bench.jsonl" 2> "$OUT/obs_bench.log" || { log "obs_bench FAILED"; tail -20 "$OUT/obs_bench.log"; exit 1; }
