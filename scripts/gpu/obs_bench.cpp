@@ -11,6 +11,10 @@
 //
 //   obs_bench MODEL.gguf [n_prompt=4096] [window=512] [n_media=3456] [reps=3] [n_decode=64]
 //             [n_ubatch=512] [n_gpu_layers=999]
+//
+// OBS_FLAGS=2 forces the transpose reduction (Metal's path) where OUT_PROD exists;
+// OBS_ROWS_CHUNK=N sets the rows per QKᵀ chunk (default 128). On the 2-core CPU machine the
+// transpose path was not faster (csp window 0.91× vs 0.93× of the reference, -r 2).
 #include "llama.h"
 
 #include <algorithm>
@@ -106,6 +110,9 @@ int main(int argc, char ** argv) {
                 p.seq = 0; p.n_var = 2; p.n = nvar; p.n_cols = 4; p.col_var = col_var;
                 p.n_pos = N; p.cols_of_pos = r.table->data(); p.n_rows_chunk = 0;
                 p.cb = count_cb; p.user_data = &here;
+                // OBS_FLAGS=2 forces the transpose reduction (LLAMA_ATTN_OBS_FORCE_TRANSPOSE)
+                if (const char * f = getenv("OBS_FLAGS")) p.flags = (uint32_t) atoi(f);
+                if (const char * c = getenv("OBS_ROWS_CHUNK")) p.n_rows_chunk = atoi(c);
                 if (!llama_set_attn_observer(ctx, &p)) { fprintf(stderr, "observer refused\n"); return 1; }
             }
             llama_batch b = llama_batch_init(cp.n_batch, 0, 1);
