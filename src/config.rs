@@ -390,7 +390,17 @@ pub struct Request {
     /// Most pixels (width × height as the file declares it, checked before decoding) an image may
     /// have; `None` = [`crate::engine::image::DEFAULT_MAX_PIXELS`] (8192 × 8192 ≈ 67 MP).
     pub max_image_pixels: Option<u64>,
+    /// How each image is introduced when the prompt places none of them itself (no `<image>`
+    /// markers) and there are two or more: a label where `{k}` stands for the image's number
+    /// (1-based), put before the image. `None` = [`DEFAULT_IMAGE_LABEL`] ("Image 1: ", …);
+    /// `Some("")` = no labels (`--no-image-labels`). A single image and prompts with their own
+    /// markers are laid out as written.
+    pub image_label: Option<String>,
 }
+
+/// The label before each image of a multi-image prompt without markers, as multi-image models
+/// and people write it, so a question can name an image by number ("In image 3, …").
+pub const DEFAULT_IMAGE_LABEL: &str = "Image {k}: ";
 
 fn cfg_err(field: &'static str, reason: &str) -> Error {
     Error::Config { field, reason: reason.to_owned() }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::image::{self, ImageLimits};
 use super::template::{self, Message, SpecialTokens};
-use crate::config::Request;
+use crate::config::{Request, DEFAULT_IMAGE_LABEL};
 use crate::error::{Error, Result};
 use crate::llama::{marker as mtmd_default_marker, Bitmap, ChatFormatError, ChatMessage, ChunkKind, Chunks, Model, Mtmd};
 use crate::span::{media_tokens, Modality, Span};
@@ -106,14 +106,18 @@ impl Prompt {
 }
 
 /// Places media markers: `<image>` becomes mtmd's marker; without markers the images come first,
-/// one per line, in order. Returns the text and checks the marker count.
-pub(crate) fn place_markers(prompt: &str, n_images: usize) -> Result<String> {
+/// one per line, in order, each after its `label` (`{k}` = its number) when there are two or
+/// more. Returns the text and checks the marker count.
+pub(crate) fn place_markers(prompt: &str, n_images: usize, label: &str) -> Result<String> {
     let marker = mtmd_default_marker();
     let text = prompt.replace(IMAGE_MARKER, marker);
     let n_markers = text.matches(marker).count();
     if n_markers == 0 {
-        let mut out = String::with_capacity(text.len() + n_images * (marker.len() + 1));
-        for _ in 0..n_images {
+        let mut out = String::with_capacity(text.len() + n_images * (marker.len() + label.len() + 3));
+        for k in 1..=n_images {
+            if n_images > 1 {
+                out.push_str(&label.replace("{k}", &k.to_string()));
+            }
             out.push_str(marker);
             out.push('\n');
         }
@@ -296,7 +300,11 @@ pub(crate) fn build(model: &Model, mtmd: &Mtmd, req: &Request, fit: Option<Fit>)
         });
     }
     let limits = ImageLimits::new(req.max_image_pixels)?;
-    let user = place_markers(&req.prompt, req.images.len())?;
+    let label = req.image_label.as_deref().unwrap_or(DEFAULT_IMAGE_LABEL);
+    if label.contains(IMAGE_MARKER) || label.contains(mtmd_default_marker()) {
+        return Err(Error::Config { field: "image_label", reason: "the image label may not contain an image marker".into() });
+    }
+    let user = place_markers(&req.prompt, req.images.len(), label)?;
     let text = format_chat(model, req, user)?;
     // a system message with a marker, or a template that drops or repeats the user's turn,
     // would otherwise reach mtmd as its "image preprocessing error"
@@ -354,11 +362,13 @@ mod tests {
     #[test]
     fn markers() {
         let m = mtmd_default_marker();
-        assert_eq!(place_markers("hi", 2).unwrap(), format!("{m}\n{m}\nhi"));
-        assert_eq!(place_markers("a <image> b <image>", 2).unwrap(), format!("a {m} b {m}"));
-        assert_eq!(place_markers(&format!("x {m}"), 1).unwrap(), format!("x {m}"));
-        assert!(place_markers("a <image>", 2).is_err());
-        assert_eq!(place_markers("no images", 0).unwrap(), "no images");
+        assert_eq!(place_markers("hi", 2, "").unwrap(), format!("{m}\n{m}\nhi"));
+        assert_eq!(place_markers("hi", 2, DEFAULT_IMAGE_LABEL).unwrap(), format!("Image 1: {m}\nImage 2: {m}\nhi"));
+        assert_eq!(place_markers("hi", 1, DEFAULT_IMAGE_LABEL).unwrap(), format!("{m}\nhi"), "one image: no label");
+        assert_eq!(place_markers("a <image> b <image>", 2, DEFAULT_IMAGE_LABEL).unwrap(), format!("a {m} b {m}"), "the user's markers: no labels");
+        assert_eq!(place_markers(&format!("x {m}"), 1, "").unwrap(), format!("x {m}"));
+        assert!(place_markers("a <image>", 2, "").is_err());
+        assert_eq!(place_markers("no images", 0, DEFAULT_IMAGE_LABEL).unwrap(), "no images");
         assert_eq!(media_index(&media_id(12)), Some(12));
     }
 }

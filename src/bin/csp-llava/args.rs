@@ -344,6 +344,13 @@ pub struct PromptFlags {
     /// [default: 67, i.e. 8192×8192].
     #[arg(long = "image-max-mp", value_name = "MP", value_parser = parse_megapixels)]
     pub image_max_mp: Option<u64>,
+    /// Label before each image of a multi-image prompt without `<image>` markers; `{k}` is the
+    /// image's number [default: "Image {k}: "].
+    #[arg(long = "image-label", value_name = "TEXT", allow_hyphen_values = true)]
+    pub image_label: Option<String>,
+    /// No labels before the images (they follow each other, one per line).
+    #[arg(long = "no-image-labels", conflicts_with = "image_label")]
+    pub no_image_labels: bool,
     /// System message (written `-sys`, as in llama.cpp).
     #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,

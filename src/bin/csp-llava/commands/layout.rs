@@ -39,6 +39,7 @@ fn layout_lines(engine: &Engine, blank: &Path) -> Result<()> {
             images: vec![blank.to_owned(); n as usize],
             prompt: v["prompt"].as_str().unwrap_or_default().to_owned(),
             raw: v["raw"].as_bool().unwrap_or(false),
+            image_label: v["image_label"].as_str().map(str::to_owned),
             ..Default::default()
         };
         let prompt = engine.prepare(&req)?;

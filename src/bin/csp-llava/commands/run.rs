@@ -30,6 +30,7 @@ fn request(p: &PromptFlags) -> Result<Request> {
         raw: p.no_chat_template,
         jinja: p.jinja || p.chat_template_file.is_some(),
         max_image_pixels: p.image_max_mp,
+        image_label: if p.no_image_labels { Some(String::new()) } else { p.image_label.clone() },
     })
 }
 
