@@ -1,23 +1,47 @@
 #!/usr/bin/env python3
 """Trains the LLaVA-style projector (mm.0 -> GELU -> mm.2, 384 -> 576 -> 576) that joins the
-frozen DINOv2-small encoder to the frozen SmolLM2-135M-Instruct, on easy-vqa train images.
+frozen DINOv2-small encoder to the frozen SmolLM2-135M-Instruct, on easy-vqa TRAIN images, for
+prompts of 1 to 16 images.
 
   * features: models/cache/features/train.npy (models/features.py: DINOv2 at 112 px, exactly what
     llama.cpp computes — see tests/real_model.rs);
   * language model: the same Q4_1 GGUF csp-llava runs, dequantised into a small PyTorch llama
     forward (RoPE in llama.cpp's adjacent-pair layout, GQA 9/3 heads, tied embeddings);
   * sequences: laid out by `csp-llava prompt-layout`, i.e. exactly the tokens csp-llava feeds the
-    model (chat template, image slots), so training and inference see the same prompt;
-  * samples (seeded): single-image easy-vqa questions; 2-4 images with "In image k, <question>";
-    and two-image comparisons ("Do image a and image b have the same color/shape?");
+    model (chat template, image slots, "Image k: " before each image of a multi-image prompt), so
+    training and inference see the same prompt;
   * loss: cross-entropy on the answer tokens and <|im_end|>; AdamW on the projector only.
 
-Writes models/projector/projector.npz (float16) and models/projector/TRAINING.md (command, seed,
-data hash, time, loss curve). Runs with Debian's python3-torch (CPU) in a venv made with
---system-site-packages (plus `pip install gguf==0.19.0`), or any torch. Debian's torch uses the
-system BLAS: install libopenblas0-pthread (135 GFLOPS here instead of 5 with the reference BLAS).
+Tasks (answers need the images; multi-image answers need every image named or counted):
 
-  models/cache/train-venv/bin/python models/train_projector.py --minutes 40 --seed 0
+  single   one image, an easy-vqa question               "what color is the shape?" -> "blue"
+  image-k  K images, a question about one                "In image 3, what shape is present?" -> "circle"
+  compare  two named images (half of them "yes")         "Do image 2 and image 7 have the same color?" -> "yes"
+  count    images with a colour or a shape               "How many images show a red shape?" -> "3"
+           (a digit, 0-16)                               "How many images show a circle?" -> "5"
+  find     the one image with a colour+shape (asked      "Which image shows a blue circle?" -> "Image 4"
+           only when exactly one matches)
+  enum     every image, in order                         "Describe each image." ->
+           "Image 1: red circle. Image 2: blue triangle. ... Image K: gray rectangle."
+           (exactly "Image {k}: {color} {shape}." joined by single spaces)
+
+Cost: each training sequence is one set of K images (the shared prefix, read once) followed by
+several question/answer branches; a mask lets each branch see the prefix and itself only, with
+the positions it would have alone, so every branch computes exactly what csp-llava computes for
+that prompt (tree attention) while the images (64 tokens each) are paid once. A step holds
+sequences of one K (no padding beyond the branches), about --step-tokens tokens. Curriculum: K up
+to 4 at the start, the largest K rising to 16 by 35 % of the time budget; a share of the steps
+(--single-share) stays single-image. The projector starts from --init (the committed one) unless
+--init none. Checkpoints (projector + TRAINING.md) are written every --ckpt-minutes.
+
+Writes --out (default models/projector/projector.npz, float16) and TRAINING.md next to it
+(command, seed, data hash, time, loss curve, sample mix). Runs with Debian's python3-torch (CPU)
+in a venv made with --system-site-packages (plus `pip install gguf==0.19.0`), or any torch.
+Debian's torch uses the system BLAS: install libopenblas0-pthread (the reference BLAS is ~27x
+slower).
+
+  models/cache/train-venv/bin/python models/train_projector.py --minutes 95 --seed 0 --threads 2
+  models/cache/train-venv/bin/python models/train_projector.py --pilot 180   # speed check
 """
 import argparse
 import hashlib
@@ -25,7 +49,6 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -39,6 +62,8 @@ CACHE = os.path.join(HERE, "cache")
 MODEL = os.path.join(CACHE, "smolvlm-dino")
 COLORS = ["red", "green", "blue", "yellow", "teal", "brown", "gray", "black"]
 SHAPES = ["circle", "rectangle", "triangle"]
+ENUM_PROMPT = "Describe each image."
+EOS = 2  # <|im_end|>
 
 
 def load_llm(path):
@@ -71,20 +96,17 @@ class Llama(torch.nn.Module):
         # llama.cpp LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs (x0, x1), (x2, x3), ...
         hd = x.shape[-1]
         inv = self.cfg["base"] ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        ang = pos[:, None].float() * inv[None, :]             # [T, hd/2]
-        cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+        ang = pos[..., None].float() * inv                     # [B, T, hd/2]
+        cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
         x0, x1 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
 
-    def forward(self, h, key_mask):
-        """h: [B, T, d] input embeddings; key_mask: [B, T] True for real tokens. Returns the
-        final hidden states (normalised); logits = hidden @ emb.T."""
+    def forward(self, h, pos, allowed):
+        """h: [B, T, d] input embeddings; pos: [B, T] positions; allowed: [B, T, T] which keys each
+        query sees. Returns the final hidden states (normalised); logits = hidden @ emb.T."""
         B, T, _ = h.shape
         c, w = self.cfg, self.w
-        pos = torch.arange(T)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask = causal[None, None] & key_mask[:, None, None, :]
-        bias = torch.zeros(B, 1, T, T).masked_fill(~mask, float("-inf"))
+        bias = torch.zeros(B, 1, T, T).masked_fill(~allowed[:, None], float("-inf"))
         for i in range(c["n_layer"]):
             p = f"blk.{i}."
             x = self.rms(h, w[p + "attn_norm.weight"])
@@ -123,158 +145,272 @@ def image_labels(questions):
     return color, shape
 
 
-def make_samples(questions, n, seed, n_images_max=4):
-    """(prompt, image ids, answer) triples, deterministic from the seed."""
-    rng = random.Random(seed)
-    color, shape = image_labels(questions)
-    by_image = {}
-    for q, a, i in questions:
-        by_image.setdefault(i, []).append((q, a))
-    ids = sorted(i for i in by_image if i in color and i in shape)
-    out = []
-    for _ in range(n):
-        r = rng.random()
-        if r < 0.5:
-            q, a, i = questions[rng.randrange(len(questions))]
-            out.append((q, [i], a))
-        elif r < 0.85:
-            k = rng.randint(2, n_images_max)
-            imgs = rng.sample(ids, k)
-            t = rng.randrange(k)
-            q, a = rng.choice(by_image[imgs[t]])
-            out.append((f"In image {t + 1}, {q}", imgs, a))
-        else:
-            k = rng.randint(2, n_images_max)
-            imgs = rng.sample(ids, k)
-            x, y = sorted(rng.sample(range(k), 2))
-            what = rng.choice(["color", "shape"])
-            lab = color if what == "color" else shape
-            same = lab[imgs[x]] == lab[imgs[y]]
-            out.append((f"Do image {x + 1} and image {y + 1} have the same {what}?", imgs, "yes" if same else "no"))
-    return out
+class Tasks:
+    """Seeded generator of training sequences: (image ids, [(task, prompt, answer), ...])."""
+
+    def __init__(self, questions, seed):
+        self.rng = random.Random(seed)
+        self.questions = questions
+        self.color, self.shape = image_labels(questions)
+        self.by_image = {}
+        for q, a, i in questions:
+            self.by_image.setdefault(i, []).append((q, a))
+        self.ids = sorted(i for i in self.by_image if i in self.color and i in self.shape)
+
+    def group(self, k, n_branches):
+        rng, col, shp = self.rng, self.color, self.shape
+        if k == 1:
+            i = rng.randrange(len(self.by_image))
+            qa = self.by_image[i]
+            return [i], [("single", q, a) for q, a in rng.sample(qa, min(n_branches, len(qa)))]
+        imgs = rng.sample(self.ids, k)
+        out = []
+        if rng.random() < 0.5:
+            out.append(("enum", ENUM_PROMPT, " ".join(f"Image {j + 1}: {col[x]} {shp[x]}." for j, x in enumerate(imgs))))
+        while len(out) < n_branches:
+            r = rng.random()
+            if r < 0.4:
+                t = rng.randrange(k)
+                q, a = rng.choice(self.by_image[imgs[t]])
+                out.append(("image-k", f"In image {t + 1}, {q}", a))
+            elif r < 0.6:
+                what = rng.choice(["color", "shape"])
+                lab = col if what == "color" else shp
+                pairs = [(x, y) for x in range(k) for y in range(x + 1, k)]
+                same = [p for p in pairs if lab[imgs[p[0]]] == lab[imgs[p[1]]]]
+                x, y = rng.choice(same) if same and rng.random() < 0.5 else rng.choice(pairs)
+                out.append(("compare", f"Do image {x + 1} and image {y + 1} have the same {what}?",
+                            "yes" if lab[imgs[x]] == lab[imgs[y]] else "no"))
+            elif r < 0.8:
+                # half the time a colour/shape that is present, else any (zeros too)
+                if rng.random() < 0.5:
+                    c = col[rng.choice(imgs)] if rng.random() < 0.5 else rng.choice(COLORS)
+                    n = sum(col[x] == c for x in imgs)
+                    out.append(("count", f"How many images show a {c} shape?", str(n)))
+                else:
+                    s = shp[rng.choice(imgs)] if rng.random() < 0.5 else rng.choice(SHAPES)
+                    n = sum(shp[x] == s for x in imgs)
+                    out.append(("count", f"How many images show a {s}?", str(n)))
+            else:
+                combos = [(col[x], shp[x]) for x in imgs]
+                unique = [c for c in combos if combos.count(c) == 1]
+                if unique:
+                    c = rng.choice(unique)
+                    out.append(("find", f"Which image shows a {c[0]} {c[1]}?", f"Image {combos.index(c) + 1}"))
+        return imgs, out
 
 
-def layouts(csp_llava, prompts):
-    """Token layout of each (prompt, n_images) as csp-llava builds it."""
-    inp = "".join(json.dumps({"prompt": p, "n_images": n}) + "\n" for p, n in prompts)
+def prompt_layout(csp_llava, reqs):
+    """Token layout of each request as csp-llava builds it."""
+    inp = "".join(json.dumps(r) + "\n" for r in reqs)
     res = subprocess.run([csp_llava, "prompt-layout", "-m", os.path.join(MODEL, "text.gguf"), "--mmproj", os.path.join(MODEL, "mmproj.gguf")],
                          input=inp, capture_output=True, text=True, check=True)
     return [json.loads(l)["chunks"] for l in res.stdout.splitlines()]
 
 
-def answer_tokens(csp_llava, answers):
-    inp = "".join(json.dumps({"prompt": a, "raw": True, "n_images": 0}) + "\n" for a in answers)
-    res = subprocess.run([csp_llava, "prompt-layout", "-m", os.path.join(MODEL, "text.gguf"), "--mmproj", os.path.join(MODEL, "mmproj.gguf")],
-                         input=inp, capture_output=True, text=True, check=True)
-    return {a: json.loads(l)["chunks"][0]["text"] for a, l in zip(answers, res.stdout.splitlines())}
+class Layouts:
+    """Cached csp-llava layouts: the shared prefix (all chunks up to the last image) per K, and the
+    tail (the last text chunk: question + assistant header) and answer tokens per prompt."""
+
+    def __init__(self, csp_llava):
+        self.exe, self.prefix, self.tail, self.ans = csp_llava, {}, {}, {}
+
+    def fill(self, groups):
+        need = sorted({(p, len(imgs)) for imgs, br in groups for _, p, _ in br if (p, len(imgs)) not in self.tail})
+        if need:
+            for (p, n), chunks in zip(need, prompt_layout(self.exe, [{"prompt": p, "n_images": n} for p, n in need])):
+                assert "text" in chunks[-1] and "image" in chunks[-2], chunks
+                pre = chunks[:-1]
+                if n in self.prefix:
+                    assert self.prefix[n] == pre, (p, n)   # the images' part does not depend on the question
+                self.prefix[n], self.tail[(p, n)] = pre, chunks[-1]["text"]
+        answers = sorted({a for _, br in groups for _, _, a in br if a not in self.ans})
+        if answers:
+            for a, chunks in zip(answers, prompt_layout(self.exe, [{"prompt": a, "raw": True, "n_images": 0} for a in answers])):
+                self.ans[a] = chunks[0]["text"]
 
 
-def build_batch(llm, proj, feats, batch, eos):
-    """Input embeddings, key mask and per-position targets (-100 = no loss)."""
-    seqs = []
-    for chunks, imgs, ans in batch:
-        parts, targets, k = [], [], 0
-        for c in chunks:
+def build_batch(llm, proj, feats, groups, lay, enum_weight):
+    """Input embeddings, positions, attention mask, targets and per-token loss weights for a list of
+    groups; each group is one row: prefix (text + images), then one branch per question."""
+    rows = []
+    for imgs, branches in groups:
+        n = len(imgs)
+        parts, k = [], 0
+        for c in lay.prefix[n]:
             if "text" in c:
-                ids = torch.tensor(c["text"], dtype=torch.long)
-                parts.append(llm.emb[ids])
-                targets += [-100] * len(ids)
+                parts.append(llm.emb[torch.tensor(c["text"], dtype=torch.long)])
             else:
                 parts.append(proj(feats[imgs[k]]))
-                targets += [-100] * c["image"]
                 k += 1
-        a = torch.tensor(ans + [eos], dtype=torch.long)
-        parts.append(llm.emb[a])
-        # position t predicts token t+1: the last prompt token predicts the first answer token
-        targets[-1] = int(a[0])
-        targets += [int(x) for x in a[1:]] + [-100]
-        seqs.append((torch.cat(parts), torch.tensor(targets)))
-    T = max(s[0].shape[0] for s in seqs)
-    d = seqs[0][0].shape[1]
-    h = torch.zeros(len(seqs), T, d)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    tgt = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for b, (e, t) in enumerate(seqs):
-        h[b, :e.shape[0]] = e
-        mask[b, :e.shape[0]] = True
-        tgt[b, :t.shape[0]] = t
-    return h, mask, tgt
+        P = sum(x.shape[0] for x in parts)
+        pos, seg, tgt, wt = list(range(P)), [0] * P, [-100] * P, [0.0] * P
+        for b, (task, p, a) in enumerate(branches, 1):
+            q, ans = lay.tail[(p, n)], lay.ans[a] + [EOS]
+            toks = q + ans
+            parts.append(llm.emb[torch.tensor(toks, dtype=torch.long)])
+            pos += list(range(P, P + len(toks)))
+            seg += [b] * len(toks)
+            # position t predicts token t+1: the last question token predicts the first answer token
+            tgt += [-100] * (len(q) - 1) + ans + [-100]
+            w = (enum_weight if task == "enum" else 1.0) / len(ans)
+            wt += [0.0] * (len(q) - 1) + [w] * len(ans) + [0.0]
+        rows.append((torch.cat(parts), pos, seg, tgt, wt))
+    T = max(r[0].shape[0] for r in rows)
+    B, d = len(rows), rows[0][0].shape[1]
+    h = torch.zeros(B, T, d)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    tgt = torch.full((B, T), -100, dtype=torch.long)
+    wt = torch.zeros(B, T)
+    for b, (e, p, s, t, w) in enumerate(rows):
+        L = e.shape[0]
+        h[b, :L], pos[b, :L], seg[b, :L], tgt[b, :L], wt[b, :L] = e, torch.tensor(p), torch.tensor(s), torch.tensor(t), torch.tensor(w)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None]
+    sk, sq = seg[:, None, :], seg[:, :, None]
+    allowed = causal & ((sk == 0) | (sk == sq))             # padding (-1) queries see the prefix only
+    return h, pos, allowed, tgt, wt
+
+
+def k_for_step(rng, frac, single_share):
+    if rng.random() < single_share:
+        return 1
+    kmax = min(16, 4 + int(12 * frac / 0.35))
+    return rng.randint(2, kmax)
+
+
+def save(path, proj, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mm0_w=proj.mm0.weight.detach().numpy().astype(np.float16), mm0_b=proj.mm0.bias.detach().numpy().astype(np.float16),
+             mm2_w=proj.mm2.weight.detach().numpy().astype(np.float16), mm2_b=proj.mm2.bias.detach().numpy().astype(np.float16))
+    os.replace(tmp, path)
+    with open(os.path.join(os.path.dirname(os.path.abspath(path)), "TRAINING.md"), "w") as f:
+        f.write(record)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=40.0)
+    ap.add_argument("--minutes", type=float, default=95.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--step-tokens", type=int, default=2400, help="tokens per step (rows of one K)")
+    ap.add_argument("--branches", type=int, default=6, help="questions per multi-image sequence (single image: 4)")
+    ap.add_argument("--single-share", type=float, default=0.25, help="share of the steps with single-image sequences")
+    ap.add_argument("--enum-weight", type=float, default=2.0, help="loss weight of an enumeration answer (others 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--init", default=os.path.join(HERE, "projector", "projector.npz"), help="starting projector, or 'none'")
+    ap.add_argument("--out", default=os.path.join(HERE, "projector", "projector.npz"))
+    ap.add_argument("--ckpt-minutes", type=float, default=15.0)
+    ap.add_argument("--pilot", type=float, default=0, help="speed check: this many seconds, one step per K in 1,4,8,16; writes nothing")
     ap.add_argument("--csp-llava", default=os.path.join(HERE, "..", "target", "release", "csp-llava"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    cmd = "models/cache/train-venv/bin/python models/train_projector.py " + " ".join(
+        a if not a.startswith("/") else os.path.relpath(a, os.path.join(HERE, "..")) for a in sys.argv[1:])
 
     questions = json.load(open(os.path.join(CACHE, "easy-vqa", "train", "questions.json")))
     feats_np = np.load(os.path.join(CACHE, "features", "train.npy"))
     feats = torch.from_numpy(feats_np.astype(np.float32))
     data_hash = hashlib.sha256(feats_np.tobytes() + json.dumps(questions).encode()).hexdigest()[:16]
-    samples = make_samples(questions, args.samples, args.seed)
-    lays = layouts(args.csp_llava, [(p, len(imgs)) for p, imgs, _ in samples])
-    ans = answer_tokens(args.csp_llava, sorted({a for _, _, a in samples}))
-    eos = 2  # <|im_end|>
-    print(f"{len(samples)} samples laid out in {time.time() - t0:.0f} s; data hash {data_hash}", file=sys.stderr)
+    tasks = Tasks(questions, args.seed)
+    lay = Layouts(args.csp_llava)
+    krng = random.Random(args.seed + 1)
 
     cfg, w = load_llm(os.path.join(MODEL, "text.gguf"))
     llm = Llama(cfg, w)
     proj = Projector()
-    # start the output at the scale of the token embeddings
-    with torch.no_grad():
-        proj.mm2.weight.mul_(float(llm.emb.std()) / 0.05)
+    if args.init != "none":
+        z = np.load(args.init)
+        with torch.no_grad():
+            for name, lin in (("mm0", proj.mm0), ("mm2", proj.mm2)):
+                lin.weight.copy_(torch.from_numpy(z[name + "_w"].astype(np.float32)))
+                lin.bias.copy_(torch.from_numpy(z[name + "_b"].astype(np.float32)))
+        init_hash = hashlib.sha256(open(args.init, "rb").read()).hexdigest()[:16]
+    else:
+        with torch.no_grad():   # start the output at the scale of the token embeddings
+            proj.mm2.weight.mul_(float(llm.emb.std()) / 0.05)
+        init_hash = "none (random)"
     opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.0)
-    log = []
-    step, seen, i = 0, 0, 0
-    budget = args.minutes * 60
+    print(f"setup {time.time() - t0:.0f} s; data hash {data_hash}; init {args.init} ({init_hash})", file=sys.stderr, flush=True)
+
+    log, mix, by_k = [], {}, {}
+    step, seen_seq, seen_q = 0, 0, 0
+    budget = args.pilot if args.pilot else args.minutes * 60
     start = time.time()
+    next_ckpt = args.ckpt_minutes * 60
     ema = None
-    while time.time() - start < budget and i < len(samples):
-        batch = [(lays[j], samples[j][1], ans[samples[j][2]]) for j in range(i, min(i + args.batch, len(samples)))]
-        i += len(batch)
+    pilot_ks = [1, 4, 8, 16] * 100
+
+    def record(status):
+        el = time.time() - start
+        mixs = ", ".join(f"{t} {100 * n / max(1, seen_q):.0f}%" for t, n in sorted(mix.items(), key=lambda x: -x[1]))
+        ks = ", ".join(f"K={k}: {n[0]} seq / {n[1]:.0f} s" for k, n in sorted(by_k.items()))
+        s = "# Projector training record\n\n"
+        s += f"Status: {status}\n\nCommand: `{cmd}`\n\n"
+        s += f"- torch {torch.__version__}, {args.threads} CPU thread(s); seed {args.seed}; lr {args.lr:g} (warm-up 20 steps, cosine to 10 %)\n"
+        s += f"- data: easy-vqa 1.0 train ({len(questions)} questions, {feats_np.shape[0]} images), DINOv2 features hash {data_hash}\n"
+        s += f"- init: {args.init if args.init == 'none' else os.path.relpath(args.init, os.path.join(HERE, '..'))} (sha256 {init_hash})\n"
+        s += f"- trained {step} steps, {seen_seq} image sequences, {seen_q} question/answer branches, {el:.0f} s (wall {time.time() - t0:.0f} s incl. setup)\n"
+        s += f"- question mix: {mixs}\n- sequences per K (training seconds): {ks}\n"
+        s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; up to {args.branches} branches per multi-image sequence (half with an enumeration, loss weight {args.enum_weight:g})\n\n"
+        s += "| step | sequences | questions | seconds | K | loss | loss (EMA) |\n|---|---|---|---|---|---|---|\n"
+        s += "".join("| " + " | ".join(str(x) for x in r) + " |\n" for r in log)
+        return s
+
+    while time.time() - start < budget:
         frac = (time.time() - start) / budget
+        k = pilot_ks[step] if args.pilot else k_for_step(krng, frac, args.single_share)
+        nb = 4 if k == 1 else args.branches
+        seq_tokens = 3 + k * 70 + nb * 25 + (8 * k if k > 1 else 0)
+        groups = [tasks.group(k, nb) for _ in range(max(1, args.step_tokens // seq_tokens))]
+        lay.fill(groups)
         lr = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
         for g in opt.param_groups:
             g["lr"] = lr
-        h, mask, tgt = build_batch(llm, proj, feats, batch, eos)
-        hidden = llm(h, mask)
+        ts = time.time()
+        h, pos, allowed, tgt, wt = build_batch(llm, proj, feats, groups, lay, args.enum_weight)
+        hidden = llm(h, pos, allowed)
         sel = tgt != -100                       # the LM head only where there is a target
-        loss = F.cross_entropy(hidden[sel] @ llm.emb.T, tgt[sel])
+        ce = F.cross_entropy(hidden[sel] @ llm.emb.T, tgt[sel], reduction="none")
+        nq = sum(len(br) for _, br in groups)
+        loss = (ce * wt[sel]).sum() / nq         # mean over branches of each answer's mean token loss
         opt.zero_grad()
         loss.backward()
         opt.step()
+        dt = time.time() - ts
         step += 1
-        seen += len(batch)
+        seen_seq += len(groups)
+        seen_q += nq
+        for _, br in groups:
+            for t, _, _ in br:
+                mix[t] = mix.get(t, 0) + 1
+        n = by_k.setdefault(k, [0, 0.0])
+        n[0] += len(groups)
+        n[1] += dt
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if args.pilot:
+            print(f"pilot K={k}: {len(groups)} seq x {nq // len(groups)} branches, T={h.shape[1]}, {dt:.1f} s/step, "
+                  f"{dt / len(groups):.2f} s/sequence, {dt / nq:.2f} s/question, loss {loss.item():.3f}", file=sys.stderr, flush=True)
+            continue
         if step % 10 == 0:
-            log.append((step, seen, round(time.time() - start), round(loss.item(), 4), round(ema, 4)))
-            print(f"step {step} samples {seen} {time.time() - start:.0f}s loss {loss.item():.3f} ema {ema:.3f}", file=sys.stderr, flush=True)
-
-    out = os.path.join(HERE, "projector")
-    os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, "projector.npz"),
-             mm0_w=proj.mm0.weight.detach().numpy().astype(np.float16), mm0_b=proj.mm0.bias.detach().numpy().astype(np.float16),
-             mm2_w=proj.mm2.weight.detach().numpy().astype(np.float16), mm2_b=proj.mm2.bias.detach().numpy().astype(np.float16))
-    with open(os.path.join(out, "TRAINING.md"), "w") as f:
-        f.write("# Projector training record\n\n")
-        f.write(f"Command: `models/cache/train-venv/bin/python models/train_projector.py --minutes {args.minutes:g} --seed {args.seed} "
-                f"--batch {args.batch} --lr {args.lr:g} --samples {args.samples} --threads {args.threads}`\n\n")
-        f.write(f"- torch {torch.__version__}, {args.threads} CPU thread(s); seed {args.seed}\n")
-        f.write(f"- data: easy-vqa 1.0 train ({len(questions)} questions, {feats_np.shape[0]} images), DINOv2 features hash {data_hash}\n")
-        f.write(f"- trained {step} steps, {seen} samples, {time.time() - start:.0f} s (wall {time.time() - t0:.0f} s incl. setup)\n")
-        f.write(f"- sample mix: 50% single image, 35% 2-4 images with 'In image k, ...', 15% two-image same color/shape\n\n")
-        f.write("| step | samples | seconds | loss | loss (EMA) |\n|---|---|---|---|---|\n")
-        for r in log:
-            f.write("| " + " | ".join(str(x) for x in r) + " |\n")
-    print("wrote", os.path.join(out, "projector.npz"), file=sys.stderr)
+            log.append((step, seen_seq, seen_q, round(time.time() - start), k, round(loss.item(), 4), round(ema, 4)))
+            print(f"step {step} seq {seen_seq} q {seen_q} {time.time() - start:.0f}s K={k} loss {loss.item():.3f} ema {ema:.3f} lr {lr:.2e}",
+                  file=sys.stderr, flush=True)
+        if time.time() - start >= next_ckpt:
+            mins = round((time.time() - start) / 60)
+            save(os.path.splitext(args.out)[0] + f"-{mins}min.npz", proj, record(f"checkpoint at {mins} min"))
+            save(args.out, proj, record(f"in progress: checkpoint at {mins} min of {args.minutes:g}"))
+            print(f"checkpoint at {mins} min", file=sys.stderr, flush=True)
+            next_ckpt += args.ckpt_minutes * 60
+    if args.pilot:
+        for k, n in sorted(by_k.items()):
+            print(f"K={k}: {n[1] / n[0]:.2f} s per sequence", file=sys.stderr)
+        return
+    save(args.out, proj, record("done"))
+    print("wrote", args.out, file=sys.stderr)
 
 
 if __name__ == "__main__":

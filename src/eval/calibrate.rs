@@ -24,11 +24,10 @@ pub fn calibrate(engine: &Engine, cases: &[Case], budgets: &[f64], ctx: &Context
         return Err(Error::Config { field: "budget", reason: format!("{b} is not a fraction in (0, 1]") });
     }
     let mut per_budget: Vec<Vec<Vec<f64>>> = vec![Vec::new(); budgets.len()];
-    let ctx = ContextConfig { flash_attn: FlashAttn::Off, ..ctx.clone() };
     for (i, case) in cases.iter().enumerate() {
         let req = Request { images: case.images.clone(), prompt: case.prompt.clone(), ..Default::default() };
         let prompt = engine.prepare(&req)?;
-        let mut session = engine.session(&prompt, &ctx, vec![StatRequest { rows: Rows::All, n: 0.0 }])?;
+        let mut session = engine.session(&prompt, ctx, vec![StatRequest { rows: Rows::All, n: 0.0 }])?;
         session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {})?;
         let stats = session.take_stats(&prompt)?;
         let scores = prefixkv::layer_scores(&stats[0]);

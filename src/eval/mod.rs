@@ -193,7 +193,9 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
     let (observe, ctx) = if bounded || requests.is_empty() {
         (Vec::new(), uncapped)
     } else {
-        (requests, ContextConfig { flash_attn: FlashAttn::Off, ..uncapped })
+        // flash attention as configured: the session observes in the graph with it on, and
+        // turns it off only for what must be observed on the host (AirCache's elite window)
+        (requests, uncapped)
     };
     let mut session = engine.session(&prompt, &ctx, observe)?;
     session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {})?;

@@ -61,13 +61,20 @@ pub fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
 /// Votes per-head choices down to exactly `b` of `l` tokens: the last token first (llama.cpp
 /// continues from it: the next position must follow the last cached one), then by the number of
 /// choices keeping a token, then by the score summed over all choices, then by position.
+///
+/// A choice votes for a token it keeps only where its own score for that token is positive, or
+/// the token is in the recent window (the last `r`, kept by rule). A head whose candidates run
+/// out of positive scores fills its keep-set with zero-score tokens by position; every such head
+/// picks the *same* tokens, which would otherwise win the vote unanimously over tokens that real
+/// scores chose (issue 16: the first 7 tokens of image 1 on a 4-image prompt at 0.2).
 #[must_use]
-pub fn vote(choices: &[HeadChoice], l: usize, b: usize) -> Retention {
+pub fn vote(choices: &[HeadChoice], l: usize, b: usize, r: usize) -> Retention {
     let mut votes = vec![0u32; l];
     let mut score = vec![0f32; l];
+    let recent = l.saturating_sub(r);
     for c in choices {
         for &t in &c.keep {
-            if t < l {
+            if t < l && (t >= recent || c.score.get(t).is_some_and(|&s| s > 0.0)) {
                 votes[t] += 1;
             }
         }
@@ -125,7 +132,7 @@ pub fn retain(policy: &dyn Policy, input: &Input<'_>, granularity: Option<Granul
     let choices = policy.choose(input)?;
     let g = granularity.unwrap_or_else(|| policy.granularity());
     let (l, b) = (input.split.l, input.split.b);
-    let mut global = vote(&choices, l, b);
+    let mut global = vote(&choices, l, b, input.split.r);
     let per_layer = choices.iter().any(|c| c.layer.is_some());
     if g == Granularity::Global || !per_layer {
         global.granularity = Granularity::Global;
@@ -150,7 +157,7 @@ pub fn retain(policy: &dyn Policy, input: &Input<'_>, granularity: Option<Granul
             // one set for the layer: its heads voted down to the budget, or the layer's choice
             let set = if per_head {
                 let owned: Vec<HeadChoice> = mine.iter().map(|c| (*c).clone()).collect();
-                vote(&owned, l, b).keep
+                vote(&owned, l, b, input.split.r).keep
             } else {
                 let mut k = vec![false; l];
                 mine.iter().flat_map(|c| &c.keep).filter(|&&t| t < l).for_each(|&t| k[t] = true);
@@ -187,18 +194,36 @@ mod tests {
     fn vote_ranks_by_count_then_score_then_position() {
         let l = 6;
         let choices = vec![
-            HeadChoice { layer: None, head: None, keep: vec![0, 5], score: vec![0.0, 3.0, 1.0, 1.0, 0.0, 0.0] },
-            HeadChoice { layer: None, head: None, keep: vec![1, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
-            HeadChoice { layer: None, head: None, keep: vec![2, 3, 5], score: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0] },
+            HeadChoice { layer: None, head: None, keep: vec![0, 5], score: vec![0.5, 3.0, 1.0, 1.0, 0.0, 0.0] },
+            HeadChoice { layer: None, head: None, keep: vec![1, 5], score: vec![0.0, 0.5, 0.0, 0.0, 0.0, 0.0] },
+            HeadChoice { layer: None, head: None, keep: vec![2, 3, 5], score: vec![0.0, 0.0, 0.5, 0.5, 0.0, 0.0] },
         ];
-        // votes: 0:1 1:1 2:1 3:1 4:0 5:3; scores 1:3, 2:1, 3:1
-        let r = vote(&choices, l, 3);
+        // votes: 0:1 1:1 2:1 3:1 4:0 5:3 (recent, score 0); summed scores 0:0.5 1:3.5 2:1.5 3:1.5
+        let r = vote(&choices, l, 3, 1);
         assert_eq!(r.keep, vec![false, true, true, false, false, true]);
         assert_eq!(r.votes, vec![1, 1, 1, 1, 0, 3]);
-        assert_eq!(vote(&choices, l, 6).keep, vec![true; 6]);
+        assert_eq!(vote(&choices, l, 6, 1).keep, vec![true; 6]);
         // the last token outranks every vote count: a budget of one keeps it
         let first_and_last = vec![HeadChoice { layer: None, head: None, keep: vec![0, 5], score: vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.0] }; 2];
-        assert_eq!(vote(&first_and_last, l, 1).keep, vec![false, false, false, false, false, true]);
-        assert_eq!(vote(&choices[..1], l, 1).keep, vec![false, false, false, false, false, true]);
+        assert_eq!(vote(&first_and_last, l, 1, 1).keep, vec![false, false, false, false, false, true]);
+        assert_eq!(vote(&choices[..1], l, 1, 1).keep, vec![false, false, false, false, false, true]);
+    }
+
+    #[test]
+    fn zero_score_fill_does_not_outvote_real_scores() {
+        // four heads ran out of positive candidates and filled with tokens 0 and 1 by position;
+        // two heads chose token 4 and one token 3 by their scores
+        let l = 8;
+        let fill = HeadChoice { layer: None, head: None, keep: vec![0, 1, 7], score: vec![0.0; 8] };
+        let mut chose4 = fill.clone();
+        chose4.keep = vec![4, 7];
+        chose4.score[4] = 0.2;
+        let mut chose3 = fill.clone();
+        chose3.keep = vec![3, 7];
+        chose3.score[3] = 0.9;
+        let choices = vec![fill.clone(), fill.clone(), fill.clone(), fill, chose4.clone(), chose4, chose3];
+        let r = vote(&choices, l, 3, 1);
+        assert_eq!(r.votes, vec![0, 0, 0, 1, 2, 0, 0, 7], "fill picks carry no vote; the recent window does");
+        assert_eq!(r.keep, vec![false, false, false, true, true, false, false, true]);
     }
 }
