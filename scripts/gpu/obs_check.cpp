@@ -1,6 +1,7 @@
 // Check of patch 0005 (in-graph attention observer) against a double-precision reference computed
 // from the host `kq-<il>` logits (cb_eval, flash attention off), plus logits identity on/off,
-// flash attention on vs off, and the OUT_PROD vs transpose reductions.
+// flash attention on vs off, and the OUT_PROD vs transpose reductions; with patch 0008, AirCache's
+// elite observation window (elite variants) against an f64 implementation of its two steps.
 //
 //   obs_check <text.gguf> [n_prompt=280] [window=40] [n_ubatch=128]
 #include "llama.h"
@@ -30,14 +31,41 @@ struct Sums {
     double junk = 0; // largest |sum| at cells outside the sequence
     long calls = 0;
     long rows[2] = {0, 0};
-    void init() { v.assign((size_t) n_layer*n_head_kv*n_cols*N, 0.0); junk = 0; calls = 0; rows[0] = rows[1] = 0; }
+    // elite variants (patch 0008): per (layer, variant < 2) the elite set by position and the
+    // callback's n_elite_rows / n_rows; `elite_null` counts elite variants called without a set
+    std::vector<int8_t> eset;
+    std::vector<int> n_elite_rows, n_rows;
+    long elite_null = 0, elite_calls = 0;
+    void init() {
+        v.assign((size_t) n_layer*n_head_kv*n_cols*N, 0.0); junk = 0; calls = 0; rows[0] = rows[1] = 0;
+        eset.assign((size_t) n_layer*2*N, 0); n_elite_rows.assign(n_layer*2, -1); n_rows.assign(n_layer*2, -1);
+        elite_null = elite_calls = 0;
+    }
     double & at(int il, int h, int c, int p) { return v[((size_t) (il*n_head_kv + h)*n_cols + c)*N + p]; }
 };
+
+static bool elite_var[3] = { false, false, false }; // which variants of the current run are elite
 
 static bool obs_cb(void * ud, const llama_attn_obs_result * r) {
     auto * s = (Sums *) ud;
     s->calls++;
-    if (r->il == 0) s->rows[r->var] += r->n_rows;
+    if (r->il == 0 && r->var < 2) s->rows[r->var] += r->n_rows;
+#ifdef LLAMA_ATTN_OBS_KEY_TEXT
+    if (elite_var[r->var]) {
+        s->elite_calls++;
+        if (!r->elite) { s->elite_null++; }
+        else {
+            for (int j = 0; j < r->n_kv; ++j) {
+                const llama_pos p = r->cell_pos[j];
+                if (p >= 0 && p < N && r->elite[j] != 0.0f) s->eset[((size_t) r->il*2 + r->var)*N + p] = r->elite[j] == 1.0f ? 1 : 2;
+            }
+        }
+        s->n_elite_rows[r->il*2 + r->var] = r->n_elite_rows;
+        s->n_rows[r->il*2 + r->var] = r->n_rows;
+    } else if (r->elite || r->n_elite_rows) {
+        s->elite_null = -1000000; // a plain variant got elite data
+    }
+#endif
     for (int h = 0; h < r->n_head_kv; ++h) {
         for (int lc = 0; lc < r->n_cols; ++lc) {
             const float * row = r->sums + ((size_t) h*r->n_cols + lc)*r->n_kv;
@@ -153,6 +181,101 @@ static bool qk_cb(ggml_tensor * t, bool ask, void * ud) {
     return true;
 }
 
+#ifdef LLAMA_ATTN_OBS_KEY_TEXT
+// ---- AirCache's elite window (patch 0008) ----
+// every layer's RoPE'd Q and K at every prompt position (K and Q F16-rounded as the observer sees them)
+struct QKAll {
+    int ubatch = -1, d = 0;
+    std::vector<std::vector<float>> Q, K; // [il][pos][head][d]
+};
+
+static bool qkall_cb(ggml_tensor * t, bool ask, void * ud) {
+    auto * R = (QKAll *) ud;
+    const bool isq = strncmp(t->name, "Qcur-", 5) == 0, isk = strncmp(t->name, "Kcur-", 5) == 0;
+    if (!(isq || isk) || t->op != GGML_OP_ROPE) return ask ? false : true;
+    if (ask) return true;
+    const int il = atoi(t->name + 5);
+    const int d = t->ne[0], Hx = t->ne[1], T = t->ne[2];
+    if (T == 1) return true; // decode
+    if (!ggml_is_contiguous(t)) { fprintf(stderr, "non-contiguous %s\n", t->name); exit(1); }
+    std::vector<float> buf(ggml_nelements(t));
+    ggml_backend_tensor_get(t, buf.data(), 0, ggml_nbytes(t));
+    if (isq && il == 0) R->ubatch++;
+    const int start = R->ubatch*NUB;
+    if (R->Q.empty()) { R->d = d; R->Q.assign(n_layer, std::vector<float>((size_t) N*n_head*d)); R->K.assign(n_layer, std::vector<float>((size_t) N*n_head_kv*d)); }
+    auto & dst = isq ? R->Q[il] : R->K[il];
+    for (int i = 0; i < T; ++i) for (int h = 0; h < Hx; ++h) for (int e = 0; e < d; ++e)
+        dst[((size_t) (start + i)*Hx + h)*d + e] = f16r(buf[((size_t) i*Hx + h)*d + e]);
+    return true;
+}
+
+// f64 implementation of the two steps (src/stats/elite.rs): key classes kop (bit 0 text, bit 1
+// eligible), candidate rows = text rows of [ub0, last] (the anchor's ubatch); fresh cache: cell = position.
+struct EliteRef {
+    std::vector<double> s;          // [il][kvh][pos]
+    std::vector<int8_t> eset;       // [il][pos]
+    std::vector<int>    n_obs;      // [il] observed elite rows
+    double min_margin = 1e300;      // min over layers and eligible keys of |att - alpha*top| / top
+};
+
+static EliteRef elite_reference(const QKAll & A, const std::vector<uint8_t> & kop, float alpha, int last, int ub0) {
+    EliteRef R;
+    R.s.assign((size_t) n_layer*n_head_kv*N, 0.0);
+    R.eset.assign((size_t) n_layer*N, 0);
+    R.n_obs.assign(n_layer, 0);
+    const int d = A.d;
+    auto text = [&](int u) { return (kop[u] & 1) != 0; };
+    for (int il = 0; il < n_layer; ++il) {
+        auto logit = [&](int r, int h, int u) {
+            const float * q = A.Q[il].data() + ((size_t) r*n_head + h)*d;
+            const float * k = A.K[il].data() + ((size_t) u*n_head_kv + h/g)*d;
+            double acc = 0;
+            for (int c = 0; c < d; ++c) acc += (double) q[c]*k[c];
+            return acc*kq_scale;
+        };
+        // 1. the anchor over text keys <= last, per head, mean over heads
+        std::vector<double> att(N, 0.0), x(N), e(N);
+        for (int h = 0; h < n_head; ++h) {
+            double m = -INFINITY;
+            for (int u = 0; u <= last; ++u) if (text(u)) { x[u] = logit(last, h, u); m = std::max(m, x[u]); }
+            double z = 0;
+            for (int u = 0; u <= last; ++u) if (text(u)) { e[u] = exp(x[u] - m); z += e[u]; }
+            for (int u = 0; u <= last; ++u) if (text(u)) att[u] += e[u]/z/n_head;
+        }
+        auto elig = [&](int u) { return u <= last && text(u) && (kop[u] & 2); };
+        double top = 0;
+        for (int u = 0; u <= last; ++u) if (elig(u)) top = std::max(top, att[u]);
+        std::vector<char> el(N, 0);
+        for (int u = 0; u <= last; ++u) if (elig(u)) {
+            if (att[u] >= alpha*top) el[u] = 1;
+            if (top > 0) R.min_margin = std::min(R.min_margin, fabs(att[u] - alpha*top)/top);
+        }
+        el[last] = 1;
+        for (int u = 0; u < N; ++u) R.eset[(size_t) il*N + u] = el[u];
+        // 2. elite rows of the anchor's ubatch over media + elite text keys
+        std::vector<int> rows;
+        for (int r = ub0; r <= last; ++r) if (text(r) && el[r]) rows.push_back(r);
+        R.n_obs[il] = (int) rows.size();
+        for (int h = 0; h < n_head; ++h) {
+            for (int r : rows) {
+                double m = -INFINITY;
+                for (int u = 0; u <= r; ++u) if (!text(u) || el[u]) { x[u] = logit(r, h, u); m = std::max(m, x[u]); }
+                double z = 0;
+                for (int u = 0; u <= r; ++u) if (!text(u) || el[u]) { e[u] = exp(x[u] - m); z += e[u]; }
+                for (int u = 0; u <= r; ++u) if (!text(u)) R.s[((size_t) il*n_head_kv + h/g)*N + u] += e[u]/z;
+            }
+        }
+        const double w = 1.0/(std::max<size_t>(rows.size(), 1)*g);
+        for (int h = 0; h < n_head_kv; ++h) for (int u = 0; u < N; ++u) R.s[((size_t) il*n_head_kv + h)*N + u] *= w;
+    }
+    return R;
+}
+#endif
+
+#ifdef LLAMA_ATTN_OBS_KEY_TEXT
+static QKAll * g_qkall = nullptr; // capture Q/K of every layer in run()
+#endif
+
 struct Run {
     Sums obs;
     std::vector<std::vector<float>> logits; // prompt last row, then each decode step
@@ -160,7 +283,8 @@ struct Run {
 
 static void run(llama_model * model, const std::vector<llama_token> & toks, bool fa, bool observe, uint32_t flags,
         Ref * ref, Run & out, int n_decode, QKRef * qkref = nullptr,
-        const std::vector<uint64_t> * table = nullptr, bool off_after_prompt = false) {
+        const std::vector<uint64_t> * table = nullptr, bool off_after_prompt = false,
+        const llama_attn_obs_params * custom = nullptr) {
     auto cp = llama_context_default_params();
     cp.n_ctx = 1024;
     cp.n_batch = 512;
@@ -169,6 +293,9 @@ static void run(llama_model * model, const std::vector<llama_token> & toks, bool
     cp.flash_attn_type = fa ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.no_perf = true;
     if (ref) { cp.cb_eval = eval_cb; cp.cb_eval_user_data = ref; }
+#ifdef LLAMA_ATTN_OBS_KEY_TEXT
+    if (g_qkall) { cp.cb_eval = qkall_cb; cp.cb_eval_user_data = g_qkall; }
+#endif
     if (qkref) { cp.cb_eval = qk_cb; cp.cb_eval_user_data = qkref; }
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "context failed\n"); exit(1); }
@@ -181,6 +308,7 @@ static void run(llama_model * model, const std::vector<llama_token> & toks, bool
         p.n_pos = (int32_t) table->size(); p.cols_of_pos = table->data();
         p.n_rows_chunk = 48; // several chunks per ubatch
         p.flags = flags; p.cb = obs_cb; p.user_data = &out.obs;
+        if (custom) { p = *custom; p.flags = flags; p.cb = obs_cb; p.user_data = &out.obs; }
         if (!llama_set_attn_observer(ctx, &p)) { fprintf(stderr, "set observer failed\n"); exit(1); }
     }
     llama_batch b = llama_batch_init(N, 0, 1);
@@ -232,6 +360,126 @@ static bool same_logits(const Run & a, const Run & b) {
     }
     return true;
 }
+
+#ifdef LLAMA_ATTN_OBS_KEY_TEXT
+// (6) AirCache's elite window (patch 0008): two elite variants (alpha 0.3 and 1.0, one column each)
+// next to an H2O all-rows variant, keep_sink off and on; the prompt's last ubatch holds text rows on
+// both sides of a second media run.
+static bool elite_checks(llama_model * model, const std::vector<llama_token> & toks, const Run & B, const Run & C,
+        const Run & E, int n_decode) {
+    bool ok = true;
+    const int last = N - 1, ub0 = (last/NUB)*NUB;
+    auto media = [&](int p) { return is_media(p) || (p >= N - 22 && p < N - 14 && p >= ub0 + 2); };
+    int n_cand = 0, n_media_last_ub = 0;
+    for (int p = ub0; p <= last; ++p) { n_cand += !media(p); n_media_last_ub += media(p); }
+    static const float   alphas[2] = { 0.3f, 1.0f };
+    static const float   n3[3]     = { 0.0f, 0.0f, 0.0f };
+    static const int32_t cv[4]     = { 0, 1, 2, 2 };
+    std::vector<uint64_t> cop(N, 0);
+    for (int p = 0; p < N; ++p) {
+        if (!media(p) && p <= last) cop[p] |= 3ull;           // elite candidates: text rows <= last
+        cop[p] |= 1ull << (2 + (is_media(p) ? 1 : 0));       // H2O all rows, as in run B's columns 2, 3
+    }
+    printf("(6) elite window: anchor %d, its ubatch [%d, %d]: %d text rows (candidates), %d media rows; media keys %d\n",
+            last, ub0, last, n_cand, n_media_last_ub, (int) [&] { int c = 0; for (int p = 0; p < N; ++p) c += media(p); return c; }());
+    for (int keep_sink = 0; keep_sink < 2; ++keep_sink) {
+        std::vector<uint8_t> kop(N);
+        for (int p = 0; p < N; ++p) kop[p] = media(p) ? 0 : (uint8_t) (LLAMA_ATTN_OBS_KEY_TEXT | (p != 0 || keep_sink ? LLAMA_ATTN_OBS_KEY_ELIGIBLE : 0));
+        const float alpha3[3] = { alphas[0], alphas[1], 0.0f };
+        llama_attn_obs_params P = {};
+        P.seq = 0; P.n_var = 3; P.n = n3; P.n_cols = 4; P.col_var = cv;
+        P.n_pos = N; P.cols_of_pos = cop.data(); P.n_rows_chunk = 16; // several chunks in the anchor's ubatch
+        P.var_elite_alpha = alpha3; P.key_of_pos = kop.data(); P.elite_last = last;
+        elite_var[0] = elite_var[1] = true; elite_var[2] = false;
+
+        Run X1, X2, X3, X4;
+        QKAll qk;
+        run(model, toks, true,  true, 0, nullptr, X1, n_decode, nullptr, nullptr, false, &P);
+        run(model, toks, true,  true, LLAMA_ATTN_OBS_FORCE_TRANSPOSE, nullptr, X2, n_decode, nullptr, nullptr, false, &P);
+        g_qkall = &qk;
+        run(model, toks, true,  true, 0, nullptr, X3, 0, nullptr, nullptr, false, &P);
+        g_qkall = nullptr;
+        run(model, toks, false, true, 0, nullptr, X4, n_decode, nullptr, nullptr, false, &P);
+
+        printf("  keep_sink %d:\n", keep_sink);
+        for (int v = 0; v < 2; ++v) {
+            const EliteRef R = elite_reference(qk, kop, alphas[v], last, ub0);
+            double err = 0, err0_fa_off = 0, mv = 0, text_max = 0, dtr = 0, dcap = 0, mass_min = 1e9, mass_max = 0;
+            int set_mismatch = 0, nrow_mismatch = 0, size_min = 1 << 30, size_max = 0, obs_min = 1 << 30, obs_max = 0;
+            for (int il = 0; il < n_layer; ++il) {
+                int size = 0;
+                for (int p = 0; p < N; ++p) {
+                    set_mismatch += X3.obs.eset[((size_t) il*2 + v)*N + p] != R.eset[(size_t) il*N + p];
+                    size += R.eset[(size_t) il*N + p];
+                }
+                size_min = std::min(size_min, size); size_max = std::max(size_max, size);
+                obs_min = std::min(obs_min, R.n_obs[il]); obs_max = std::max(obs_max, R.n_obs[il]);
+                nrow_mismatch += X3.obs.n_elite_rows[il*2 + v] != R.n_obs[il] || X3.obs.n_rows[il*2 + v] != n_cand;
+                for (int h = 0; h < n_head_kv; ++h) {
+                    double mass = 0;
+                    for (int p = 0; p < N; ++p) {
+                        const double ref = R.s[((size_t) il*n_head_kv + h)*N + p];
+                        const double got = X3.obs.at(il, h, v, p);
+                        if (media(p)) { err = std::max(err, fabs(got - ref)); mv = std::max(mv, fabs(ref)); mass += got; }
+                        else text_max = std::max(text_max, fabs(got));
+                        if (il == 0) err0_fa_off = std::max(err0_fa_off, fabs(X4.obs.at(il, h, v, p) - ref));
+                        dtr  = std::max(dtr,  fabs(X2.obs.at(il, h, v, p) - X1.obs.at(il, h, v, p)));
+                        dcap = std::max(dcap, fabs(X3.obs.at(il, h, v, p) - X1.obs.at(il, h, v, p)));
+                    }
+                    mass_min = std::min(mass_min, mass); mass_max = std::max(mass_max, mass);
+                }
+            }
+            const bool pass = err <= 1e-4 && text_max == 0 && set_mismatch == 0 && nrow_mismatch == 0 && err0_fa_off <= 1e-4 && dtr/mv <= 1e-6;
+            printf("    alpha %.1f: elite set %d..%d keys (+anchor), observed elite rows %d..%d of %d; vs f64 (FA on, all layers): max abs err %.3g (max value %.3g),"
+                   " text cells max |sum| %.3g, elite-set mismatches %d, n_elite_rows/n_rows mismatches %d; FA off layer 0: %.3g;"
+                   " transpose vs OUT_PROD %.3g (rel %.3g); with vs without cb_eval %.3g; media mass per (layer, kv head) %.3f..%.3f;"
+                   " nearest threshold margin %.3g of top  %s\n",
+                   alphas[v], size_min, size_max, obs_min, obs_max, n_cand, err, mv, text_max, set_mismatch, nrow_mismatch, err0_fa_off,
+                   dtr, dtr/mv, dcap, mass_min, mass_max, R.min_margin, pass ? "OK" : "FAIL");
+            ok &= pass;
+        }
+        // the H2O variant alongside: the same sums as run B's columns 2, 3
+        double dh = 0;
+        for (int il = 0; il < n_layer; ++il) for (int h = 0; h < n_head_kv; ++h) for (int c = 2; c < 4; ++c) for (int p = 0; p < N; ++p)
+            dh = std::max(dh, fabs(X1.obs.at(il, h, c, p) - B.obs.at(il, h, c, p)));
+        const long exp_elite_calls = 2L*n_layer;
+        const bool lg1 = same_logits(X1, C), lg2 = same_logits(X2, C), lg4 = same_logits(X4, E);
+        printf("    H2O variant beside them vs run B: max abs diff %.3g; elite callbacks %ld (expect %ld, anchor's ubatch only), without a set %ld;"
+               " junk %.3g %.3g; logits (prompt + %d decode steps) vs observer off: OUT_PROD %s, transpose %s, FA off %s\n",
+               dh, X1.obs.elite_calls, exp_elite_calls, X1.obs.elite_null, X1.obs.junk, X2.obs.junk, n_decode,
+               lg1 ? "IDENTICAL" : "DIFFER", lg2 ? "IDENTICAL" : "DIFFER", lg4 ? "IDENTICAL" : "DIFFER");
+        ok &= dh <= 1e-6 && X1.obs.elite_calls == exp_elite_calls && X1.obs.elite_null == 0 && X2.obs.elite_null == 0 &&
+              X1.obs.junk == 0 && X2.obs.junk == 0 && lg1 && lg2 && lg4;
+
+        if (keep_sink == 0) { // invalid parameters are refused, the observer unchanged
+            auto cp = llama_context_default_params();
+            cp.n_ctx = 512; cp.n_ubatch = NUB; cp.no_perf = true;
+            llama_context * ctx = llama_init_from_model(model, cp);
+            Sums dummy; dummy.init();
+            llama_attn_obs_params Q = P; Q.cb = obs_cb; Q.user_data = &dummy;
+            int refused = 0, n_bad = 0;
+            auto bad = [&](llama_attn_obs_params x) { ++n_bad; llama_log_set([](ggml_log_level, const char *, void *) {}, nullptr);
+                refused += !llama_set_attn_observer(ctx, &x);
+                llama_log_set([](ggml_log_level l, const char * t, void *) { if (l >= GGML_LOG_LEVEL_ERROR) fputs(t, stderr); }, nullptr); };
+            const float n_bad_v[3] = { 1.0f, 0.0f, 0.0f }, a_nan[3] = { NAN, 0, 0 }, a_neg[3] = { -1, 0, 0 };
+            std::vector<uint64_t> cop2 = cop; cop2[last] = 1ull << 2;
+            { auto x = Q; x.n = n_bad_v; bad(x); }
+            { auto x = Q; x.key_of_pos = nullptr; bad(x); }
+            { auto x = Q; x.elite_last = N; bad(x); }
+            { auto x = Q; x.elite_last = -1; bad(x); }
+            { auto x = Q; x.cols_of_pos = cop2.data(); bad(x); }
+            { auto x = Q; x.var_elite_alpha = a_nan; bad(x); }
+            { auto x = Q; x.var_elite_alpha = a_neg; bad(x); }
+            const bool good = llama_set_attn_observer(ctx, &Q);
+            printf("    invalid elite parameters refused: %d of %d; valid accepted: %s\n", refused, n_bad, good ? "yes" : "NO");
+            ok &= refused == n_bad && good;
+            llama_free(ctx);
+        }
+    }
+    elite_var[0] = elite_var[1] = elite_var[2] = false;
+    return ok;
+}
+#endif
 
 int main(int argc, char ** argv) {
     if (argc < 2) { fprintf(stderr, "usage: %s text.gguf [n_prompt] [window] [n_ubatch]\n", argv[0]); return 2; }
@@ -336,6 +584,11 @@ int main(int argc, char ** argv) {
         const double e6 = max_err(Hh.obs, B.obs);
         ok &= e6 == 0;
     }
+#ifdef LLAMA_ATTN_OBS_KEY_TEXT
+    ok &= elite_checks(model, toks, B, C, E, n_decode);
+#else
+    printf("(6) elite window: llama.h lacks patch 0008, not checked\n");
+#endif
     printf("%s\n", ok ? "ALL OK" : "SOME CHECKS FAILED");
     llama_model_free(model);
     return ok ? 0 : 1;

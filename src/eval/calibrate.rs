@@ -5,7 +5,7 @@
 //! the natural reading).
 
 use super::Case;
-use crate::config::{ContextConfig, FlashAttn, Request};
+use crate::config::{ContextConfig, Request};
 use crate::engine::{Engine, PrefillMode};
 use crate::error::{Error, Result};
 use crate::stats::{Rows, StatRequest};

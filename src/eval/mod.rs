@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ContextConfig, FlashAttn, Request, SamplingConfig};
+use crate::config::{ContextConfig, Request, SamplingConfig};
 use crate::engine::{Engine, PrefillMode, Session};
 use crate::error::Result;
 use crate::stats::StatRequest;
