@@ -159,3 +159,67 @@ fn eval_at_budget_one_matches_the_full_cache() {
         assert!(row["accuracy"].is_null(), "no answers: accuracy does not apply");
     }
 }
+
+#[test]
+fn eval_asks_several_questions_of_one_pruned_cache() {
+    let data = write_cases(
+        "eval-multi",
+        &[r#"{"id": "m", "images": ["img-1.png", "img-2.png", "img-3.png"], "questions": [{"prompt": "In image 1, what shape is it?", "answer": "circle"}, {"prompt": "Describe each image.", "answer": "Image 1: red circle. Image 2: blue square. Image 3: red circle."}, {"prompt": "How many images are there?", "answer": "3"}]}"#.into()],
+    );
+    let cases_out = data.with_file_name("out.jsonl");
+    let out = csp(&["eval", "--data", data.to_str().unwrap(), "-n", "6", "--kv-policy", "full,csp,h2o", "--kv-budget", "0.5", "-o", "json", "--cases-out", cases_out.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["protocol"], "multi-question");
+    let line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&cases_out).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(line["full_answers"].as_array().unwrap().len(), 3, "{line}");
+    let results = line["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3 * 3, "three policies × three questions");
+    for q in 0..3u64 {
+        let of_q: Vec<&serde_json::Value> = results.iter().filter(|r| r["question"].as_u64().unwrap_or(0) == q).collect();
+        assert_eq!(of_q.len(), 3, "question {q}");
+        let full = of_q.iter().find(|r| r["policy"] == "full").unwrap();
+        // the full cache answers each question as its own reference
+        assert_eq!(full["kl"], 0.0, "{full}");
+        assert_eq!(full["prediction"], line["full_answers"][q as usize]);
+        // only the enumeration has a per-image accuracy; every question a perplexity
+        assert_eq!(full["per_image_accuracy"].is_null(), q != 1, "{full}");
+        assert!(full["perplexity"].as_f64().unwrap() >= 1.0, "{full}");
+    }
+    // pruned once, asked three times: the cells kept are the same for every question
+    let kept: Vec<u64> = results.iter().filter(|r| r["policy"] == "csp").map(|r| r["kv_cells_after"].as_u64().unwrap()).collect();
+    assert!(kept.windows(2).all(|w| w[0] == w[1]), "{kept:?}");
+    // paired comparisons: every policy against full and each other, over the 3 questions
+    let paired = v["paired"].as_array().unwrap();
+    let find = |a: &str, b: &str, m: &str| paired.iter().find(|p| p["a"] == a && p["b"] == b && p["metric"] == m).unwrap_or_else(|| panic!("{a} vs {b} {m}: {paired:?}"));
+    let p = find("csp", "full", "accuracy");
+    assert_eq!(p["n"], 3);
+    assert_eq!(p["budget"], "0.5");
+    assert_eq!(p["wins_a"].as_u64().unwrap() + p["wins_b"].as_u64().unwrap() + p["ties"].as_u64().unwrap(), 3);
+    assert_eq!(find("csp", "h2o", "kl")["n"], 3);
+    assert_eq!(find("h2o", "full", "per_image_accuracy")["n"], 1);
+    // markdown names the protocol and shows the paired table
+    let md = csp(&["eval", "--data", data.to_str().unwrap(), "-n", "4", "--kv-policy", "full,csp", "--kv-budget", "0.5"]);
+    let text = String::from_utf8_lossy(&md.stdout);
+    assert!(text.starts_with("Protocol: multi-question"), "{text}");
+    assert!(text.contains("| csp | full | 0.5 | accuracy | 3 |"), "{text}");
+}
+
+#[test]
+fn eval_refuses_malformed_multi_question_cases() {
+    let data = write_cases(
+        "eval-multi-bad",
+        &[
+            r#"{"id": "both", "images": ["img-1.png"], "prompt": "What?", "questions": [{"prompt": "a"}, {"prompt": "b"}]}"#.into(),
+            r#"{"id": "none", "images": ["img-1.png"]}"#.into(),
+            r#"{"id": "markers", "images": ["img-1.png"], "questions": [{"prompt": "Look: <image> what is it?"}, {"prompt": "What color?"}]}"#.into(),
+        ],
+    );
+    let out = csp(&["eval", "--data", data.to_str().unwrap(), "-n", "2", "--kv-policy", "full", "-o", "json"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not both"), "{err}");
+    assert!(err.contains("neither a prompt nor questions"), "{err}");
+    assert!(err.contains("images before each question") || err.contains("share everything before them"), "{err}");
+    assert!(err.contains("3 of 3 case(s) failed"), "{err}");
+}

@@ -18,6 +18,55 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
 }
 
+/// Negative log-likelihood of `target` under the softmax of `logits`, in nats.
+#[must_use]
+pub fn nll(logits: &[f32], target: usize) -> f64 {
+    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits.iter().map(|&x| f64::from(x - mx).exp()).sum::<f64>().ln() + f64::from(mx);
+    logits.get(target).map_or(f64::INFINITY, |&x| lse - f64::from(x))
+}
+
+/// The `Image k: …` items of an enumeration answer ("Image 1: red circle. Image 2: …"), by k:
+/// each item's text up to the next item, normalised (the label in any case). Empty when the text has none.
+#[must_use]
+pub fn enumeration_items(text: &str) -> Vec<(usize, String)> {
+    let mut starts: Vec<(usize, usize, usize)> = Vec::new(); // (label start, text start, k)
+    let lower = text.to_ascii_lowercase(); // same byte offsets
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("image ").map(|i| i + from) {
+        let rest = &text[i + 6..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && rest[digits..].starts_with(':') {
+            if let Ok(k) = rest[..digits].parse() {
+                starts.push((i, i + 6 + digits + 1, k));
+            }
+        }
+        from = i + 6;
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(n, &(_, a, k))| {
+            let end = starts.get(n + 1).map_or(text.len(), |s| s.0);
+            (k, normalize(&text[a..end]))
+        })
+        .collect()
+}
+
+/// Per-image accuracy of an enumeration answer: the share of the expected items
+/// (`Image k: …`) the prediction states the same for the same k (normalised; the first item a
+/// prediction gives for k counts). `None` when the expected answer is no enumeration.
+#[must_use]
+pub fn per_image_accuracy(prediction: &str, answer: &str) -> Option<f64> {
+    let expected = enumeration_items(answer);
+    if expected.is_empty() {
+        return None;
+    }
+    let got = enumeration_items(prediction);
+    let right = expected.iter().filter(|(k, want)| got.iter().find(|(j, _)| j == k).is_some_and(|(_, g)| g == want)).count();
+    Some(right as f64 / expected.len() as f64)
+}
+
 /// Index of the largest logit (first on ties).
 #[must_use]
 pub fn argmax(x: &[f32]) -> usize {
@@ -109,6 +158,26 @@ mod tests {
         assert!(contains("It is a red circle.", "Circle"));
         assert!(!contains("circles", "circle"));
         assert!(!contains("anything", ""));
+    }
+
+    #[test]
+    fn enumerations_are_scored_per_image() {
+        let want = "Image 1: red circle. Image 2: blue triangle. Image 3: gray rectangle.";
+        assert_eq!(per_image_accuracy(want, want), Some(1.0));
+        assert_eq!(per_image_accuracy("Image 1: red circle. Image 2: blue circle. Image 3: gray rectangle.", want), Some(2.0 / 3.0));
+        // order, spacing and case do not matter; a missing image counts as wrong
+        assert_eq!(per_image_accuracy("image 3: Gray rectangle; Image 1:red circle", want), Some(2.0 / 3.0));
+        assert_eq!(per_image_accuracy("a red circle", want), Some(0.0));
+        assert_eq!(per_image_accuracy("anything", "circle"), None);
+        assert_eq!(enumeration_items("Image 12: x. Image : y"), vec![(12, "x image y".to_owned())]);
+    }
+
+    #[test]
+    fn nll_of_a_target() {
+        let l = [0.0f32, 0.0];
+        assert!((nll(&l, 1) - std::f64::consts::LN_2).abs() < 1e-12);
+        assert!(nll(&[10.0, -10.0], 0) < 1e-6);
+        assert_eq!(nll(&l, 5), f64::INFINITY);
     }
 
     #[test]

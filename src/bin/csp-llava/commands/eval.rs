@@ -85,10 +85,16 @@ pub fn eval(a: &EvalArgs, verbose: u8) -> Result<()> {
     bar.finish_and_clear();
     let failed = results.iter().filter(|r| !r.ok).count();
     let summary = eval::summarize(&results);
+    let paired = eval::paired(&results);
+    let protocol = cfg.protocol_name(&results);
     let mut stdout = std::io::stdout().lock();
     match a.output {
-        EvalOutput::Md => write!(stdout, "{}", eval::markdown(&summary, failed))?,
-        EvalOutput::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "failed": failed }))?)?,
+        EvalOutput::Md => write!(stdout, "{}", eval::markdown(&summary, &paired, &protocol, failed))?,
+        EvalOutput::Json => writeln!(
+            stdout,
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "protocol": protocol, "summary": summary, "paired": paired, "failed": failed }))?
+        )?,
     }
     stdout.flush()?;
     if failed > 0 {
