@@ -86,7 +86,7 @@ fn selection(c: &mut Criterion) {
     for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
         let p = kind.build(&PolicyConfig::default()).unwrap();
         c.bench_function(&format!("select: {kind}, 32 layers × 32 KV heads × 4096 tokens, budget 0.2"), |b| {
-            b.iter(|| policy::retain(p.as_ref(), &policy::Input { modality: &modality, split, stats: Some(&stats) }, None).unwrap());
+            b.iter(|| policy::retain(p.as_ref(), &policy::Input { modality: &modality, split, stats: Some(&stats), protect: Default::default() }, None).unwrap());
         });
     }
 }

@@ -38,6 +38,7 @@ impl Engine {
             shrink: false,
             granularity: policy_cfg.granularity,
             decode_sink: policy_cfg.decode_sink_n(),
+            protect: policy_cfg.protect,
         })
     }
 
@@ -82,6 +83,8 @@ pub struct Plan {
     pub granularity: Option<policy::Granularity>,
     /// n of the n-softmax applied at decode (`--csp-decode-sink`).
     pub decode_sink: Option<f32>,
+    /// Protected sink tokens (`--kv-protect-first`, `--kv-protect-image`).
+    pub protect: policy::Protect,
 }
 
 impl Plan {
@@ -105,7 +108,7 @@ impl Plan {
         let whole = cached.len() == prompt.n_tokens() && !over;
         let (retention, decode_eviction) = if let (true, Some(split)) = (whole, split) {
             let modality = prompt.token_modalities();
-            let input = policy::Input { modality: &modality, split, stats };
+            let input = policy::Input { modality: &modality, split, stats, protect: self.protect };
             let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
             let de = self.policy.decode_eviction(&input, &retention)?;
             (retention, de.map(|de| (de, None)))
@@ -116,7 +119,7 @@ impl Plan {
             let gathered = stats.map(|s| s.gather(&cached));
             let view = stream::View::new(prompt, cached, gathered);
             let sel = view.retain(self, b, granularity)?;
-            let de = self.policy.decode_eviction(&view.input(sel.split), &sel.sub)?;
+            let de = self.policy.decode_eviction(&view.input(sel.split, self.protect), &sel.sub)?;
             (sel.full, de.map(|de| (de, Some(view.tokens))))
         };
         pruning.score_ms = session.observe_ms() + ms(t);

@@ -190,15 +190,15 @@ impl View {
     }
 
     /// The policy's input for a budget of `keep` cells on the view.
-    pub(super) fn input(&self, split: Split) -> policy::Input<'_> {
-        policy::Input { modality: &self.modality, split, stats: self.stats.as_ref() }
+    pub(super) fn input(&self, split: Split, protect: policy::Protect) -> policy::Input<'_> {
+        policy::Input { modality: &self.modality, split, stats: self.stats.as_ref(), protect }
     }
 
     /// Runs `plan`'s policy to keep `keep` of the view's tokens (the last one always), the
     /// budget resolved by the policy ([`policy::Policy::split`]).
     pub(super) fn retain(&self, plan: &Plan, keep: usize, granularity: Option<Granularity>) -> Result<Selection> {
         let split = plan.policy.split(Target::Cells(keep), &self.modality, plan.recent_bias)?;
-        let mut sub = policy::retain(plan.policy.as_ref(), &self.input(split), granularity)?;
+        let mut sub = policy::retain(plan.policy.as_ref(), &self.input(split, plan.protect), granularity)?;
         keep_last(&mut sub);
         Ok(Selection { full: sub.expand(&self.tokens, self.l), sub, split })
     }

@@ -118,6 +118,10 @@ impl Policy for Csp {
         "csp"
     }
 
+    fn protects_sinks(&self) -> bool {
+        true
+    }
+
     fn request(&self, split: &Split, obs_window: Option<usize>) -> Option<StatRequest> {
         let o = obs_window.unwrap_or(split.recent).max(1);
         Some(StatRequest { rows: Rows::Last(o), n: self.n })

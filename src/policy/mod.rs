@@ -41,6 +41,7 @@ mod csp;
 mod full;
 mod h2o;
 pub mod prefixkv;
+pub mod protect;
 mod random;
 pub mod registry;
 mod retention;
@@ -59,6 +60,7 @@ pub use csp::{preset as csp_preset, Csp, CSP_PRESETS};
 pub use full::Full;
 pub use h2o::H2o;
 pub use prefixkv::{PrefixKv, PrefixKvParams, Profile};
+pub use protect::Protect;
 pub use random::Random;
 pub use registry::{Params, PolicyConfig, PolicyKind, PolicySpec};
 pub use retention::{HeadChoice, HeadKeep, Retention};
@@ -79,6 +81,8 @@ pub struct Input<'a> {
     pub split: Split,
     /// Attention statistics, when the policy asked for them.
     pub stats: Option<&'a AttentionStats>,
+    /// Protected sink tokens ([`Policy::protects_sinks`] policies only).
+    pub protect: Protect,
 }
 
 /// A policy's decision for one (layer, KV head), one layer (`head: None`) or the whole model
@@ -125,6 +129,13 @@ pub trait Policy: fmt::Debug + Send + Sync {
     /// released, leave text-only prompts alone; `full` leaves every prompt alone).
     fn applies(&self, _modality: &[Modality]) -> bool {
         true
+    }
+
+    /// Whether [`Input::protect`] applies: the window-based policies whose selection spends
+    /// the whole budget by score (CSP, SnapKV). The shared selection keeps the protected
+    /// tokens and hands the policy a budget `k` smaller by their number.
+    fn protects_sinks(&self) -> bool {
+        false
     }
 
     /// Whether the policy ever evicts — `full` does not, so a cache cap is refused with it.

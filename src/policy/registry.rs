@@ -113,6 +113,10 @@ pub struct PolicyConfig {
     /// CSP: n-softmax at decode too (a sink logit ln n per head in every layer; paper Eq. 7),
     /// with CSP's `n`.
     pub decode_sink: bool,
+    /// Protected sink tokens of the window-based policies (CSP, SnapKV): the prompt's first
+    /// tokens and each image's first tokens, counted in the budget. Default: none (the methods
+    /// as released).
+    pub protect: super::Protect,
     /// Each policy's parameters.
     pub params: Params,
 }
@@ -126,6 +130,7 @@ impl Default for PolicyConfig {
             obs_window: None,
             granularity: None,
             decode_sink: false,
+            protect: super::Protect::default(),
             params: Params::default(),
         }
     }

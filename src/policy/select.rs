@@ -9,7 +9,7 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
-use super::{Granularity, HeadChoice, HeadKeep, Input, Pick, Policy, Retention};
+use super::{Granularity, HeadChoice, HeadKeep, Input, Pick, Policy, Retention, Split};
 use crate::error::Result;
 
 /// Score descending, then index ascending; NaN ranks last.
@@ -63,18 +63,20 @@ pub fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
 /// choices keeping a token, then by the score summed over all choices, then by position.
 ///
 /// A choice votes for a token it keeps only where its own score for that token is positive, or
-/// the token is in the recent window (the last `r`, kept by rule). A head whose candidates run
-/// out of positive scores fills its keep-set with zero-score tokens by position; every such head
-/// picks the *same* tokens, which would otherwise win the vote unanimously over tokens that real
-/// scores chose (issue 16: the first 7 tokens of image 1 on a 4-image prompt at 0.2).
+/// the token is `fixed` (the recent window and protected sinks, kept by rule). A head whose
+/// candidates run out of positive scores fills its keep-set with zero-score tokens by position;
+/// every such head picks the *same* tokens, which would otherwise win the vote unanimously over
+/// tokens that real scores chose (issue 16: the first 7 tokens of image 1 on a 4-image prompt
+/// at 0.2).
 #[must_use]
-pub fn vote(choices: &[HeadChoice], l: usize, b: usize, r: usize) -> Retention {
+pub fn vote(choices: &[HeadChoice], l: usize, b: usize, fixed: &[usize]) -> Retention {
     let mut votes = vec![0u32; l];
     let mut score = vec![0f32; l];
-    let recent = l.saturating_sub(r);
+    let mut is_fixed = vec![false; l];
+    fixed.iter().filter(|&&t| t < l).for_each(|&t| is_fixed[t] = true);
     for c in choices {
         for &t in &c.keep {
-            if t < l && (t >= recent || c.score.get(t).is_some_and(|&s| s > 0.0)) {
+            if t < l && (is_fixed[t] || c.score.get(t).is_some_and(|&s| s > 0.0)) {
                 votes[t] += 1;
             }
         }
@@ -98,6 +100,24 @@ pub fn vote(choices: &[HeadChoice], l: usize, b: usize, r: usize) -> Retention {
     Retention { keep, votes, score, granularity: Granularity::Global, per_head: None }
 }
 
+/// The protected sink tokens of `input` for `policy` (none unless it
+/// [`protects_sinks`](Policy::protects_sinks)), at most the budget's `k`.
+fn protected(policy: &(impl Policy + ?Sized), input: &Input<'_>) -> Vec<usize> {
+    if !policy.protects_sinks() || !input.protect.any() {
+        return Vec::new();
+    }
+    let mut p = input.protect.tokens(input.modality, input.split.l - input.split.r);
+    p.truncate(input.split.k);
+    p
+}
+
+/// Tokens every choice keeps by rule: the recent window and the protected sinks.
+fn fixed_tokens(policy: &dyn Policy, input: &Input<'_>) -> Vec<usize> {
+    let mut f = protected(policy, input);
+    f.extend(input.split.recent_window());
+    f
+}
+
 /// The shared completion of a policy's picks, as a method: `policy.choose(&input)`.
 pub trait Choose {
     /// Every [`Pick`] of [`Policy::pick`] as a keep-set: the policy's own tokens, or the `k`
@@ -111,11 +131,31 @@ pub trait Choose {
 impl<P: Policy + ?Sized> Choose for P {
     fn choose(&self, input: &Input<'_>) -> Result<Vec<HeadChoice>> {
         let split = input.split;
+        // protected sinks take their cells out of the policy's k
+        let sinks = protected(self, input);
+        let inner = Input { split: Split { k: split.k - sinks.len(), ..split }, ..*input };
+        let mut is_sink = vec![false; split.l];
+        sinks.iter().for_each(|&t| is_sink[t] = true);
         Ok(self
-            .pick(input)?
+            .pick(&inner)?
             .into_iter()
             .map(|Pick { layer, head, score, keep }| {
-                let mut keep = keep.unwrap_or_else(|| top_k(&score, split.candidates(), split.k));
+                let mut keep = keep.unwrap_or_else(|| {
+                    let mut best = top_k(&score, split.candidates(), inner.split.k + sinks.len());
+                    best.retain(|&t| !is_sink[t]);
+                    best.truncate(inner.split.k);
+                    best
+                });
+                let want = keep.len();
+                keep.retain(|&t| !is_sink[t]);
+                if keep.len() < want {
+                    // the policy chose protected tokens itself: the next best by its score
+                    let mut taken = is_sink.clone();
+                    keep.iter().for_each(|&t| taken[t] = true);
+                    let more = top_k(&score, split.candidates(), want + sinks.len() + keep.len());
+                    keep.extend(more.into_iter().filter(|&t| !taken[t]).take(want - keep.len()));
+                }
+                keep.extend(&sinks);
                 keep.extend(split.recent_window());
                 HeadChoice { layer, head, keep, score }
             })
@@ -132,7 +172,8 @@ pub fn retain(policy: &dyn Policy, input: &Input<'_>, granularity: Option<Granul
     let choices = policy.choose(input)?;
     let g = granularity.unwrap_or_else(|| policy.granularity());
     let (l, b) = (input.split.l, input.split.b);
-    let mut global = vote(&choices, l, b, input.split.r);
+    let fixed = fixed_tokens(policy, input);
+    let mut global = vote(&choices, l, b, &fixed);
     let per_layer = choices.iter().any(|c| c.layer.is_some());
     if g == Granularity::Global || !per_layer {
         global.granularity = Granularity::Global;
@@ -157,7 +198,7 @@ pub fn retain(policy: &dyn Policy, input: &Input<'_>, granularity: Option<Granul
             // one set for the layer: its heads voted down to the budget, or the layer's choice
             let set = if per_head {
                 let owned: Vec<HeadChoice> = mine.iter().map(|c| (*c).clone()).collect();
-                vote(&owned, l, b, input.split.r).keep
+                vote(&owned, l, b, &fixed).keep
             } else {
                 let mut k = vec![false; l];
                 mine.iter().flat_map(|c| &c.keep).filter(|&&t| t < l).for_each(|&t| k[t] = true);
@@ -199,14 +240,14 @@ mod tests {
             HeadChoice { layer: None, head: None, keep: vec![2, 3, 5], score: vec![0.0, 0.0, 0.5, 0.5, 0.0, 0.0] },
         ];
         // votes: 0:1 1:1 2:1 3:1 4:0 5:3 (recent, score 0); summed scores 0:0.5 1:3.5 2:1.5 3:1.5
-        let r = vote(&choices, l, 3, 1);
+        let r = vote(&choices, l, 3, &[5]);
         assert_eq!(r.keep, vec![false, true, true, false, false, true]);
         assert_eq!(r.votes, vec![1, 1, 1, 1, 0, 3]);
-        assert_eq!(vote(&choices, l, 6, 1).keep, vec![true; 6]);
+        assert_eq!(vote(&choices, l, 6, &[5]).keep, vec![true; 6]);
         // the last token outranks every vote count: a budget of one keeps it
         let first_and_last = vec![HeadChoice { layer: None, head: None, keep: vec![0, 5], score: vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.0] }; 2];
-        assert_eq!(vote(&first_and_last, l, 1, 1).keep, vec![false, false, false, false, false, true]);
-        assert_eq!(vote(&choices[..1], l, 1, 1).keep, vec![false, false, false, false, false, true]);
+        assert_eq!(vote(&first_and_last, l, 1, &[5]).keep, vec![false, false, false, false, false, true]);
+        assert_eq!(vote(&choices[..1], l, 1, &[5]).keep, vec![false, false, false, false, false, true]);
     }
 
     #[test]
@@ -222,7 +263,7 @@ mod tests {
         chose3.keep = vec![3, 7];
         chose3.score[3] = 0.9;
         let choices = vec![fill.clone(), fill.clone(), fill.clone(), fill, chose4.clone(), chose4, chose3];
-        let r = vote(&choices, l, 3, 1);
+        let r = vote(&choices, l, 3, &[7]);
         assert_eq!(r.votes, vec![0, 0, 0, 1, 2, 0, 0, 7], "fill picks carry no vote; the recent window does");
         assert_eq!(r.keep, vec![false, false, false, true, true, false, false, true]);
     }

@@ -50,6 +50,10 @@ impl Policy for SnapKv {
     fn name(&self) -> &'static str {
         "snapkv"
     }
+    fn protects_sinks(&self) -> bool {
+        true
+    }
+
     fn request(&self, split: &Split, obs_window: Option<usize>) -> Option<StatRequest> {
         let w = obs_window.unwrap_or(self.window).min(split.b.max(1));
         Some(StatRequest { rows: Rows::Last(w), n: 0.0 })

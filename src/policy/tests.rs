@@ -26,7 +26,7 @@ fn kept(r: &Retention) -> Vec<usize> {
 }
 
 fn run(p: &dyn Policy, s: Option<&AttentionStats>, modality: &[Modality], split: Split) -> Retention {
-    retain(p, &Input { modality, split, stats: s }, None).unwrap()
+    retain(p, &Input { modality, split, stats: s, protect: Default::default() }, None).unwrap()
 }
 
 #[test]
@@ -40,7 +40,7 @@ fn csp_picks_self_and_cross_separately() {
     // self  = text keys ← text queries, image keys ← image queries: best is i3 (0.8)
     // cross = text keys ← image queries, image keys ← text queries: best is i2 (0.9)
     let csp = Csp { cross_ratio: 0.5, n: 1.0 }; // k_self = k_cross = 1
-    let choices = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    let choices = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
     assert_eq!(choices.len(), 1);
     assert_eq!(choices[0].keep, vec![3, 2, 7, 8, 9]);
     // the vote fills the sixth cell with the best remaining self+cross score: t0 (0.6)
@@ -49,11 +49,11 @@ fn csp_picks_self_and_cross_separately() {
     // cross_ratio 0: only self attention ranks (k_self = k = 3): i3, t6, t1/i2 tie → position
     let only_self = Csp { cross_ratio: 0.0, n: 1.0 };
     assert_eq!(only_self.split_k(3), (3, 0));
-    let c = only_self.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    let c = only_self.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
     assert_eq!(c[0].keep, vec![3, 6, 1, 7, 8, 9]);
     // cross_ratio 1: only cross: i2 (0.9), t0 (0.5), i4 (0.3)
     let only_cross = Csp { cross_ratio: 1.0, n: 1.0 };
-    let c = only_cross.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    let c = only_cross.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
     assert_eq!(c[0].keep, vec![2, 0, 4, 7, 8, 9]);
 }
 
@@ -63,10 +63,37 @@ fn csp_deduplicates_tokens_chosen_by_both() {
     // i2 is the best for self and for cross
     let s = stats([0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.1, 0., 0., 0.], [0.0, 0.2, 0.9, 0.0, 0.0, 0.0, 0.0, 0., 0., 0.]);
     let csp = Csp::default();
-    let c = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s) }).unwrap();
+    let c = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
     assert_eq!(c[0].keep, vec![2, 7, 8, 9], "i2 once, not twice");
     // the vote fills B = 6 with the best remaining summed scores: t1 (0.2), t6 (0.1)
     assert_eq!(kept(&run(&csp, Some(&s), &MODALITY, split)), vec![1, 2, 6, 7, 8, 9]);
+}
+
+#[test]
+fn protected_sinks_take_their_cells_out_of_the_budget() {
+    let split = split6(); // B 6, R 3, k 3
+    let from_text = [0.1, 0.2, 0.9, 0.1, 0.3, 0.05, 0.4, 0., 0., 0.];
+    let from_media = [0.5, 0.0, 0.2, 0.8, 0.1, 0.0, 0.1, 0., 0., 0.];
+    let s = stats(from_text, from_media);
+    let csp = Csp { cross_ratio: 0.0, n: 1.0 };
+    let input = |protect| Input { modality: &MODALITY, split, stats: Some(&s), protect };
+    // t0 and the image's first token i2 protected: k = 1 left for the scores (self: i3)
+    let p = Protect { first: 1, per_image: 1 };
+    let c = csp.choose(&input(p)).unwrap();
+    assert_eq!(c[0].keep, vec![3, 0, 2, 7, 8, 9]);
+    assert_eq!(kept(&retain(&csp, &input(p), None).unwrap()), vec![0, 2, 3, 7, 8, 9]);
+    // a protected token the scores also chose is not counted twice: the scores get the next one
+    let p = Protect { first: 0, per_image: 2 }; // i2, i3
+    let c = csp.choose(&input(p)).unwrap();
+    assert_eq!(c[0].keep.len(), 6, "{:?}", c[0].keep);
+    assert!(c[0].keep.contains(&2) && c[0].keep.contains(&3));
+    // policies that keep tokens of their own ignore the setting
+    let h2o = H2o;
+    assert_eq!(h2o.choose(&input(p)).unwrap(), h2o.choose(&input(Protect::default())).unwrap());
+    // the zero-score sinks still win their place in the global vote
+    let zero = stats([0.0; 10], [0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0., 0., 0.]);
+    let r = retain(&csp, &Input { modality: &MODALITY, split, stats: Some(&zero), protect: Protect { first: 2, per_image: 0 } }, None).unwrap();
+    assert!(r.keep[0] && r.keep[1], "{:?}", kept(&r));
 }
 
 #[test]
@@ -132,7 +159,7 @@ fn policies_needing_statistics_say_so() {
     for p in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
         let pol = p.build(&PolicyConfig::default()).unwrap();
         assert!(pol.request(&split6(), None).is_some());
-        assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None }, None).is_err());
+        assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None, protect: Default::default() }, None).is_err());
     }
 }
 
@@ -170,11 +197,28 @@ fn budget_invariants_hold_for_random_cases() {
             recent_bias: bias,
             ..Default::default()
         };
+        let protect = if case % 2 == 0 { Protect::default() } else { Protect { first: rng.below(4) as usize, per_image: rng.below(3) as usize } };
         for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random] {
             let p = kind.build(&cfg).unwrap();
-            let input = Input { modality: &modality, split, stats: Some(&s) };
+            let input = Input { modality: &modality, split, stats: Some(&s), protect };
             let r = retain(p.as_ref(), &input, None).unwrap();
             assert_eq!(r.kept(), split.b.min(l), "case {case} {kind}: kept");
+            if p.protects_sinks() {
+                let sinks = protect.tokens(&modality, l - split.r);
+                for &t in sinks.iter().take(split.k) {
+                    assert!(r.keep[t], "case {case} {kind}: protected token {t} evicted ({protect:?})");
+                }
+                // per head: never more than the budget
+                let heads = retain(p.as_ref(), &input, Some(Granularity::Head)).unwrap();
+                if let Some(h) = &heads.per_head {
+                    for layer in 0..h.n_layer {
+                        for head in 0..h.n_head_kv {
+                            let n = h.get(layer, head).iter().filter(|&&k| k).count();
+                            assert!(n <= split.b, "case {case} {kind}: head keeps {n} > B {}", split.b);
+                        }
+                    }
+                }
+            }
             assert_eq!(split.b, budget_cells(budget, l), "case {case}");
             for t in split.recent_window() {
                 assert!(r.keep[t], "case {case} {kind}: recent token {t} of {l} evicted (r = {})", split.r);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, KvCap, SamplingConfig};
-use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Random, CSP_PRESETS};
+use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Protect, Random, CSP_PRESETS};
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
 ///
@@ -240,6 +240,14 @@ pub struct TuningFlags {
     /// the released code scores with it only).
     #[arg(long = "csp-decode-sink")]
     pub csp_decode_sink: bool,
+    /// CSP, SnapKV: keep the prompt's first N tokens whatever the window's scores (attention
+    /// sinks, counted in the budget) [default: 0, the methods as released].
+    #[arg(long = "kv-protect-first", value_name = "N", default_value_t = 0)]
+    pub kv_protect_first: usize,
+    /// CSP, SnapKV: keep the first N tokens of each image whatever the window's scores
+    /// (counted in the budget) [default: 0].
+    #[arg(long = "kv-protect-image", value_name = "N", default_value_t = 0)]
+    pub kv_protect_image: usize,
     /// PrefixKV: per-layer retention profile written by `csp-llava calibrate` [default: the
     /// budget in every layer].
     #[arg(long = "prefixkv-profile", value_name = "FILE.json")]
@@ -277,6 +285,7 @@ impl TuningFlags {
             obs_window: self.obs_window,
             granularity: self.kv_granularity,
             decode_sink: self.csp_decode_sink,
+            protect: Protect { first: self.kv_protect_first, per_image: self.kv_protect_image },
             params: Params {
                 csp: Csp { cross_ratio: self.csp_cross_ratio.unwrap_or(cross_ratio), n: self.csp_n },
                 aircache: AirCache { alpha: self.aircache_alpha, keep_sink: self.aircache_keep_sink, r_min: self.aircache_r_min },
