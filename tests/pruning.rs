@@ -186,6 +186,28 @@ fn cli_flags_json_and_dump() {
     assert_eq!(lines.iter().filter(|x| x["kept"] == true).count() as u64, v["kv_cells_after"].as_u64().unwrap());
     assert!(lines.iter().any(|x| x["modality"] == "image" && x["image"] == 3));
 
+    // protected sinks: the prompt's first 3 tokens and each image's first token survive, and
+    // the budget holds; --obs-window all observes every row in the graph
+    let mut prot = args.clone();
+    let dump2 = support::scratch().join("retention-protected.jsonl");
+    let i = prot.iter().position(|a| a == "--dump-retention").unwrap();
+    prot[i + 1] = dump2.to_str().unwrap().into();
+    prot.extend(["--kv-protect-first", "3", "--kv-protect-image", "1", "--obs-window", "all"].map(String::from));
+    let out = Command::new(env!("CARGO_BIN_EXE_csp-llava")).args(&prot).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(w["kv_cells_after"], v["kv_cells_after"]);
+    assert_eq!(w["observer"], "graph");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&dump2).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for t in 0..3 {
+        assert_eq!(rows[t]["kept"], true, "token {t}");
+    }
+    for img in 0..4 {
+        let first = rows.iter().find(|x| x["image"] == img).unwrap();
+        assert_eq!(first["kept"], true, "first token of image {img}: {first}");
+    }
+    assert_ne!(rows, lines, "the settings change the selection");
+
     // bad settings are one-line errors
     let bad = |extra: &[&str], needle: &str| {
         let mut a = args[..4].to_vec();

@@ -106,7 +106,8 @@ pub struct PolicyConfig {
     pub budget: Budget,
     /// Recent window = recent·recent_bias, recent = B/2 (default 1).
     pub recent_bias: f64,
-    /// Observation window (query rows); policy default when `None`.
+    /// Observation window (query rows); policy default when `None`; `Some(usize::MAX)`: every
+    /// prompt row (`--obs-window all`).
     pub obs_window: Option<usize>,
     /// `None` = the policy's own (global, or layer for PrefixKV/AirCache).
     pub granularity: Option<Granularity>,

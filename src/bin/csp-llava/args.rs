@@ -227,9 +227,11 @@ pub struct TuningFlags {
     /// DocVQA, SlideVQA); explicit --csp-cross-ratio/--csp-recent-bias win.
     #[arg(long = "csp-preset", value_name = "NAME")]
     pub csp_preset: Option<String>,
-    /// Query rows observed: the last N prompt tokens [default: CSP the recent size B/2,
-    /// SnapKV 32 (capped by B), H2O all prompt queries].
-    #[arg(long = "obs-window", value_name = "N")]
+    /// Query rows observed: the last N prompt tokens, or `all` (every prompt row: a window
+    /// that does not depend on where the prompt ends — question-agnostic when the question is
+    /// asked after pruning) [default: CSP the recent size B/2, SnapKV 32 (capped by B), H2O all
+    /// prompt queries].
+    #[arg(long = "obs-window", value_name = "N|all", value_parser = parse_obs_window)]
     pub obs_window: Option<usize>,
     /// How per-layer/per-head choices become the cache: global (one keep-set, B cells), layer or
     /// head (each keeps its own B; the rest of the union is masked per layer/head)
@@ -650,6 +652,14 @@ fn parse_megapixels(s: &str) -> Result<u64, String> {
         Ok(mp) if mp > 0.0 && mp.is_finite() => Ok((mp * 1e6).round() as u64),
         _ => Err(format!("'{s}' is not a positive number of megapixels")),
     }
+}
+
+/// `--obs-window`: a number of rows, or `all`.
+fn parse_obs_window(s: &str) -> Result<usize, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(usize::MAX);
+    }
+    s.parse::<usize>().map_err(|_| format!("'{s}' is not a number of query rows (or 'all')"))
 }
 
 /// `eval -n`: a positive answer length.
