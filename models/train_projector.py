@@ -31,7 +31,7 @@ the positions it would have alone, so every branch computes exactly what csp-lla
 that prompt (tree attention) while the images (64 tokens each) are paid once. A step holds
 sequences of one K (no padding beyond the branches), about --step-tokens tokens. Curriculum: K up
 to 4 at the start, the largest K rising to 16 by 35 % of the time budget; a share of the steps
-(--single-share) stays single-image. The projector starts from --init (the committed one) unless
+(--single-share) stays single-image; a sequence of K images carries --branches + K questions. The projector starts from --init (the committed one) unless
 --init none. Checkpoints (projector + TRAINING.md) are written every --ckpt-minutes.
 
 Writes --out (default models/projector/projector.npz, float16) and TRAINING.md next to it
@@ -293,9 +293,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=95.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--step-tokens", type=int, default=2400, help="tokens per step (rows of one K)")
-    ap.add_argument("--branches", type=int, default=6, help="questions per multi-image sequence (single image: 4)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--step-tokens", type=int, default=1200, help="tokens per step (rows of one K; at least one row)")
+    ap.add_argument("--branches", type=int, default=4, help="questions per sequence: this many + K for K images (single image: this many)")
     ap.add_argument("--single-share", type=float, default=0.25, help="share of the steps with single-image sequences")
     ap.add_argument("--enum-weight", type=float, default=2.0, help="loss weight of an enumeration answer (others 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -350,12 +350,12 @@ def main():
         ks = ", ".join(f"K={k}: {n[0]} seq / {n[1]:.0f} s" for k, n in sorted(by_k.items()))
         s = "# Projector training record\n\n"
         s += f"Status: {status}\n\nCommand: `{cmd}`\n\n"
-        s += f"- torch {torch.__version__}, {args.threads} CPU thread(s); seed {args.seed}; lr {args.lr:g} (warm-up 20 steps, cosine to 10 %)\n"
+        s += f"- torch {torch.__version__}, {args.threads} CPU thread(s); seed {args.seed}; lr {args.lr:g} (warm-up 5 steps, cosine to 10 %)\n"
         s += f"- data: easy-vqa 1.0 train ({len(questions)} questions, {feats_np.shape[0]} images), DINOv2 features hash {data_hash}\n"
         s += f"- init: {args.init if args.init == 'none' else os.path.relpath(args.init, os.path.join(HERE, '..'))} (sha256 {init_hash})\n"
         s += f"- trained {step} steps, {seen_seq} image sequences, {seen_q} question/answer branches, {el:.0f} s (wall {time.time() - t0:.0f} s incl. setup)\n"
         s += f"- question mix: {mixs}\n- sequences per K (training seconds): {ks}\n"
-        s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; up to {args.branches} branches per multi-image sequence (half with an enumeration, loss weight {args.enum_weight:g})\n\n"
+        s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; {args.branches} + K question branches per sequence of K images ({args.branches} for one image) (half with an enumeration, loss weight {args.enum_weight:g})\n\n"
         s += "| step | sequences | questions | seconds | K | loss | loss (EMA) |\n|---|---|---|---|---|---|---|\n"
         s += "".join("| " + " | ".join(str(x) for x in r) + " |\n" for r in log)
         return s
@@ -363,11 +363,11 @@ def main():
     while time.time() - start < budget:
         frac = (time.time() - start) / budget
         k = pilot_ks[step] if args.pilot else k_for_step(krng, frac, args.single_share)
-        nb = 4 if k == 1 else args.branches
+        nb = args.branches if k == 1 else args.branches + k
         seq_tokens = 3 + k * 70 + nb * 25 + (8 * k if k > 1 else 0)
         groups = [tasks.group(k, nb) for _ in range(max(1, args.step_tokens // seq_tokens))]
         lay.fill(groups)
-        lr = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        lr = args.lr * min(1.0, (step + 1) / 5) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
         for g in opt.param_groups:
             g["lr"] = lr
         ts = time.time()

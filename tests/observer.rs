@@ -115,11 +115,28 @@ fn recomputation(observer: ObserverMode, fa: FlashAttn) {
 }
 
 /// AirCache's elite window ([`Rows::Elite`]) against the same f64 recomputation: the last
-/// token's text-only attention picks the elite text keys per layer (head mean, α = 0.9, first
-/// token excluded); the elite queries of the final ubatch attend over the image keys and the
-/// elite text keys; image columns get the mean over those rows and heads.
+/// token's text-only attention picks the elite text keys per layer (head mean, first token
+/// excluded); the elite queries of the final ubatch attend over the image keys and the elite
+/// text keys; image columns get the mean over those rows and heads — on the host (flash
+/// attention off) and in the graph (patch 0008) with flash attention off and on, at α = 0.9
+/// and 0.3 (more elite rows).
 #[test]
 fn elite_window_matches_recomputation() {
+    elite_recomputation(ObserverMode::Host, FlashAttn::Off, 0.9);
+}
+
+#[test]
+fn elite_window_in_the_graph_matches_recomputation_with_flash_attention_off() {
+    elite_recomputation(ObserverMode::Graph, FlashAttn::Off, 0.9);
+}
+
+#[test]
+fn elite_window_in_the_graph_matches_recomputation_with_flash_attention_on() {
+    elite_recomputation(ObserverMode::Graph, FlashAttn::Auto, 0.9);
+    elite_recomputation(ObserverMode::Graph, FlashAttn::Auto, 0.3);
+}
+
+fn elite_recomputation(observer: ObserverMode, fa: FlashAttn, alpha: f32) {
     let mut cfg = ModelConfig::new(support::model(), support::mmproj());
     cfg.threads = 2;
     let engine = Engine::load(&cfg).unwrap();
@@ -128,12 +145,11 @@ fn elite_window_matches_recomputation() {
     let l = prompt.n_tokens();
     let modality = prompt.token_modalities();
     let is_text = |u: usize| modality[u] == Modality::Text;
-    let ctx = ContextConfig { n_ctx: 1024, n_ubatch: 128, flash_attn: FlashAttn::Off, type_k: CacheType::F32, type_v: CacheType::F32, ..Default::default() };
+    let ctx = ContextConfig { n_ctx: 1024, n_ubatch: 128, flash_attn: fa, type_k: CacheType::F32, type_v: CacheType::F32, observer, ..Default::default() };
     let n_layer = tiny::text::N_LAYER as usize;
     let (n_head, n_head_kv) = (tiny::text::N_HEAD as usize, tiny::text::N_HEAD_KV as usize);
     let head_dim = (tiny::text::N_EMBD / tiny::text::N_HEAD) as usize;
     let group = n_head / n_head_kv;
-    let alpha = 0.9;
     let last_span = prompt.spans.last().unwrap().n_tokens();
     assert!(last_span <= 128, "the final text chunk is one ubatch");
     let first_obs = l - last_span;
@@ -141,11 +157,14 @@ fn elite_window_matches_recomputation() {
     let mut session = engine.session(&prompt, &ctx, vec![StatRequest { rows: Rows::Elite { alpha, keep_sink: false }, n: 0.0 }]).unwrap();
     session.observer().unwrap().capture_qk(n_layer);
     session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+    assert_eq!(session.observer_mode(), Some(if observer == ObserverMode::Host { "host" } else { "graph" }));
+    assert_eq!(session.prefill_flash_attn(), observer == ObserverMode::Graph && session.flash_attn(), "{observer:?} {fa:?}");
     let captured = session.observer().unwrap().take_captured();
     let stats = session.take_stats(&prompt).unwrap().remove(0);
     let scale = 1.0 / (head_dim as f64).sqrt();
     let mut max_err = 0f64;
     let mut total = 0f64;
+    let mut n_elite = 0;
     for il in 0..n_layer {
         let gather = |name: &str| -> Vec<f32> { captured.iter().filter(|c| c.name == name).flat_map(|c| c.data.iter().copied()).collect() };
         let q = gather(&format!("Qcur-{il}"));
@@ -174,6 +193,7 @@ fn elite_window_matches_recomputation() {
             elite.push(l - 1);
         }
         let observed: Vec<usize> = elite.iter().copied().filter(|&e| e >= first_obs).collect();
+        n_elite += observed.len();
         let mut want = vec![vec![0f64; l]; n_head_kv];
         for h in 0..n_head {
             for &e in &observed {
@@ -193,7 +213,7 @@ fn elite_window_matches_recomputation() {
             }
         }
     }
-    eprintln!("elite: max err {max_err:e}, total {total}");
+    eprintln!("elite {observer:?} -fa {fa:?} alpha {alpha}: max err {max_err:e}, total {total}, {n_elite} elite rows over {n_layer} layers");
     assert!(total > 0.1, "elite queries see the images");
     assert!(max_err <= 1e-4, "max |Δ| = {max_err}");
 }

@@ -87,7 +87,8 @@ fn observing_policies_keep_flash_attention_with_the_graph_observer() {
         let ctx = ContextConfig { n_ctx: 1024, flash_attn: fa, observer, type_v, ..Default::default() };
         e.run(&req, &ctx, &greedy(12), &PolicyConfig { kind, budget: Budget::Fraction(0.2), ..Default::default() }, &mut |_| {})
     };
-    for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
+    // every observing policy, AirCache's elite window included (patch 0008)
+    for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::PrefixKv, PolicyKind::AirCache] {
         let graph = with(kind, FlashAttn::Auto, ObserverMode::Auto, CacheType::F16).unwrap();
         assert_eq!(graph.observer, Some("graph"), "{kind}");
         assert_eq!(graph.flash_attn, full.flash_attn, "{kind}");
@@ -115,11 +116,6 @@ fn observing_policies_keep_flash_attention_with_the_graph_observer() {
         let err = with(kind, FlashAttn::Auto, ObserverMode::Host, CacheType::Q8_0).unwrap_err().to_string();
         assert!(err.contains("-ctv"), "{err}");
     }
-    // AirCache's elite window is observed on the host; asking for the graph is an error
-    let air = with(PolicyKind::AirCache, FlashAttn::Auto, ObserverMode::Auto, CacheType::F16).unwrap();
-    assert_eq!((air.observer, air.prefill_flash_attn), (Some("host"), false));
-    let err = with(PolicyKind::AirCache, FlashAttn::Auto, ObserverMode::Graph, CacheType::F16).unwrap_err().to_string();
-    assert!(err.contains("inside the graph"), "{err}");
     // policies that do not observe keep flash attention as requested
     for kind in [PolicyKind::Streaming, PolicyKind::Random] {
         let r = run(&e, &req, FlashAttn::On, kind, Budget::Fraction(0.2), false);

@@ -176,7 +176,7 @@ impl<'e> Session<'e> {
         if observes && !graph && cfg.observer == ObserverMode::Graph {
             return Err(Error::Config {
                 field: "observer",
-                reason: "these statistics (AirCache's elite window) cannot be computed inside the graph; use the host observer".into(),
+                reason: format!("these statistics cannot be computed inside the graph (more than {} windows); use the host observer", crate::stats::GraphPlan::MAX_COLS / 2),
             });
         }
         if observes && !graph && cfg.type_v.is_quantized() {

@@ -224,6 +224,10 @@ impl Context {
         let n_var = i32::try_from(plan.n.len()).map_err(|_| refuse("too many variants".into()))?;
         let n_cols = i32::try_from(plan.col_var.len()).map_err(|_| refuse("too many columns".into()))?;
         let n_pos = i32::try_from(plan.cols_of_pos.len()).map_err(|_| refuse("too many positions".into()))?;
+        let elite = !plan.elite_alpha.is_empty();
+        if elite && (plan.elite_alpha.len() != plan.n.len() || plan.key_of_pos.len() != plan.cols_of_pos.len()) {
+            return Err(refuse("an elite plan needs one alpha per variant and one key class per position".into()));
+        }
         let params = sys::llama_attn_obs_params {
             seq: 0,
             n_var,
@@ -237,6 +241,9 @@ impl Context {
             flags: if plan.force_transpose { 2 } else { 0 },
             cb: Some(graph_trampoline),
             user_data: std::ptr::from_ref(obs).cast_mut().cast(),
+            var_elite_alpha: if elite { plan.elite_alpha.as_ptr() } else { std::ptr::null() },
+            key_of_pos: if elite { plan.key_of_pos.as_ptr() } else { std::ptr::null() },
+            elite_last: plan.elite_last,
         };
         // SAFETY: a live context; the tables are valid for the lengths given and llama.cpp
         // copies them; `user_data` is the boxed observer this struct owns and drops after the

@@ -352,6 +352,7 @@ pub(super) unsafe extern "C" fn graph_trampoline(ud: *mut c_void, r: *const sys:
                 sums: slice(r.sums, n_head_kv * n_cols * n_kv),
                 cell_pos: islice(r.cell_pos, n_kv),
                 row_pos: islice(r.row_pos, n_rows),
+                n_elite_rows: len(r.n_elite_rows),
             }
         };
         if sums.sums.len() != sums.n_head_kv * sums.cols.len() * sums.n_kv || sums.cell_pos.len() != sums.n_kv {

@@ -36,7 +36,7 @@ pub struct KqShape {
 /// per *column* (a request's window × the query's modality), as [`GraphPlan`] asks; the
 /// observer hands them over as [`GraphSums`] ([`on_sums`](Self::on_sums)) with each cell's
 /// position, so no `kq` and no cell map leave llama.cpp. The host reducer stays as the test
-/// oracle and for what a plan cannot express (AirCache's elite window). Either way the engine
+/// oracle (AirCache's elite window is a plan too, with patch 0008). Either way the engine
 /// reads the result as `stats::AttentionStats`, so policies do not change.
 pub trait AttentionSink: Send {
     /// A new ubatch: its tokens (the prompt's next ones, in order) are written to `cells`
@@ -74,11 +74,23 @@ pub struct GraphPlan {
     pub rows_chunk: i32,
     /// Reduce with `mul_mat(transpose)` even where the backend has `OUT_PROD` (tests).
     pub force_transpose: bool,
+    /// Per variant: `> 0` makes it AirCache's elite window with this α (patch 0008), computed
+    /// in the ubatch that holds `elite_last`; empty = no elite variant.
+    pub elite_alpha: Vec<f32>,
+    /// Per position (with an elite variant): bit 0 = a text key, bit 1 = a text key that may join
+    /// the elite set ([`GraphPlan::KEY_TEXT`], [`GraphPlan::KEY_ELIGIBLE`]).
+    pub key_of_pos: Vec<u8>,
+    /// Position of the prompt's last token (the elite window's anchor).
+    pub elite_last: i32,
 }
 
 impl GraphPlan {
     /// Columns llama.cpp accepts.
     pub const MAX_COLS: usize = 64;
+    /// `key_of_pos`: a text key (`LLAMA_ATTN_OBS_KEY_TEXT`).
+    pub const KEY_TEXT: u8 = 1;
+    /// `key_of_pos`: a text key that may join the elite set (`LLAMA_ATTN_OBS_KEY_ELIGIBLE`).
+    pub const KEY_ELIGIBLE: u8 = 2;
 }
 
 /// One layer's sums of one variant, for one observed ubatch (`llama_attn_obs_result`).
@@ -98,8 +110,11 @@ pub struct GraphSums<'a> {
     pub sums: &'a [f32],
     /// Position of each cell in the observed sequence (−1: empty or another sequence).
     pub cell_pos: &'a [i32],
-    /// Positions of the ubatch rows this variant observed.
+    /// Positions of the ubatch rows this variant observed (an elite variant: its candidates).
     pub row_pos: &'a [i32],
+    /// An elite variant: how many candidate rows were elite in this layer (the sums are already
+    /// their mean); 0 otherwise.
+    pub n_elite_rows: usize,
 }
 
 /// A sink shared between the observer, which feeds it from llama.cpp's callback (locking it

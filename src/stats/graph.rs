@@ -4,8 +4,12 @@
 //!
 //! One variant per request (its n-softmax), two columns per request: `2k` gathers the text
 //! query rows of request k's window, `2k + 1` the media rows. A window is `first_row..horizon`
-//! ([`super::window::first_row`]); AirCache's elite rows depend on the layer's own attention
-//! and cannot be written as a plan, so a request set with [`Rows::Elite`] stays on the host.
+//! ([`super::window::first_row`]). AirCache's elite window ([`Rows::Elite`]) depends on the
+//! layer's own attention of the last row: its variant is an *elite* one (patch 0008) — column
+//! `2k` marks the candidate rows (the text rows before the horizon and the last token), the
+//! per-position key classes say which keys are text and which may be elite, and llama.cpp picks
+//! the elite set per layer on the device and returns the elite rows' mean (media keys only),
+//! as [`super::elite`] computes it on the host.
 //! Rows and cells come back by *position*; the reducer maps positions to prompt tokens with the
 //! table the engine gives when it installs the plan (positions move under `--kv-shift`).
 
@@ -19,7 +23,7 @@ impl Reducer {
     /// Whether these requests can be computed in the graph.
     #[must_use]
     pub fn graph_capable(&self) -> bool {
-        !self.reqs.is_empty() && 2 * self.reqs.len() <= GraphPlan::MAX_COLS && self.reqs.iter().all(|r| !matches!(r.rows, Rows::Elite { .. }))
+        !self.reqs.is_empty() && 2 * self.reqs.len() <= GraphPlan::MAX_COLS
     }
 
     /// The plan for the prompt tokens still to be read, `n_read..`, and the position map: token
@@ -43,12 +47,42 @@ impl Reducer {
             let p = usize::try_from(future(t)).ok()?;
             token_of_pos[p] = t as i64;
         }
+        let mut elite_alpha = Vec::new();
         for (k, req) in self.reqs.iter().enumerate() {
+            if let Rows::Elite { alpha, .. } = req.rows {
+                if self.horizon <= n_read {
+                    // the anchor was read already: a variant without rows observes nothing
+                    continue;
+                }
+                // candidates: the text rows still to be read before the horizon, and the last
+                // token; llama.cpp keeps those of the ubatch that holds the last token
+                for t in n_read..self.horizon {
+                    if self.bucket[t] == Bucket::Text || t + 1 == self.horizon {
+                        cols_of_pos[future(t) as usize] |= 1u64 << (2 * k);
+                    }
+                }
+                elite_alpha.resize(self.reqs.len(), 0.0);
+                elite_alpha[k] = alpha;
+                continue;
+            }
             let first = window::first_row(req.rows, self.horizon, (0, 0)).max(n_read);
             for t in first..self.horizon {
                 let p = future(t) as usize;
                 cols_of_pos[p] |= 1u64 << (2 * k + self.bucket[t] as usize);
             }
+        }
+        let (mut key_of_pos, mut elite_last) = (Vec::new(), -1);
+        if !elite_alpha.is_empty() {
+            let keep_sink = self.reqs.iter().any(|r| matches!(r.rows, Rows::Elite { keep_sink: true, .. }));
+            key_of_pos = token_of_pos
+                .iter()
+                .map(|&u| match usize::try_from(u).ok().filter(|&u| u < l && self.bucket[u] == Bucket::Text) {
+                    Some(u) if keep_sink || u != 0 => GraphPlan::KEY_TEXT | GraphPlan::KEY_ELIGIBLE,
+                    Some(_) => GraphPlan::KEY_TEXT,
+                    None => 0,
+                })
+                .collect();
+            elite_last = i32::try_from(future(self.horizon - 1)).ok()?;
         }
         self.token_of_pos = token_of_pos;
         Some(GraphPlan {
@@ -57,6 +91,9 @@ impl Reducer {
             cols_of_pos,
             rows_chunk: ROWS_CHUNK,
             force_transpose: false,
+            elite_alpha,
+            key_of_pos,
+            elite_last,
         })
     }
 
@@ -75,7 +112,11 @@ impl Reducer {
         if let Some(&(_, u)) = cells.iter().max_by_key(|c| c.1) {
             self.graph_seen = self.graph_seen.max(u + 1);
         }
-        if s.layer == 0 {
+        let elite = matches!(self.reqs.get(s.var).map(|r| r.rows), Some(Rows::Elite { .. }));
+        if elite {
+            // the elite rows' mean, already normalised (as `elite::reduce` writes it)
+            st.n_rows = [s.n_elite_rows, 0];
+        } else if s.layer == 0 {
             for &p in s.row_pos {
                 if let Some(u) = token(p).filter(|&u| u < self.bucket.len()) {
                     st.n_rows[self.bucket[u] as usize] += 1;
@@ -121,8 +162,28 @@ mod tests {
         r.set_horizon(5);
         let plan = r.graph_plan(3, &[0, -1, 1], 2).unwrap();
         assert_eq!(plan.cols_of_pos, vec![0, 0, 0b0101, 0b0101]);
-        let elite = Reducer::new(vec![StatRequest { rows: Rows::Elite { alpha: 0.5, keep_sink: true }, n: 0.0 }], &m, 1, 1, 1.0, 1);
-        assert!(!elite.graph_capable());
+        assert!(plan.elite_alpha.is_empty() && plan.key_of_pos.is_empty());
+    }
+
+    #[test]
+    fn elite_plans_mark_candidates_and_key_classes() {
+        let m = [Modality::Text, Modality::Image, Modality::Image, Modality::Text, Modality::Text];
+        let reqs = vec![StatRequest { rows: Rows::Last(2), n: 1.0 }, StatRequest { rows: Rows::Elite { alpha: 0.5, keep_sink: false }, n: 0.0 }];
+        let mut r = Reducer::new(reqs, &m, 1, 1, 1.0, 1);
+        assert!(r.graph_capable());
+        let plan = r.graph_plan(0, &[], 0).unwrap();
+        assert_eq!(plan.elite_alpha, vec![0.0, 0.5]);
+        // elite candidates (column 2): the text rows; the window (columns 0/1): the last two
+        assert_eq!(plan.cols_of_pos, vec![0b0100, 0, 0, 0b0101, 0b0101]);
+        // token 0 is text but not eligible without keep_sink; images are media keys
+        assert_eq!(plan.key_of_pos, vec![1, 0, 0, 3, 3]);
+        assert_eq!(plan.elite_last, 4);
+        // a prompt ending with an image: the last token is a candidate too
+        let m2 = [Modality::Text, Modality::Text, Modality::Image];
+        let mut r2 = Reducer::new(vec![StatRequest { rows: Rows::Elite { alpha: 0.9, keep_sink: true }, n: 0.0 }], &m2, 1, 1, 1.0, 1);
+        let plan = r2.graph_plan(0, &[], 0).unwrap();
+        assert_eq!(plan.cols_of_pos, vec![0b01, 0b01, 0b01]);
+        assert_eq!(plan.key_of_pos, vec![3, 3, 0]);
     }
 
     #[test]
@@ -132,7 +193,7 @@ mod tests {
         r.graph_plan(0, &[], 0).unwrap();
         // cells 0..4 hold positions 2, 0, (empty), 1; two local columns (text, media)
         let sums = [1.0, 2.0, 9.0, 3.0, /* media */ 10.0, 20.0, 90.0, 30.0];
-        let s = super::GraphSums { layer: 1, var: 0, n_kv: 4, n_head_kv: 1, cols: &[0, 1], sums: &sums, cell_pos: &[2, 0, -1, 1], row_pos: &[0, 1, 2] };
+        let s = super::GraphSums { layer: 1, var: 0, n_kv: 4, n_head_kv: 1, cols: &[0, 1], sums: &sums, cell_pos: &[2, 0, -1, 1], row_pos: &[0, 1, 2], n_elite_rows: 0 };
         r.add_sums(&s).unwrap();
         let st = &r.stats()[0];
         assert_eq!(st.column(super::Bucket::Text, 1, 0), &[2.0, 3.0, 1.0]);
