@@ -15,8 +15,10 @@ use csp_llava::{Engine, RunReport};
 
 use support::engine;
 
+/// `n` images and a prompt, without "Image k:" labels: the sizes below (prompt vs cap, where
+/// the last eviction falls) were worked out for the images alone.
 fn images(n: usize, prompt: &str) -> Request {
-    Request { images: (0..n).map(|i| support::image(i % 4)).collect(), prompt: prompt.into(), ..Default::default() }
+    Request { images: (0..n).map(|i| support::image(i % 4)).collect(), prompt: prompt.into(), image_label: Some(String::new()), ..Default::default() }
 }
 
 fn greedy(n: i32) -> SamplingConfig {

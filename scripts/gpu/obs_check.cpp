@@ -255,7 +255,7 @@ static EliteRef elite_reference(const QKAll & A, const std::vector<uint8_t> & ko
         for (int u = 0; u < N; ++u) R.eset[(size_t) il*N + u] = el[u];
         // 2. elite rows of the anchor's ubatch over media + elite text keys
         std::vector<int> rows;
-        for (int r = ub0; r <= last; ++r) if (text(r) && el[r]) rows.push_back(r);
+        for (int r = ub0; r <= last; ++r) if (el[r]) rows.push_back(r); // eligible text rows and the anchor
         R.n_obs[il] = (int) rows.size();
         for (int h = 0; h < n_head; ++h) {
             for (int r : rows) {
@@ -364,30 +364,40 @@ static bool same_logits(const Run & a, const Run & b) {
 
 #ifdef LLAMA_ATTN_OBS_KEY_TEXT
 // (6) AirCache's elite window (patch 0008): two elite variants (alpha 0.3 and 1.0, one column each)
-// next to an H2O all-rows variant, keep_sink off and on; the prompt's last ubatch holds text rows on
+// next to an H2O all-rows variant, four key tables (below); the prompt's last ubatch holds text rows on
 // both sides of a second media run.
 static bool elite_checks(llama_model * model, const std::vector<llama_token> & toks, Run & B, const Run & C,
         const Run & E, int n_decode) {
     bool ok = true;
     const int last = N - 1, ub0 = (last/NUB)*NUB;
-    auto media = [&](int p) { return is_media(p) || (p >= N - 22 && p < N - 14 && p >= ub0 + 2); };
+    bool media_anchor = false; // the last configuration ends the prompt with a media token
+    auto media = [&](int p) { return is_media(p) || (p >= N - 22 && p < N - 14 && p >= ub0 + 2) || (media_anchor && p == last); };
     int n_cand = 0, n_media_last_ub = 0;
     for (int p = ub0; p <= last; ++p) { n_cand += !media(p); n_media_last_ub += media(p); }
     static const float   alphas[2] = { 0.3f, 1.0f };
     static const float   n3[3]     = { 0.0f, 0.0f, 0.0f };
     static const int32_t cv[4]     = { 0, 1, 2, 2 };
     std::vector<uint64_t> cop(N, 0);
-    for (int p = 0; p < N; ++p) {
-        if (!media(p) && p <= last) cop[p] |= 3ull;           // elite candidates: text rows <= last
-        cop[p] |= 1ull << (2 + (is_media(p) ? 1 : 0));       // H2O all rows, as in run B's columns 2, 3
-    }
+    auto fill_cop = [&] {
+        cop.assign(N, 0);
+        n_cand = 0;
+        for (int p = 0; p < N; ++p) {
+            if ((!media(p) || p == last) && p <= last) cop[p] |= 3ull; // elite candidates: text rows <= last, the anchor
+            cop[p] |= 1ull << (2 + (is_media(p) ? 1 : 0));             // H2O all rows, as in run B's columns 2, 3
+            n_cand += p >= ub0 && p <= last && (!media(p) || p == last);
+        }
+    };
+    fill_cop();
     printf("(6) elite window: anchor %d, its ubatch [%d, %d]: %d text rows (candidates), %d media rows; media keys %d\n",
             last, ub0, last, n_cand, n_media_last_ub, (int) [&] { int c = 0; for (int p = 0; p < N; ++p) c += media(p); return c; }());
-    // keep_sink off, on, and on with every third text key not eligible (the host's table decides)
-    for (int keep_sink = 0; keep_sink < 3; ++keep_sink) {
+    // keep_sink off, on, on with every third text key not eligible (the host's table decides), and
+    // off with the prompt ending on a media token (the anchor is then a media key and an elite row)
+    for (int keep_sink = 0; keep_sink < 4; ++keep_sink) {
+        media_anchor = keep_sink == 3;
+        fill_cop();
         std::vector<uint8_t> kop(N);
         for (int p = 0; p < N; ++p) {
-            const bool eligible = (p != 0 || keep_sink) && !(keep_sink == 2 && p % 3 == 1);
+            const bool eligible = (p != 0 || (keep_sink == 1 || keep_sink == 2)) && !(keep_sink == 2 && p % 3 == 1);
             kop[p] = media(p) ? 0 : (uint8_t) (LLAMA_ATTN_OBS_KEY_TEXT | (eligible ? LLAMA_ATTN_OBS_KEY_ELIGIBLE : 0));
         }
         const float alpha3[3] = { alphas[0], alphas[1], 0.0f };
@@ -406,7 +416,8 @@ static bool elite_checks(llama_model * model, const std::vector<llama_token> & t
         g_qkall = nullptr;
         run(model, toks, false, true, 0, nullptr, X4, n_decode, nullptr, nullptr, false, &P);
 
-        printf("  keep_sink %s:\n", keep_sink == 0 ? "off" : keep_sink == 1 ? "on" : "on, positions 1 mod 3 not eligible");
+        static const char * label[4] = { "keep_sink off", "keep_sink on", "keep_sink on, positions 1 mod 3 not eligible", "keep_sink off, the anchor a media token" };
+        printf("  %s:\n", label[keep_sink]);
         for (int v = 0; v < 2; ++v) {
             const EliteRef R = elite_reference(qk, kop, alphas[v], last, ub0);
             double err = 0, err0_fa_off = 0, mv = 0, text_max = 0, dtr = 0, dcap = 0, mass_min = 1e9, mass_max = 0;
