@@ -111,9 +111,9 @@ pub fn load_cases(path: &Path) -> Result<Vec<std::result::Result<Case, (String, 
                 .map_err(|e| (format!("line-{}", i + 1), format!("line {}: {e}", i + 1)))
                 .and_then(|c| {
                     if c.prompt.trim().is_empty() && c.questions.is_empty() {
-                        Err((c.id.clone(), format!("line {}: the case has neither a prompt nor questions", i + 1)))
+                        Err((format!("line-{}", i + 1), format!("line {} (case {}): the case has neither a prompt nor questions", i + 1, c.id)))
                     } else if !c.prompt.trim().is_empty() && !c.questions.is_empty() {
-                        Err((c.id.clone(), format!("line {}: give a prompt or questions, not both", i + 1)))
+                        Err((format!("line-{}", i + 1), format!("line {} (case {}): give a prompt or questions, not both", i + 1, c.id)))
                     } else {
                         Ok(c)
                     }
