@@ -14,7 +14,10 @@
                       "Image 1: red circle. Image 2: blue triangle. ... Image K: gray rectangle."
                       (per-image accuracy: parse "Image k: <color> <shape>." from the answer)
 
-Every case has {"id", "images", "prompt", "answer", "task"} (task: single, image-k, compare, count,
+  questions-K{4,8,16}.jsonl  K images and three questions (image-k, count, find — or compare where
+                      no image is unique) asked of one pruned cache: eval's protocol (3)
+
+Every case (but the questions-K* ones, which have "questions") has {"id", "images", "prompt", "answer", "task"} (task: single, image-k, compare, count,
 find, enum). single.jsonl and multi-K*.jsonl are the same as before for a seed (the new files draw
 from a second generator seeded from --seed).
 
@@ -117,6 +120,29 @@ def main():
                 ans = " ".join(f"Image {j + 1}: {color[x]} {shape[x]}." for j, x in enumerate(imgs))
                 f.write(json.dumps({"id": f"enum-K{k}-{n}", "images": [rel(i) for i in imgs], "prompt": "Describe each image.",
                                     "answer": ans, "task": "enum"}) + "\n")
+    # protocol (3): three questions about the same images, asked of one pruned cache (a third
+    # generator: the files above stay as they were for a seed)
+    rng = random.Random(f"questions-{args.seed}")
+    for k in (4, 8, 16):
+        with open(os.path.join(out, f"questions-K{k}.jsonl"), "w") as f:
+            for n in range(args.n):
+                imgs = rng.sample(ids, k)
+                t = rng.randrange(k)
+                q, a = rng.choice(by_image[imgs[t]])
+                c = color[rng.choice(imgs)]
+                questions = [{"prompt": f"In image {t + 1}, {q}", "answer": a},
+                             {"prompt": f"How many images show a {c} shape?", "answer": str(sum(color[x] == c for x in imgs))}]
+                combos = [(color[x], shape[x]) for x in imgs]
+                unique = [u for u in combos if combos.count(u) == 1]
+                if unique:
+                    u = rng.choice(unique)
+                    questions.append({"prompt": f"Which image shows a {u[0]} {u[1]}?", "answer": f"Image {combos.index(u) + 1}"})
+                else:
+                    x, y = sorted(rng.sample(range(k), 2))
+                    questions.append({"prompt": f"Do image {x + 1} and image {y + 1} have the same shape?",
+                                      "answer": "yes" if shape[imgs[x]] == shape[imgs[y]] else "no"})
+                f.write(json.dumps({"id": f"questions-K{k}-{n}", "images": [rel(i) for i in imgs], "questions": questions,
+                                    "task": "multi-question"}) + "\n")
     print(out)
 
 
