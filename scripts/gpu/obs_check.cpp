@@ -137,19 +137,36 @@ struct QKRef {
 
 static float f16r(float x) { return ggml_fp16_to_fp32(ggml_fp32_to_fp16(x)); }
 
+static bool is_qk(const ggml_tensor * t) {
+    return (strncmp(t->name, "Qcur-", 5) == 0 || strncmp(t->name, "Kcur-", 5) == 0) && t->op == GGML_OP_ROPE;
+}
+
+// One RoPE'd Qcur-<il>/Kcur-<il> of a prompt ubatch, copied to the host. The callbacks count
+// ubatches at Qcur-0; false (nothing read) for a decode step (a prompt's last ubatch may have
+// one row, so rows alone do not tell).
+struct QkSeen { bool isq; int il, d, Hx, T, start; std::vector<float> buf; };
+
+static bool qk_read(ggml_tensor * t, int & ubatch, QkSeen & s) {
+    s.isq = strncmp(t->name, "Qcur-", 5) == 0;
+    s.il = atoi(t->name + 5);
+    s.d = t->ne[0]; s.Hx = t->ne[1]; s.T = t->ne[2];
+    if (s.isq && s.il == 0) ubatch++;
+    s.start = ubatch*NUB;
+    if (s.start >= N) return false;
+    if (!ggml_is_contiguous(t)) { fprintf(stderr, "non-contiguous %s\n", t->name); exit(1); }
+    s.buf.resize(ggml_nelements(t));
+    ggml_backend_tensor_get(t, s.buf.data(), 0, ggml_nbytes(t));
+    return true;
+}
+
 static bool qk_cb(ggml_tensor * t, bool ask, void * ud) {
     auto * R = (QKRef *) ud;
-    const bool isq = strncmp(t->name, "Qcur-", 5) == 0, isk = strncmp(t->name, "Kcur-", 5) == 0;
-    if (!(isq || isk) || t->op != GGML_OP_ROPE) return ask ? false : true;
-    if (ask) return true;
-    const int il = atoi(t->name + 5);
-    const int d = t->ne[0], Hx = t->ne[1], T = t->ne[2];
-    if (isq && il == 0) R->ubatch++;
-    const int start = R->ubatch*NUB;
-    if (start >= N) return true; // decode (a prompt's last ubatch may have one row)
-    std::vector<float> buf(ggml_nelements(t));
-    if (!ggml_is_contiguous(t)) { fprintf(stderr, "non-contiguous %s\n", t->name); exit(1); }
-    ggml_backend_tensor_get(t, buf.data(), 0, ggml_nbytes(t));
+    if (ask) return is_qk(t);
+    QkSeen s;
+    if (!is_qk(t) || !qk_read(t, R->ubatch, s)) return true;
+    const bool isq = s.isq;
+    const int il = s.il, d = s.d, Hx = s.Hx, T = s.T, start = s.start;
+    const std::vector<float> & buf = s.buf;
     if (R->K.empty()) R->K.assign(n_layer, std::vector<float>((size_t) N*n_head_kv*d, 0.0f));
     if (isq) { R->q = buf; R->q_il = il; R->T = T; R->d = d; return true; }
     for (int i = 0; i < T; ++i) for (int h = 0; h < Hx; ++h) for (int e = 0; e < d; ++e)
@@ -191,17 +208,12 @@ struct QKAll {
 
 static bool qkall_cb(ggml_tensor * t, bool ask, void * ud) {
     auto * R = (QKAll *) ud;
-    const bool isq = strncmp(t->name, "Qcur-", 5) == 0, isk = strncmp(t->name, "Kcur-", 5) == 0;
-    if (!(isq || isk) || t->op != GGML_OP_ROPE) return ask ? false : true;
-    if (ask) return true;
-    const int il = atoi(t->name + 5);
-    const int d = t->ne[0], Hx = t->ne[1], T = t->ne[2];
-    if (isq && il == 0) R->ubatch++;
-    const int start = R->ubatch*NUB;
-    if (start >= N) return true; // decode
-    if (!ggml_is_contiguous(t)) { fprintf(stderr, "non-contiguous %s\n", t->name); exit(1); }
-    std::vector<float> buf(ggml_nelements(t));
-    ggml_backend_tensor_get(t, buf.data(), 0, ggml_nbytes(t));
+    if (ask) return is_qk(t);
+    QkSeen s;
+    if (!is_qk(t) || !qk_read(t, R->ubatch, s)) return true;
+    const bool isq = s.isq;
+    const int il = s.il, d = s.d, Hx = s.Hx, T = s.T, start = s.start;
+    const std::vector<float> & buf = s.buf;
     if (R->Q.empty()) { R->d = d; R->Q.assign(n_layer, std::vector<float>((size_t) N*n_head*d)); R->K.assign(n_layer, std::vector<float>((size_t) N*n_head_kv*d)); }
     auto & dst = isq ? R->Q[il] : R->K[il];
     for (int i = 0; i < T; ++i) for (int h = 0; h < Hx; ++h) for (int e = 0; e < d; ++e)

@@ -490,9 +490,8 @@ pub struct SummaryRow {
     pub kv_cells_after: f64,
 }
 
-/// Aggregates case results per policy × budget (in first-seen order).
-#[must_use]
-pub fn summarize(cases: &[CaseResult]) -> Vec<SummaryRow> {
+/// The policy × budget pairs of the cases that ran, in first-seen order.
+fn result_keys(cases: &[CaseResult]) -> Vec<(String, Option<String>)> {
     let mut keys: Vec<(String, Option<String>)> = Vec::new();
     for c in cases.iter().filter(|c| c.ok) {
         for r in &c.results {
@@ -502,7 +501,14 @@ pub fn summarize(cases: &[CaseResult]) -> Vec<SummaryRow> {
             }
         }
     }
-    keys.into_iter()
+    keys
+}
+
+/// Aggregates case results per policy × budget (in first-seen order).
+#[must_use]
+pub fn summarize(cases: &[CaseResult]) -> Vec<SummaryRow> {
+    result_keys(cases)
+        .into_iter()
         .map(|(policy, budget)| {
             let rs: Vec<&PolicyResult> = cases.iter().filter(|c| c.ok).flat_map(|c| &c.results).filter(|r| r.policy == policy && r.budget == budget).collect();
             let col = |f: &dyn Fn(&PolicyResult) -> Option<f64>| metrics::mean_ci(&rs.iter().filter_map(|r| f(r)).collect::<Vec<_>>());

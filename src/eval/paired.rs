@@ -6,7 +6,9 @@
 use serde::Serialize;
 
 use super::metrics::mean_ci;
-use super::{CaseResult, PolicyResult};
+use std::collections::HashMap;
+
+use super::{result_keys, CaseResult, PolicyResult};
 
 /// A metric the comparison covers, and which way is better.
 struct Metric {
@@ -68,15 +70,7 @@ fn column<'a>(cases: &'a [CaseResult], policy: &str, budget: Option<&str>) -> Ve
 /// it ran) and against each other policy at that budget, in first-seen order.
 #[must_use]
 pub fn paired(cases: &[CaseResult]) -> Vec<Paired> {
-    let mut keys: Vec<(String, Option<String>)> = Vec::new();
-    for c in cases.iter().filter(|c| c.ok) {
-        for r in &c.results {
-            let k = (r.policy.clone(), r.budget.clone());
-            if !keys.contains(&k) {
-                keys.push(k);
-            }
-        }
-    }
+    let keys = result_keys(cases);
     let full = keys.iter().find(|(p, b)| p == "full" && b.is_none()).cloned();
     let mut budgets: Vec<Option<String>> = Vec::new();
     for (_, b) in &keys {
@@ -101,13 +95,14 @@ pub fn paired(cases: &[CaseResult]) -> Vec<Paired> {
 }
 
 fn compare(a: &[(Unit, &PolicyResult)], b: &[(Unit, &PolicyResult)], name_a: &str, name_b: &str, budget: &Option<String>) -> Vec<Paired> {
+    let by_unit: HashMap<&Unit, &PolicyResult> = b.iter().map(|(u, r)| (u, *r)).collect();
     METRICS
         .iter()
         .filter_map(|m| {
             let pairs: Vec<(f64, f64)> = a
                 .iter()
                 .filter_map(|(u, ra)| {
-                    let rb = b.iter().find(|(v, _)| v == u)?.1;
+                    let rb = by_unit.get(u)?;
                     Some(((m.get)(ra)?, (m.get)(rb)?))
                 })
                 .collect();
