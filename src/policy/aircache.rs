@@ -18,6 +18,9 @@
 //!   *uncertain*), `r̂_ℓ = ½(s'_t + s'_k)·r`, clipped to `[r_min·r, 1]` with the excess
 //!   redistributed so the mean stays `r`. Layer ℓ keeps its top `⌈r̂_ℓ·N_v⌉` visual tokens.
 //!
+//! * Protected sinks (`--kv-protect-first/-image`, [`super::Protect`]; not in the paper): the
+//!   first token of each image can be kept by rule, paid from the visual share.
+//!
 //! Shapes: statistics `[text bucket][layer][kv head][L]` (media columns only); one keep-set
 //! per layer shared by its heads.
 
@@ -155,6 +158,11 @@ impl Policy for AirCache {
         Granularity::Layer
     }
 
+    /// Protected sinks take their cells from the visual share (text is kept anyway).
+    fn protects_sinks(&self) -> bool {
+        true
+    }
+
     /// `B` = every text token + `r` of the visual tokens (`r` = the fraction, or cells / N_v);
     /// a number of cells (a bounded cache's room) as it is. No recent window: all text is kept.
     fn split(&self, target: Target, modality: &[Modality], _recent_bias: f64) -> Result<Split> {
@@ -182,7 +190,8 @@ impl Policy for AirCache {
         let n_v = visual.len();
         // text alone may exceed a bounded prefill's room: then no image token is kept and the
         // global vote trims the text
-        let r = input.split.b.saturating_sub(input.split.l - n_v) as f64 / n_v.max(1) as f64;
+        // (`k`: the budget less any protected sinks, which the shared selection adds back)
+        let r = input.split.k.saturating_sub(input.split.l - n_v) as f64 / n_v.max(1) as f64;
         // head-mean importance of each visual token, per layer
         let importance: Vec<Vec<f32>> = (0..stats.n_layer)
             .map(|layer| {

@@ -132,7 +132,7 @@ pub trait Policy: fmt::Debug + Send + Sync {
     }
 
     /// Whether [`Input::protect`] applies: the window-based policies whose selection spends
-    /// the whole budget by score (CSP, SnapKV). The shared selection keeps the protected
+    /// the whole budget by score (CSP, SnapKV, AirCache, PrefixKV). The shared selection keeps the protected
     /// tokens and hands the policy a budget `k` smaller by their number.
     fn protects_sinks(&self) -> bool {
         false

@@ -1,6 +1,6 @@
-//! Protected sink tokens for the window-based policies (CSP, SnapKV): the first tokens of the
-//! prompt and the first tokens of each image, kept whatever the window's scores and counted in
-//! the budget, as StreamingLLM keeps its attention sinks.
+//! Protected sink tokens for the window-based policies (CSP, SnapKV, AirCache, PrefixKV): the
+//! first tokens of the prompt and the first tokens of each image, kept whatever the window's
+//! scores and counted in the budget, as StreamingLLM keeps its attention sinks.
 //!
 //! Why (issue 16): with the question asked after pruning, a prompt ends with an image, so CSP's
 //! window is the last patches of that image; earlier images enter only through a few self slots

@@ -114,8 +114,8 @@ pub struct PolicyConfig {
     /// CSP: n-softmax at decode too (a sink logit ln n per head in every layer; paper Eq. 7),
     /// with CSP's `n`.
     pub decode_sink: bool,
-    /// Protected sink tokens of the window-based policies (CSP, SnapKV): the prompt's first
-    /// tokens and each image's first tokens, counted in the budget. Default: none (the methods
+    /// Protected sink tokens of the window-based policies (CSP, SnapKV, AirCache, PrefixKV): the
+    /// prompt's first tokens and each image's first tokens, counted in the budget. Default: none (the methods
     /// as released).
     pub protect: super::Protect,
     /// Each policy's parameters.

@@ -59,8 +59,9 @@ pub fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
 }
 
 /// Votes per-head choices down to exactly `b` of `l` tokens: the last token first (llama.cpp
-/// continues from it: the next position must follow the last cached one), then by the number of
-/// choices keeping a token, then by the score summed over all choices, then by position.
+/// continues from it: the next position must follow the last cached one), then the `fixed`
+/// tokens (kept by rule, so never outvoted by ties), then by the number of choices keeping a
+/// token, then by the score summed over all choices, then by position.
 ///
 /// A choice votes for a token it keeps only where its own score for that token is positive, or
 /// the token is `fixed` (the recent window and protected sinks, kept by rule). A head whose
@@ -88,7 +89,11 @@ pub fn vote(choices: &[HeadChoice], l: usize, b: usize, fixed: &[usize]) -> Rete
     let b = b.min(l);
     let last = l.wrapping_sub(1);
     let cmp = |a: &usize, c: &usize| {
-        (*c == last).cmp(&(*a == last)).then_with(|| votes[*c].cmp(&votes[*a])).then_with(|| by_score_desc(&score)(a, c))
+        (*c == last)
+            .cmp(&(*a == last))
+            .then_with(|| is_fixed[*c].cmp(&is_fixed[*a]))
+            .then_with(|| votes[*c].cmp(&votes[*a]))
+            .then_with(|| by_score_desc(&score)(a, c))
     };
     if b < l && b > 0 {
         order.select_nth_unstable_by(b - 1, cmp);

@@ -229,6 +229,59 @@ fn budget_invariants_hold_for_random_cases() {
     }
 }
 
+/// AirCache and PrefixKV with protected sinks, each with its own split: every layer keeps the
+/// protected tokens and at most the budget; the global vote keeps exactly the budget.
+#[test]
+fn layer_policies_keep_protected_sinks_within_the_budget() {
+    let mut rng = Rng::new(11, "sinks");
+    for case in 0..200 {
+        let l = 8 + rng.below(200) as usize;
+        let n_layer = 1 + rng.below(3) as usize;
+        let n_head = 1 + rng.below(3) as usize;
+        let modality: Vec<Modality> = (0..l).map(|t| if t < 3 || rng.below(4) == 0 { T } else { I }).collect();
+        let mut s = AttentionStats::new(n_layer, n_head, l);
+        for layer in 0..n_layer {
+            for h in 0..n_head {
+                for b in [Bucket::Text, Bucket::Media] {
+                    s.column_mut(b, layer, h).iter_mut().for_each(|v| *v = rng.below(5) as f32 / 4.0);
+                }
+            }
+        }
+        let protect = Protect { first: rng.below(4) as usize, per_image: 1 + rng.below(2) as usize };
+        let budget = Budget::Fraction(0.2 + 0.6 * f64::from(rng.uniform()));
+        for kind in [PolicyKind::AirCache, PolicyKind::PrefixKv] {
+            let p = kind.build(&PolicyConfig::default()).unwrap();
+            let Ok(split) = p.split(Target::Budget(budget), &modality, 1.0) else { continue };
+            let sinks = protect.tokens(&modality, l - split.r);
+            // (AirCache keeps every text token: its sinks are paid from the visual share, so
+            // they must fit there)
+            let n_text = modality.iter().filter(|m| **m == T).count();
+            if sinks.len() * 2 > split.k || (kind == PolicyKind::AirCache && n_text + sinks.len() > split.b) {
+                continue;
+            }
+            let input = Input { modality: &modality, split, stats: Some(&s), protect };
+            let layers = retain(p.as_ref(), &input, Some(Granularity::Layer)).unwrap();
+            let h = layers.per_head.as_ref().expect("per layer");
+            let mut total = 0;
+            for layer in 0..h.n_layer {
+                let keep = h.get(layer, 0);
+                total += keep.iter().filter(|&&k| k).count();
+                for &t in &sinks {
+                    assert!(keep[t], "case {case} {kind}: layer {layer} evicted protected token {t} ({protect:?})");
+                }
+            }
+            // AirCache's layers differ by design (mean r, each rounded up); PrefixKV's are equal
+            let mean = total as f64 / h.n_layer as f64;
+            assert!(mean <= split.b as f64 + 1.0, "case {case} {kind}: layers keep {mean} on average > B {}", split.b);
+            let global = retain(p.as_ref(), &input, Some(Granularity::Global)).unwrap();
+            assert_eq!(global.kept(), split.b, "case {case} {kind}: global kept");
+            for &t in &sinks {
+                assert!(global.keep[t], "case {case} {kind}: global evicted protected token {t}");
+            }
+        }
+    }
+}
+
 fn budget_cells(b: Budget, l: usize) -> usize {
     match b {
         Budget::Fraction(f) => ((f * l as f64).floor() as usize).min(l),

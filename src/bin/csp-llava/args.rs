@@ -242,11 +242,11 @@ pub struct TuningFlags {
     /// the released code scores with it only).
     #[arg(long = "csp-decode-sink")]
     pub csp_decode_sink: bool,
-    /// CSP, SnapKV: keep the prompt's first N tokens whatever the window's scores (attention
-    /// sinks, counted in the budget) [default: 0, the methods as released].
+    /// CSP, SnapKV, AirCache, PrefixKV: keep the prompt's first N tokens whatever the window's
+    /// scores (attention sinks, counted in the budget) [default: 0, the methods as released].
     #[arg(long = "kv-protect-first", value_name = "N", default_value_t = 0)]
     pub kv_protect_first: usize,
-    /// CSP, SnapKV: keep the first N tokens of each image whatever the window's scores
+    /// CSP, SnapKV, AirCache, PrefixKV: keep the first N tokens of each image whatever the scores
     /// (counted in the budget) [default: 0].
     #[arg(long = "kv-protect-image", value_name = "N", default_value_t = 0)]
     pub kv_protect_image: usize,

@@ -12,6 +12,7 @@
 //!   fractions are averaged over samples into a [`Profile`].
 //! * **Prefill**: layer ℓ forgets `F_ℓ = round(r_ℓ·L)` of the candidates `[start, L−1)` with the
 //!   lowest scores; the first `start = 1` token and the last prompt token are always kept.
+//!   Protected sinks (`--kv-protect-image`, not in the paper) forget that many more per layer.
 //! * **Decode** ([`fixed_point`], ElasticCache's fixed-point elimination): after each step, a
 //!   layer whose cache exceeds `(1 − r_ℓ)` of all tokens so far drops the entry at slot
 //!   `(L − F_ℓ) − 25` — a FIFO over the last 25 prompt survivors and then the generated tokens.
@@ -123,17 +124,25 @@ impl Policy for PrefixKv {
         Granularity::Layer
     }
 
+    /// Protected sinks (beyond the first tokens it always keeps) are paid for by forgetting
+    /// that many more tokens in every layer.
+    fn protects_sinks(&self) -> bool {
+        true
+    }
+
     fn pick(&self, input: &Input<'_>) -> Result<Vec<Pick>> {
         let stats = need_stats(input, "prefixkv")?;
         let scores = layer_scores(stats);
         let forget = self.forget(&input.split, stats.n_layer)?;
         let l = input.split.l;
+        // the shared selection hands over `k` less the protected sinks (no recent window here)
+        let sinks = input.split.b.saturating_sub(input.split.k + input.split.r);
         Ok(scores
             .into_iter()
             .zip(forget)
             .enumerate()
             .map(|(layer, (s, r))| {
-                let keep = keep_layer(&s, (r * l as f64).round() as usize);
+                let keep = keep_layer(&s, (r * l as f64).round() as usize + sinks);
                 Pick { layer: Some(layer), head: None, score: s, keep: Some(keep) }
             })
             .collect())
