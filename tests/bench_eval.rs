@@ -223,3 +223,47 @@ fn eval_refuses_malformed_multi_question_cases() {
     assert!(err.contains("images before each question") || err.contains("share everything before them"), "{err}");
     assert!(err.contains("3 of 3 case(s) failed"), "{err}");
 }
+
+/// `eval -o json` → `plot`: the SVG holds a panel per file × metric and every policy's line;
+/// the x axis is bytes (the summary carries `kv_bytes_after`, the full cache the most); bad
+/// inputs are one-line errors.
+#[test]
+fn eval_json_plots_against_kv_bytes() {
+    let data = write_cases(
+        "plot",
+        &[
+            r#"{"id": 1, "images": ["img-0.png", "img-1.png"], "prompt": "Which image shows a circle?", "answer": "first"}"#.into(),
+            r#"{"id": 2, "images": ["img-2.png", "img-3.png"], "prompt": "What colour is image 2?", "answer": "red"}"#.into(),
+        ],
+    );
+    let out = csp(&["eval", "--data", data.to_str().unwrap(), "-n", "4", "--kv-policy", "full,csp,h2o", "--kv-budget", "0.2,0.5", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["summary"].as_array().unwrap();
+    let bytes = |p: &str, b: Option<&str>| {
+        rows.iter().find(|r| r["policy"] == p && r["budget"].as_str() == b).unwrap()["kv_bytes_after"].as_f64().unwrap()
+    };
+    assert!(bytes("csp", Some("0.2")) > 0.0);
+    assert!(bytes("csp", Some("0.2")) < bytes("csp", Some("0.5")) && bytes("csp", Some("0.5")) < bytes("full", None));
+    let json = data.with_file_name("eval.json");
+    std::fs::write(&json, &out.stdout).unwrap();
+    let svg = data.with_file_name("fig.svg");
+    let plot = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_csp-llava")).arg("plot").args(args).output().unwrap();
+    let spec = format!("K2={}", json.display());
+    let out = plot(&[&spec, json.to_str().unwrap(), "--metric", "accuracy,kl,rouge_l", "-o", svg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"), "an SVG");
+    for needle in ["K2 — question-in-prompt · exact match", "eval — question-in-prompt · ROUGE-L vs full", "KV cache kept (MiB)", "\ncsp\n", "\nh2o\n", "\nfull\n"] {
+        assert!(text.contains(needle), "{needle} missing");
+    }
+    // errors: an unknown metric (usage, exit 2), a file that is not eval output, a missing file
+    let out = plot(&[json.to_str().unwrap(), "--metric", "speed", "-o", svg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown metric `speed`"));
+    let out = plot(&[data.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not an `eval -o json` output") && !err.contains("panicked"), "{err}");
+    let out = plot(&["/no/such/eval.json", "-o", svg.to_str().unwrap()]);
+    assert!(!out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}

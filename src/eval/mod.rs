@@ -194,6 +194,9 @@ pub struct PolicyResult {
     pub question: usize,
     /// Cells kept.
     pub kv_cells_after: usize,
+    /// K+V bytes of the cells kept (all layers; 0 in results written before it existed).
+    #[serde(default)]
+    pub kv_bytes_after: u64,
     /// Mean KL(full ‖ policy) over teacher-forced positions (`null` when the full answer has
     /// fewer than two tokens).
     pub kl: Option<f64>,
@@ -373,6 +376,7 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
             budget: budget.map(|b| b.to_string()),
             question: qi,
             kv_cells_after: kept,
+            kv_bytes_after: kept as u64 * s.kv_info().bytes_per_cell(),
             kl: fid.kl,
             top1_agreement: fid.top1,
             rouge_l: metrics::rouge_l(&reference.text, &answer.text),
@@ -488,6 +492,8 @@ pub struct SummaryRow {
     pub perplexity_ci: Option<[f64; 2]>,
     /// Mean cells kept.
     pub kv_cells_after: f64,
+    /// Mean K+V bytes kept (what `csp-llava plot` puts on its x axis).
+    pub kv_bytes_after: f64,
 }
 
 /// The policy × budget pairs of the cases that ran, in first-seen order.
@@ -538,6 +544,7 @@ pub fn summarize(cases: &[CaseResult]) -> Vec<SummaryRow> {
                 perplexity: ppl.map(|x| x.0),
                 perplexity_ci: ppl.map(|x| x.1),
                 kv_cells_after: rs.iter().map(|r| r.kv_cells_after as f64).sum::<f64>() / rs.len().max(1) as f64,
+                kv_bytes_after: rs.iter().map(|r| r.kv_bytes_after as f64).sum::<f64>() / rs.len().max(1) as f64,
             }
         })
         .collect()

@@ -165,6 +165,7 @@ mod tests {
             budget: budget.map(Into::into),
             question: 0,
             kv_cells_after: 0,
+            kv_bytes_after: 0,
             kl: Some(kl),
             top1_agreement: None,
             rouge_l: 1.0,

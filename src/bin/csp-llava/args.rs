@@ -49,6 +49,9 @@ pub enum Command {
     /// `--kv-policy prefixkv --prefixkv-profile FILE`.
     #[command(allow_negative_numbers = true)]
     Calibrate(CalibrateArgs),
+    /// Plot `eval -o json` results: each metric against the KV bytes kept, one line per policy
+    /// through its budgets, 95% intervals as error bars; one row of panels per file (an SVG).
+    Plot(PlotArgs),
     /// Print how prompts are laid out for the model (text token ids and image slots), one JSON
     /// line per input line `{"prompt": …, "n_images": K, "raw": false}` on stdin — what the projector
     /// training needs to build exactly the sequences csp-llava evaluates.
@@ -559,6 +562,22 @@ pub struct CalibrateArgs {
     pub max_cases: usize,
     /// Where to write the profile.
     #[arg(long, value_name = "FILE.json")]
+    pub out: PathBuf,
+}
+
+/// `csp-llava plot`.
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// `eval -o json` outputs; a row of panels each, titled `LABEL` when given as `LABEL=FILE`
+    /// (else the file name).
+    #[arg(required = true, value_name = "[LABEL=]FILE.json")]
+    pub inputs: Vec<String>,
+    /// Metrics, one column each: accuracy, contains, kl, top1_agreement, rouge_l,
+    /// per_image_accuracy, perplexity.
+    #[arg(long, value_delimiter = ',', default_value = "accuracy,kl")]
+    pub metric: Vec<String>,
+    /// Where to write the SVG.
+    #[arg(short = 'o', long = "out", value_name = "FILE.svg")]
     pub out: PathBuf,
 }
 

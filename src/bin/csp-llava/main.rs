@@ -103,6 +103,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(b)) => commands::bench::bench(&b, v),
         Some(Command::Eval(e)) => commands::eval::eval(&e, v),
         Some(Command::Calibrate(c)) => commands::calibrate::calibrate(&c, v),
+        Some(Command::Plot(p)) => commands::plot::plot(&p),
         Some(Command::PromptLayout { model, mmproj }) => commands::layout::prompt_layout(&model, &mmproj),
         None => commands::run::run(&cli.run, v),
     }

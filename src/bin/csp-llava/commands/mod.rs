@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod demo;
 pub mod eval;
 pub mod layout;
+pub mod plot;
 pub mod run;
 
 use std::io::{IsTerminal, Write};
