@@ -16,7 +16,9 @@
 #   scripts/headline.sh /tmp/evs5 /tmp/headline            # N=200 KS="4 8 16" PROTOCOLS="p2 p3 p1 cap"
 #
 # Environment: N (cases per file, default 200), KS, PROTOCOLS, POLICIES, BUDGETS, THREADS,
-# MODEL (directory with text.gguf and mmproj.gguf; default models/cache/smolvlm-dino), EXE.
+# MODEL (directory with text.gguf and mmproj.gguf; default models/cache/smolvlm-dino), EXE;
+# EXTRA (more eval flags, e.g. "--kv-protect-first 4 --kv-protect-image 1") with TAG (a suffix
+# for the output names, so such a variant sits next to the plain run: K8-p2-sinks.json).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DATA="${1:?usage: scripts/headline.sh EVAL_DIR OUT_DIR}"
@@ -27,12 +29,14 @@ PROTOCOLS="${PROTOCOLS:-p2 p3 p1 cap}"
 POLICIES="${POLICIES:-full,csp,h2o,snapkv,aircache,prefixkv,streaming,random}"
 BUDGETS="${BUDGETS:-0.1,0.2,0.5}"
 THREADS="${THREADS:-2}"
+TAG="${TAG:+-$TAG}"
+read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
 MODEL="${MODEL:-$ROOT/models/cache/smolvlm-dino}"
 EXE="${EXE:-$ROOT/target/release/csp-llava}"
 mkdir -p "$OUT"
 
 run() { # name data-file n-predict extra-flags...
-  local name=$1 file=$2 npred=$3
+  local name=$1$TAG file=$2 npred=$3
   shift 3
   local sub="$OUT/$name.cases.jsonl"
   # the first N cases, taken in turn from each task (tasks-K* files hold one task after the
@@ -60,7 +64,7 @@ PY
   local t0=$SECONDS
   "$EXE" eval -m "$MODEL/text.gguf" --mmproj "$MODEL/mmproj.gguf" --data "$OUT/$name.data.jsonl" \
     --kv-policy "$POLICIES" --kv-budget "$BUDGETS" -n "$npred" -t "$THREADS" -o json \
-    --cases-out "$sub" "${resume[@]}" "$@" > "$OUT/$name.json"
+    --cases-out "$sub" "${resume[@]}" "${EXTRA_FLAGS[@]}" "$@" > "$OUT/$name.json"
   echo "headline: $name done in $((SECONDS - t0)) s" >&2
 }
 

@@ -32,7 +32,7 @@ def metric(p):
 def load(out):
     runs = {}
     for f in glob.glob(os.path.join(out, "K*-*.json")):
-        m = re.match(r"K(\d+)-(\w+)\.json$", os.path.basename(f))
+        m = re.match(r"K(\d+)-(p1|p2|p3|cap)\.json$", os.path.basename(f))   # tagged variants apart
         if not m:
             continue
         try:
