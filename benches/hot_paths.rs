@@ -65,7 +65,7 @@ fn graph_host_part(c: &mut Criterion) {
     r.graph_plan(0, &[], 0);
     c.bench_function("graph: place one layer's sums, 32 KV heads × 2 columns × 4096 cells", |b| {
         b.iter(|| {
-            let s = GraphSums { layer: 1, var: 0, n_kv: L, n_head_kv: HEADS, cols: &[0, 1], sums: &sums, cell_pos: &cell_pos, row_pos: &row_pos };
+            let s = GraphSums { layer: 1, var: 0, n_kv: L, n_head_kv: HEADS, cols: &[0, 1], sums: &sums, cell_pos: &cell_pos, row_pos: &row_pos, n_elite_rows: 0 };
             r.add_sums(&s).unwrap();
         });
     });
@@ -86,7 +86,7 @@ fn selection(c: &mut Criterion) {
     for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
         let p = kind.build(&PolicyConfig::default()).unwrap();
         c.bench_function(&format!("select: {kind}, 32 layers × 32 KV heads × 4096 tokens, budget 0.2"), |b| {
-            b.iter(|| policy::retain(p.as_ref(), &policy::Input { modality: &modality, split, stats: Some(&stats), protect: Default::default() }, None).unwrap());
+            b.iter(|| policy::retain(p.as_ref(), &policy::Input { modality: &modality, split, stats: Some(&stats), protect: Default::default(), kv: None }, None).unwrap());
         });
     }
 }

@@ -189,7 +189,7 @@ fn check_case(seed: u64, budget: f64, cross_ratio: f64, recent_bias: f64, kind: 
     }
     let modality: Vec<Modality> = img.iter().map(|&i| if i { Modality::Image } else { Modality::Text }).collect();
     let csp = Csp { cross_ratio, n: 1.0 };
-    let choices = csp.choose(&Input { modality: &modality, split, stats: Some(&stats), protect: Default::default() }).unwrap();
+    let choices = csp.choose(&Input { modality: &modality, split, stats: Some(&stats), protect: Default::default(), kv: None }).unwrap();
     assert_eq!(choices.len(), n_head);
 
     for (h, logits) in heads.iter().enumerate() {

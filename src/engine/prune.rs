@@ -6,7 +6,7 @@ use super::event::ms;
 use super::{stream, Bounded, Engine, Prompt, Pruning, Session};
 use crate::error::{Error, Result};
 use crate::policy::{self, PolicyConfig, Target};
-use crate::stats::StatRequest;
+use crate::stats::{KvRequest, StatRequest};
 
 impl Engine {
     /// What a policy will do with a prompt: its budget and the statistics it needs. The plan
@@ -28,7 +28,9 @@ impl Engine {
         }
         // a bounded prefill evicts even where the prompt-end pass would not (text-only CSP)
         let stream_request = split.or_else(|| policy.split(target, &modality, bias).ok()).and_then(|s| policy.request(&s, policy_cfg.obs_window));
+        let kv_request = policy.kv_request();
         Ok(Plan {
+            kv_request,
             policy,
             split,
             prunes,
@@ -74,6 +76,8 @@ pub struct Plan {
     /// The statistics a bounded prefill's evictions need (also where the prompt-end pass does
     /// not prune).
     pub stream_request: Option<StatRequest>,
+    /// The statistics of the cached keys and values it needs (computed before each selection).
+    pub kv_request: Option<KvRequest>,
     /// `recent_bias`, for budgets resolved on what a bounded cache holds.
     pub recent_bias: f64,
     /// Move the pruned cache into a smaller context ([`ContextConfig::kv_shrink`]; `false` from
@@ -108,7 +112,8 @@ impl Plan {
         let whole = cached.len() == prompt.n_tokens() && !over;
         let (retention, decode_eviction) = if let (true, Some(split)) = (whole, split) {
             let modality = prompt.token_modalities();
-            let input = policy::Input { modality: &modality, split, stats, protect: self.protect };
+            let kv = self.kv_request.map(|r| session.kv_stats(r, &cached)).transpose()?;
+            let input = policy::Input { modality: &modality, split, stats, protect: self.protect, kv: kv.as_ref() };
             let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
             let de = self.policy.decode_eviction(&input, &retention)?;
             (retention, de.map(|de| (de, None)))
@@ -117,7 +122,8 @@ impl Plan {
             let b = split.map_or(cached.len(), |s| s.b).min(cached.len()).min(limit.unwrap_or(usize::MAX));
             let granularity = if split.is_some() { self.granularity } else { Some(policy::Granularity::Global) };
             let gathered = stats.map(|s| s.gather(&cached));
-            let view = stream::View::new(prompt, cached, gathered);
+            let kv = self.kv_request.map(|r| session.kv_stats(r, &cached)).transpose()?;
+            let view = stream::View::new(prompt, cached, gathered, kv);
             let sel = view.retain(self, b, granularity)?;
             let de = self.policy.decode_eviction(&view.input(sel.split, self.protect), &sel.sub)?;
             (sel.full, de.map(|de| (de, Some(view.tokens))))

@@ -10,7 +10,7 @@ use crate::config::{ContextConfig, FlashAttn, ObserverMode};
 use crate::error::{Error, Result};
 use crate::llama::observer::Observer;
 use crate::llama::{self, Context, ContextParams, KvInfo, Logits};
-use crate::stats::{AttentionStats, Collector, Reducer, StatRequest};
+use crate::stats::{AttentionStats, Collector, KvRequest, KvStats, Reducer, StatRequest};
 use crate::policy::DecodeEviction;
 use crate::policy::HeadKeep;
 use crate::span::Modality;
@@ -504,6 +504,18 @@ impl<'e> Session<'e> {
             return Err(Error::Callback(format!("the observer saw {} of {} prompt tokens{hint}", collector.tokens_seen(), prompt.n_tokens())));
         }
         Ok(collector.take_stats())
+    }
+
+    /// Statistics of the cached keys and values of `tokens` (prompt indices the cache holds;
+    /// column `i` is `tokens[i]`), computed on the context's backend (patch 0009).
+    ///
+    /// # Errors
+    /// Caches the scan does not cover; a token the cache does not hold.
+    pub fn kv_stats(&mut self, req: KvRequest, tokens: &[usize]) -> Result<KvStats> {
+        let scan = self.lctx.kv_scan(llama::KvScanStats { knorm: req.knorm, vnorm: req.vnorm, kdiff: req.keydiff })?;
+        let positions: Vec<i32> = tokens.iter().map(|&t| self.token_pos.get(t).copied().unwrap_or(-1)).collect();
+        let n_layer = self.lctx.model().n_layer() as usize;
+        KvStats::from_scan(&scan, n_layer, &positions, req).map_err(|reason| Error::Unsupported { what: "KV statistics", reason })
     }
 
     /// Removes the cached prompt tokens not in `keep` (one flag per prompt token) and compacts

@@ -152,9 +152,10 @@ impl Session<'_> {
 
     /// Runs `plan`'s policy on the cached tokens to keep `keep` of them, at global granularity
     /// (a physical cap); returns the keep flags over the whole prompt.
-    fn select(&self, prompt: &Prompt, plan: &Plan, cached: &[usize], keep: usize) -> Result<Vec<bool>> {
+    fn select(&mut self, prompt: &Prompt, plan: &Plan, cached: &[usize], keep: usize) -> Result<Vec<bool>> {
         let stats = self.collector().and_then(|c| c.gather(cached));
-        let view = View::new(prompt, cached.to_vec(), stats);
+        let kv = plan.kv_request.map(|r| self.kv_stats(r, cached)).transpose()?;
+        let view = View::new(prompt, cached.to_vec(), stats, kv);
         Ok(view.retain(plan, keep, Some(Granularity::Global))?.full.keep)
     }
 }
@@ -168,6 +169,8 @@ pub(super) struct View {
     pub modality: Vec<Modality>,
     /// Their attention statistics (gathered columns).
     pub stats: Option<crate::stats::AttentionStats>,
+    /// Their cache statistics.
+    pub kv: Option<crate::stats::KvStats>,
     l: usize,
 }
 
@@ -183,15 +186,15 @@ pub(super) struct Selection {
 }
 
 impl View {
-    pub(super) fn new(prompt: &Prompt, tokens: Vec<usize>, stats: Option<crate::stats::AttentionStats>) -> Self {
+    pub(super) fn new(prompt: &Prompt, tokens: Vec<usize>, stats: Option<crate::stats::AttentionStats>, kv: Option<crate::stats::KvStats>) -> Self {
         let all = prompt.token_modalities();
         let modality = tokens.iter().map(|&t| all[t]).collect();
-        Self { tokens, modality, stats, l: prompt.n_tokens() }
+        Self { tokens, modality, stats, kv, l: prompt.n_tokens() }
     }
 
     /// The policy's input for a budget of `keep` cells on the view.
     pub(super) fn input(&self, split: Split, protect: policy::Protect) -> policy::Input<'_> {
-        policy::Input { modality: &self.modality, split, stats: self.stats.as_ref(), protect }
+        policy::Input { modality: &self.modality, split, stats: self.stats.as_ref(), protect, kv: self.kv.as_ref() }
     }
 
     /// Runs `plan`'s policy to keep `keep` of the view's tokens (the last one always), the

@@ -299,7 +299,7 @@ pub fn eval_case(engine: &Engine, case: &Case, cfg: &EvalConfig) -> Result<CaseR
     for q in &questions {
         let req = Request { images: case.images.clone(), prompt: q.prompt.clone(), ..Default::default() };
         let mut p = engine.prepare_for(&req, &uncapped)?;
-        if (cfg.question_after_pruning || multi) && !p.defer_question() && multi {
+        if multi && !p.defer_question() {
             return Err(Error::Prompt("a multi-question case needs its images before each question".into()));
         }
         prompts.push(p);

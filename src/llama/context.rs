@@ -329,6 +329,29 @@ impl Context {
         }
     }
 
+    /// Per-cell statistics of sequence 0's cached keys and values (patch 0009), one
+    /// [`KvScanLayer`] per layer: `‖k‖`, `‖v‖` and the cosine of each key with the mean unit
+    /// key of its KV head (KeyDiff's anchor), computed by graphs on the context's backend.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for caches the scan does not cover (iSWA/hybrid, a quantized
+    /// head row that is not whole blocks); [`Error::Llama`] when a graph failed.
+    pub fn kv_scan(&mut self, what: KvScanStats) -> Result<Vec<KvScanLayer>> {
+        let mut out: Vec<KvScanLayer> = Vec::new();
+        let mask = u32::from(what.knorm) | u32::from(what.vnorm) << 1 | u32::from(what.kdiff) << 2;
+        if mask == 0 {
+            return Ok(out);
+        }
+        // SAFETY: a live context borrowed mutably; the callback runs synchronously inside this
+        // call and receives `out` (alive for the call) as its user data.
+        let n = unsafe { sys::llama_memory_seq_kv_stats(self.ctx.as_raw(), 0, mask, Some(kv_scan_trampoline), (&raw mut out).cast()) };
+        match n {
+            n if n >= 0 => Ok(out),
+            -1 if out.is_empty() => Err(Error::Unsupported { what: "KV statistics (knorm, vnorm, keydiff)", reason: "llama.cpp cannot scan this cache (iSWA/hybrid memory, or quantized head rows that are not whole blocks)".into() }),
+            code => Err(Error::Llama { op: "scan the KV cache", code }),
+        }
+    }
+
     /// Copies sequence 0's cells, packed, into `dst` (a context of the same model with an empty
     /// cache of at least as many cells) without a host round trip (patch 0006); masks and sinks
     /// go along. Returns the K+V bytes copied.
@@ -477,4 +500,58 @@ impl Context {
             reason: format!("llama.cpp refused sinks for layer {layer} (needs the llama architecture and a plain KV cache)"),
         })
     }
+}
+
+/// What [`Context::kv_scan`] computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvScanStats {
+    /// `‖k‖₂` per cell and KV head.
+    pub knorm: bool,
+    /// `‖v‖₂`.
+    pub vnorm: bool,
+    /// `cos(k, ā)`, `ā` = the mean unit key of the KV head over the sequence's cells.
+    pub kdiff: bool,
+}
+
+/// One layer of [`Context::kv_scan`]: arrays `[cell][kv head]`, cell-major, in cell order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvScanLayer {
+    /// The layer.
+    pub layer: usize,
+    /// KV heads.
+    pub n_head_kv: usize,
+    /// Each cell's position.
+    pub cell_pos: Vec<i32>,
+    /// `‖k‖₂` (when asked).
+    pub knorm: Option<Vec<f32>>,
+    /// `‖v‖₂`.
+    pub vnorm: Option<Vec<f32>>,
+    /// `cos(k, ā)`.
+    pub kdiff: Option<Vec<f32>>,
+}
+
+/// `llama_kv_stats_cb`: copies one layer into the `Vec<KvScanLayer>` behind `ud`.
+unsafe extern "C" fn kv_scan_trampoline(ud: *mut c_void, r: *const sys::llama_kv_stats_result) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `ud` is the `Vec` `kv_scan` passed, alive and not otherwise borrowed during the
+        // call; `r` is valid during this callback and its arrays hold n_cells (·n_head_kv)
+        // values, each null-checked before a slice is made.
+        unsafe {
+            let out = &mut *ud.cast::<Vec<KvScanLayer>>();
+            let r = &*r;
+            let (n, h) = (usize::try_from(r.n_cells).unwrap_or(0), usize::try_from(r.n_head_kv).unwrap_or(0));
+            let copy = |p: *const f32| (!p.is_null()).then(|| std::slice::from_raw_parts(p, n * h).to_vec());
+            let cell_pos = if r.cell_pos.is_null() || n == 0 { Vec::new() } else { std::slice::from_raw_parts(r.cell_pos, n).to_vec() };
+            out.push(KvScanLayer {
+                layer: usize::try_from(r.il).unwrap_or(0),
+                n_head_kv: h,
+                cell_pos,
+                knorm: copy(r.knorm),
+                vnorm: copy(r.vnorm),
+                kdiff: copy(r.kdiff),
+            });
+        }
+        true
+    }))
+    .unwrap_or(false)
 }

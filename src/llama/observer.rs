@@ -115,6 +115,17 @@ impl Observer {
         }
     }
 
+    /// Captures the RoPE'd `Kcur-<il>` and the `Vcur-<il>` (the rows the cache stores) of
+    /// `layers` (tests of the KV scan, patch 0009).
+    pub fn capture_kv(&self, layers: usize) {
+        let mut s = self.lock();
+        s.active = true;
+        for il in 0..layers {
+            s.capture.push((format!("Kcur-{il}"), sys::GGML_OP_ROPE));
+            s.capture.push((format!("Vcur-{il}"), sys::GGML_OP_RESHAPE));
+        }
+    }
+
     /// Captures, at the next evaluations, each layer's raw logits `kq-<il>`, the logits plus the
     /// per-head mask `kq_plus_kq_b-<il>` (masked layers only) and the probabilities
     /// `kq_soft_max-<il>` (tests: what each head attends to after masking, sinks).

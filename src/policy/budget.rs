@@ -168,6 +168,18 @@ impl Split {
         Ok(Self { r: 0, k: s.b, ..s })
     }
 
+    /// [`Split::new`] with only the last token as its recent window (`r = 1`): the kvpress
+    /// scorers rank every other token (llama.cpp continues from the last cached position, so
+    /// that one stays).
+    ///
+    /// # Errors
+    /// As [`Split::new`].
+    pub fn last_only(budget: Budget, l: usize) -> Result<Self> {
+        let s = Self::new(budget, l, 1.0)?;
+        let r = 1.min(s.b);
+        Ok(Self { r, k: s.b - r, ..s })
+    }
+
     /// Whether anything is evicted.
     #[must_use]
     pub fn prunes(&self) -> bool {

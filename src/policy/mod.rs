@@ -31,6 +31,9 @@
 //! | `prefixkv` | `prefixkv/` | all prompt queries, head mean; per layer | [`PrefixKvParams`] |
 //! | `aircache` | `aircache.rs` | elite text queries of the final ubatch; per layer | [`AirCache`] |
 //! | `streaming` | `streaming.rs` | no | [`Streaming`] |
+//! | `knorm` | `knorm.rs` | no: key norms of the cache | [`KNorm`] |
+//! | `vnorm` | `vnorm.rs` | no: value norms of the cache | [`VNorm`] |
+//! | `keydiff` | `keydiff.rs` | no: keys' cosine with the mean key | [`KeyDiff`] |
 //! | `random` | `random.rs` | no | [`Random`] |
 //!
 //! Adding one: its file, and one line in the table of [`registry`].
@@ -40,6 +43,8 @@ pub mod budget;
 mod csp;
 mod full;
 mod h2o;
+mod keydiff;
+mod knorm;
 pub mod prefixkv;
 pub mod protect;
 mod random;
@@ -48,6 +53,7 @@ mod retention;
 pub mod select;
 mod snapkv;
 mod streaming;
+mod vnorm;
 
 use std::fmt;
 
@@ -59,6 +65,8 @@ pub use budget::{Budget, Granularity, Split, Target};
 pub use csp::{preset as csp_preset, Csp, CSP_PRESETS};
 pub use full::Full;
 pub use h2o::H2o;
+pub use keydiff::KeyDiff;
+pub use knorm::KNorm;
 pub use prefixkv::{PrefixKv, PrefixKvParams, Profile};
 pub use protect::Protect;
 pub use random::Random;
@@ -67,9 +75,10 @@ pub use retention::{HeadChoice, HeadKeep, Retention};
 pub use select::{retain, Choose};
 pub use snapkv::SnapKv;
 pub use streaming::Streaming;
+pub use vnorm::VNorm;
 
 use crate::error::{Error, Result};
-use crate::stats::{AttentionStats, StatRequest};
+use crate::stats::{AttentionStats, KvRequest, KvStats, StatRequest};
 use crate::span::Modality;
 
 /// What a policy sees when it selects.
@@ -83,6 +92,9 @@ pub struct Input<'a> {
     pub stats: Option<&'a AttentionStats>,
     /// Protected sink tokens ([`Policy::protects_sinks`] policies only).
     pub protect: Protect,
+    /// Statistics of the cached keys and values, when the policy asked for them
+    /// ([`Policy::kv_request`]).
+    pub kv: Option<&'a KvStats>,
 }
 
 /// A policy's decision for one (layer, KV head), one layer (`head: None`) or the whole model
@@ -104,9 +116,14 @@ pub struct Pick {
 impl Pick {
     /// One pick per (layer, KV head) of `stats`, ranked by `score(layer, head)` (H2O, SnapKV).
     pub fn per_head(stats: &AttentionStats, score: impl Fn(usize, usize) -> Vec<f32>) -> Vec<Self> {
-        let mut out = Vec::with_capacity(stats.n_layer * stats.n_head_kv);
-        for layer in 0..stats.n_layer {
-            for head in 0..stats.n_head_kv {
+        Self::per_head_of(stats.n_layer, stats.n_head_kv, score)
+    }
+
+    /// One pick per (layer, KV head) of `n_layer × n_head_kv`, ranked by `score(layer, head)`.
+    pub fn per_head_of(n_layer: usize, n_head_kv: usize, score: impl Fn(usize, usize) -> Vec<f32>) -> Vec<Self> {
+        let mut out = Vec::with_capacity(n_layer * n_head_kv);
+        for layer in 0..n_layer {
+            for head in 0..n_head_kv {
                 out.push(Self { layer: Some(layer), head: Some(head), score: score(layer, head), keep: None });
             }
         }
@@ -122,6 +139,12 @@ pub trait Policy: fmt::Debug + Send + Sync {
     /// Attention statistics to gather during the prefill of a prompt with this budget; `None`
     /// for none (flash attention stays available).
     fn request(&self, _split: &Split, _obs_window: Option<usize>) -> Option<StatRequest> {
+        None
+    }
+
+    /// Statistics of the cached keys and values to compute before selecting (after the prefill,
+    /// or at each eviction of a bounded prefill); `None` for none. They need no attention.
+    fn kv_request(&self) -> Option<KvRequest> {
         None
     }
 
@@ -208,6 +231,11 @@ pub trait DecodeEviction: fmt::Debug + Send + Sync {
     /// A token at position `pos` was decoded into every layer: the (layer, position) pairs
     /// dropped after it.
     fn step(&mut self, pos: usize) -> Vec<(usize, usize)>;
+}
+
+/// The cache statistics a policy asked for, or an error naming it.
+pub(crate) fn need_kv<'a>(input: &Input<'a>, name: &str) -> Result<&'a KvStats> {
+    input.kv.ok_or_else(|| Error::Config { field: "policy", reason: format!("{name} needs statistics of the cached keys and values") })
 }
 
 /// The statistics a policy asked for, or an error naming it.

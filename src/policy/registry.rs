@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{aircache, csp, full, h2o, prefixkv, random, snapkv, streaming};
+use super::{aircache, csp, full, h2o, keydiff, knorm, prefixkv, random, snapkv, streaming, vnorm};
 use super::{Budget, Build, Granularity, Policy, PolicyParams};
 use crate::error::{Error, Result};
 
@@ -94,6 +94,12 @@ registry! {
     Streaming "streaming" => streaming::Streaming { streaming: streaming::Streaming };
     /// Seeded random selection + recent window.
     Random "random" => random::Random { random: random::Random };
+    /// KNorm: smallest key norms (no attention).
+    KNorm "knorm" => knorm::KNorm { knorm: knorm::KNorm };
+    /// Value-norm ranking (InfiniPot-V): largest value norms (no attention).
+    VNorm "vnorm" => vnorm::VNorm { vnorm: vnorm::VNorm };
+    /// KeyDiff: keys least similar to the mean key (no attention).
+    KeyDiff "keydiff" => keydiff::KeyDiff { keydiff: keydiff::KeyDiff };
 }
 
 /// Pruning settings. Errors name fields by their path here (`budget`, `recent_bias`,

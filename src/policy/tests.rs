@@ -2,7 +2,7 @@
 //! as property tests over random prompts, statistics and settings.
 
 use super::*;
-use crate::stats::{AttentionStats, Bucket};
+use crate::stats::{keydiff_cosines, AttentionStats, Bucket, KvRequest, KvStats};
 use crate::rng::Rng;
 use crate::span::Modality::{Image as I, Text as T};
 
@@ -26,7 +26,7 @@ fn kept(r: &Retention) -> Vec<usize> {
 }
 
 fn run(p: &dyn Policy, s: Option<&AttentionStats>, modality: &[Modality], split: Split) -> Retention {
-    retain(p, &Input { modality, split, stats: s, protect: Default::default() }, None).unwrap()
+    retain(p, &Input { modality, split, stats: s, protect: Default::default(), kv: None }, None).unwrap()
 }
 
 #[test]
@@ -40,7 +40,7 @@ fn csp_picks_self_and_cross_separately() {
     // self  = text keys ← text queries, image keys ← image queries: best is i3 (0.8)
     // cross = text keys ← image queries, image keys ← text queries: best is i2 (0.9)
     let csp = Csp { cross_ratio: 0.5, n: 1.0 }; // k_self = k_cross = 1
-    let choices = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
+    let choices = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default(), kv: None }).unwrap();
     assert_eq!(choices.len(), 1);
     assert_eq!(choices[0].keep, vec![3, 2, 7, 8, 9]);
     // the vote fills the sixth cell with the best remaining self+cross score: t0 (0.6)
@@ -49,11 +49,11 @@ fn csp_picks_self_and_cross_separately() {
     // cross_ratio 0: only self attention ranks (k_self = k = 3): i3, t6, t1/i2 tie → position
     let only_self = Csp { cross_ratio: 0.0, n: 1.0 };
     assert_eq!(only_self.split_k(3), (3, 0));
-    let c = only_self.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
+    let c = only_self.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default(), kv: None }).unwrap();
     assert_eq!(c[0].keep, vec![3, 6, 1, 7, 8, 9]);
     // cross_ratio 1: only cross: i2 (0.9), t0 (0.5), i4 (0.3)
     let only_cross = Csp { cross_ratio: 1.0, n: 1.0 };
-    let c = only_cross.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
+    let c = only_cross.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default(), kv: None }).unwrap();
     assert_eq!(c[0].keep, vec![2, 0, 4, 7, 8, 9]);
 }
 
@@ -63,7 +63,7 @@ fn csp_deduplicates_tokens_chosen_by_both() {
     // i2 is the best for self and for cross
     let s = stats([0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.1, 0., 0., 0.], [0.0, 0.2, 0.9, 0.0, 0.0, 0.0, 0.0, 0., 0., 0.]);
     let csp = Csp::default();
-    let c = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default() }).unwrap();
+    let c = csp.choose(&Input { modality: &MODALITY, split, stats: Some(&s), protect: Default::default(), kv: None }).unwrap();
     assert_eq!(c[0].keep, vec![2, 7, 8, 9], "i2 once, not twice");
     // the vote fills B = 6 with the best remaining summed scores: t1 (0.2), t6 (0.1)
     assert_eq!(kept(&run(&csp, Some(&s), &MODALITY, split)), vec![1, 2, 6, 7, 8, 9]);
@@ -76,7 +76,7 @@ fn protected_sinks_take_their_cells_out_of_the_budget() {
     let from_media = [0.5, 0.0, 0.2, 0.8, 0.1, 0.0, 0.1, 0., 0., 0.];
     let s = stats(from_text, from_media);
     let csp = Csp { cross_ratio: 0.0, n: 1.0 };
-    let input = |protect| Input { modality: &MODALITY, split, stats: Some(&s), protect };
+    let input = |protect| Input { modality: &MODALITY, split, stats: Some(&s), protect, kv: None };
     // t0 and the image's first token i2 protected: k = 1 left for the scores (self: i3)
     let p = Protect { first: 1, per_image: 1 };
     let c = csp.choose(&input(p)).unwrap();
@@ -92,7 +92,7 @@ fn protected_sinks_take_their_cells_out_of_the_budget() {
     assert_eq!(h2o.choose(&input(p)).unwrap(), h2o.choose(&input(Protect::default())).unwrap());
     // the zero-score sinks still win their place in the global vote
     let zero = stats([0.0; 10], [0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0., 0., 0.]);
-    let r = retain(&csp, &Input { modality: &MODALITY, split, stats: Some(&zero), protect: Protect { first: 2, per_image: 0 } }, None).unwrap();
+    let r = retain(&csp, &Input { modality: &MODALITY, split, stats: Some(&zero), protect: Protect { first: 2, per_image: 0 }, kv: None }, None).unwrap();
     assert!(r.keep[0] && r.keep[1], "{:?}", kept(&r));
 }
 
@@ -159,7 +159,7 @@ fn policies_needing_statistics_say_so() {
     for p in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv] {
         let pol = p.build(&PolicyConfig::default()).unwrap();
         assert!(pol.request(&split6(), None).is_some());
-        assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None, protect: Default::default() }, None).is_err());
+        assert!(retain(pol.as_ref(), &Input { modality: &MODALITY, split: split6(), stats: None, protect: Default::default(), kv: None }, None).is_err());
     }
 }
 
@@ -179,7 +179,7 @@ fn budget_invariants_hold_for_random_cases() {
             Budget::Cells(1 + rng.below(2 * l as u64) as usize)
         };
         let bias = 0.1 + 2.0 * f64::from(rng.uniform());
-        let Ok(split) = Split::new(budget, l, bias) else {
+        let Ok(_) = Split::new(budget, l, bias) else {
             assert!(matches!(budget, Budget::Fraction(f) if (f * l as f64) < 1.0), "case {case}");
             continue;
         };
@@ -197,10 +197,21 @@ fn budget_invariants_hold_for_random_cases() {
             recent_bias: bias,
             ..Default::default()
         };
+        let mut kv = KvStats::new(n_layer, n_head, l, KvRequest { knorm: true, vnorm: true, keydiff: true });
+        for layer in 0..n_layer {
+            for h in 0..n_head {
+                kv.knorm_mut(layer, h).unwrap().iter_mut().for_each(|v| *v = rng.below(5) as f32);
+                kv.vnorm_mut(layer, h).unwrap().iter_mut().for_each(|v| *v = rng.below(5) as f32);
+                kv.keydiff_mut(layer, h).unwrap().iter_mut().for_each(|v| *v = rng.below(5) as f32 / 2.0 - 1.0);
+            }
+        }
         let protect = if case % 2 == 0 { Protect::default() } else { Protect { first: rng.below(4) as usize, per_image: rng.below(3) as usize } };
-        for kind in [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random] {
+        let kinds = [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random, PolicyKind::KNorm, PolicyKind::VNorm, PolicyKind::KeyDiff];
+        for kind in kinds {
             let p = kind.build(&cfg).unwrap();
-            let input = Input { modality: &modality, split, stats: Some(&s), protect };
+            // the cache scorers resolve their own split (the last token as recent window)
+            let split = p.split(Target::Budget(budget), &modality, bias).unwrap();
+            let input = Input { modality: &modality, split, stats: Some(&s), protect, kv: Some(&kv) };
             let r = retain(p.as_ref(), &input, None).unwrap();
             assert_eq!(r.kept(), split.b.min(l), "case {case} {kind}: kept");
             if p.protects_sinks() {
@@ -259,7 +270,7 @@ fn layer_policies_keep_protected_sinks_within_the_budget() {
             if sinks.len() * 2 > split.k || (kind == PolicyKind::AirCache && n_text + sinks.len() > split.b) {
                 continue;
             }
-            let input = Input { modality: &modality, split, stats: Some(&s), protect };
+            let input = Input { modality: &modality, split, stats: Some(&s), protect, kv: None };
             let layers = retain(p.as_ref(), &input, Some(Granularity::Layer)).unwrap();
             let h = layers.per_head.as_ref().expect("per layer");
             let mut total = 0;
@@ -287,4 +298,52 @@ fn budget_cells(b: Budget, l: usize) -> usize {
         Budget::Fraction(f) => ((f * l as f64).floor() as usize).min(l),
         Budget::Cells(n) => n.min(l),
     }
+}
+
+/// One layer, one KV head of cache statistics over [`MODALITY`]'s 10 tokens.
+fn kv_stats(knorm: [f32; 10], vnorm: [f32; 10], cos: [f32; 10]) -> KvStats {
+    let mut kv = KvStats::new(1, 1, 10, KvRequest { knorm: true, vnorm: true, keydiff: true });
+    kv.knorm_mut(0, 0).unwrap().copy_from_slice(&knorm);
+    kv.vnorm_mut(0, 0).unwrap().copy_from_slice(&vnorm);
+    kv.keydiff_mut(0, 0).unwrap().copy_from_slice(&cos);
+    kv
+}
+
+fn run_kv(kind: PolicyKind, params: Params, kv: &KvStats, b: usize) -> Vec<usize> {
+    let p = kind.build(&PolicyConfig { kind, params, ..Default::default() }).unwrap();
+    let split = p.split(Target::Budget(Budget::Cells(b)), &MODALITY, 1.0).unwrap();
+    kept(&retain(p.as_ref(), &Input { modality: &MODALITY, split, stats: None, protect: Default::default(), kv: Some(kv) }, None).unwrap())
+}
+
+#[test]
+fn knorm_and_vnorm_keep_known_tokens() {
+    let norms = [3.0, 1.0, 2.0, 5.0, 4.0, 0.5, 6.0, 2.5, 7.0, 9.0];
+    let kv = kv_stats(norms, norms, [0.0; 10]);
+    // B = 6, r = 1 (t9): the 5 smallest key norms of t0..t8 are t5 .5, t1 1, t2 2, t7 2.5, t0 3
+    assert_eq!(run_kv(PolicyKind::KNorm, Params::default(), &kv, 6), vec![0, 1, 2, 5, 7, 9]);
+    // with the recent window (r = 3: t7..t9), k = 3 over t0..t6: t5, t1, t2
+    let recent = Params { knorm: KNorm { recent: true }, ..Default::default() };
+    assert_eq!(run_kv(PolicyKind::KNorm, recent, &kv, 6), vec![1, 2, 5, 7, 8, 9]);
+    // the largest value norms of t0..t8: t8 7, t6 6, t3 5, t4 4, t0 3
+    assert_eq!(run_kv(PolicyKind::VNorm, Params::default(), &kv, 6), vec![0, 3, 4, 6, 8, 9]);
+}
+
+#[test]
+fn keydiff_keeps_the_keys_least_like_the_mean_key() {
+    // keys t0 = (0, 1), t1..t9 = multiples of (1, 0), t3 pointing the other way
+    let keys: Vec<Vec<f64>> = (0..10).map(|t| match t {
+        0 => vec![0.0, 1.0],
+        3 => vec![-1.0, 0.2],
+        t => vec![t as f64, 0.0],
+    }).collect();
+    let cos = keydiff_cosines(&keys);
+    let mut c = [0f32; 10];
+    c.iter_mut().zip(&cos).for_each(|(c, x)| *c = *x as f32);
+    assert!(cos[3] < cos[0] && cos[0] < cos[1], "{cos:?}");
+    // B = 3: the last token, then t3 and t0 (the least similar)
+    assert_eq!(run_kv(PolicyKind::KeyDiff, Params::default(), &kv_stats([1.0; 10], [1.0; 10], c), 3), vec![0, 3, 9]);
+    // without cache statistics: a clear error, not a panic
+    let p = PolicyKind::KeyDiff.build(&PolicyConfig::default()).unwrap();
+    let split = p.split(Target::Budget(Budget::Cells(3)), &MODALITY, 1.0).unwrap();
+    assert!(retain(p.as_ref(), &Input { modality: &MODALITY, split, stats: None, protect: Default::default(), kv: None }, None).is_err());
 }

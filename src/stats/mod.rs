@@ -35,17 +35,20 @@
 //! | `elite.rs` | AirCache's elite observation window |
 //! | `graph.rs` | the graph path: requests → [`GraphPlan`], in-graph sums → statistics |
 //! | `collector.rs` | [`Collector`]: the engine's handle on the reducer the observer feeds |
+//! | `kv.rs` | statistics of the cached keys and values (no attention): [`KvStats`] |
 
 mod cells;
 mod collector;
 mod elite;
 mod graph;
+mod kv;
 mod reducer;
 mod softmax;
 mod window;
 
 pub use crate::llama::sink::{AttentionSink, GraphPlan, GraphSums, KqShape, SharedSink};
 pub use collector::Collector;
+pub use kv::{keydiff_cosines, KvRequest, KvStats};
 pub use reducer::Reducer;
 pub use softmax::exp_neg;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, KvCap, SamplingConfig};
-use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Protect, Random, CSP_PRESETS};
+use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, KNorm, KeyDiff, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Protect, Random, VNorm, CSP_PRESETS};
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
 ///
@@ -245,11 +245,11 @@ pub struct TuningFlags {
     /// the released code scores with it only).
     #[arg(long = "csp-decode-sink")]
     pub csp_decode_sink: bool,
-    /// CSP, SnapKV, AirCache, PrefixKV: keep the prompt's first N tokens whatever the window's
+    /// CSP, SnapKV, AirCache, PrefixKV, knorm, vnorm, keydiff: keep the prompt's first N tokens whatever the window's
     /// scores (attention sinks, counted in the budget) [default: 0, the methods as released].
     #[arg(long = "kv-protect-first", value_name = "N", default_value_t = 0)]
     pub kv_protect_first: usize,
-    /// CSP, SnapKV, AirCache, PrefixKV: keep the first N tokens of each image whatever the scores
+    /// CSP, SnapKV, AirCache, PrefixKV, knorm, vnorm, keydiff: keep the first N tokens of each image whatever the scores
     /// (counted in the budget) [default: 0].
     #[arg(long = "kv-protect-image", value_name = "N", default_value_t = 0)]
     pub kv_protect_image: usize,
@@ -266,6 +266,10 @@ pub struct TuningFlags {
     /// AirCache: lowest per-layer visual retention, as a fraction of the budget.
     #[arg(long = "aircache-r-min", value_name = "F", default_value_t = 0.1)]
     pub aircache_r_min: f64,
+    /// knorm, vnorm, keydiff: keep the recent window (B/2, scaled by --csp-recent-bias) instead
+    /// of only the last prompt token (kvpress ranks every other token).
+    #[arg(long = "kv-score-recent")]
+    pub kv_score_recent: bool,
 }
 
 impl TuningFlags {
@@ -296,6 +300,9 @@ impl TuningFlags {
                 aircache: AirCache { alpha: self.aircache_alpha, keep_sink: self.aircache_keep_sink, r_min: self.aircache_r_min },
                 prefixkv: PrefixKvParams { profile },
                 random: Random { seed },
+                knorm: KNorm { recent: self.kv_score_recent },
+                vnorm: VNorm { recent: self.kv_score_recent },
+                keydiff: KeyDiff { recent: self.kv_score_recent },
                 ..d.params
             },
         })
@@ -315,6 +322,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         "csp.n" => "--csp-n",
         "aircache.alpha" => "--aircache-alpha",
         "aircache.r_min" => "--aircache-r-min",
+        "knorm.recent" | "vnorm.recent" | "keydiff.recent" => "--kv-score-recent",
         "prefixkv.profile" => "--prefixkv-profile",
         "mmproj" => "--mmproj",
         "n_ctx" => "-c/--ctx-size",
@@ -447,7 +455,7 @@ pub struct RunArgs {
     pub sampling: SamplingFlags,
     #[command(flatten)]
     pub ctx: ContextFlags,
-    /// KV cache policy: full (no pruning), csp, h2o, snapkv, prefixkv, aircache, streaming, random.
+    /// KV cache policy: full (no pruning), csp, h2o, snapkv, prefixkv, aircache, streaming, random, knorm, vnorm, keydiff.
     #[arg(long = "kv-policy", value_name = "NAME", default_value = "full", help_heading = "KV cache pruning")]
     pub kv_policy: PolicyKind,
     /// Cells to keep: a fraction of the prompt with a decimal point (0.2 = 20%) or a cell count
