@@ -324,8 +324,13 @@ fn knorm_and_vnorm_keep_known_tokens() {
     // with the recent window (r = 3: t7..t9), k = 3 over t0..t6: t5, t1, t2
     let recent = Params { knorm: KNorm { recent: true }, ..Default::default() };
     assert_eq!(run_kv(PolicyKind::KNorm, recent, &kv, 6), vec![1, 2, 5, 7, 8, 9]);
-    // the largest value norms of t0..t8: t8 7, t6 6, t3 5, t4 4, t0 3
-    assert_eq!(run_kv(PolicyKind::VNorm, Params::default(), &kv, 6), vec![0, 3, 4, 6, 8, 9]);
+    // value norms: text t0, t1, t6, t7, t8 first (5 = k), then images
+    assert_eq!(run_kv(PolicyKind::VNorm, Params::default(), &kv, 6), vec![0, 1, 6, 7, 8, 9]);
+    // B = 8 (k 7): the text, then the largest image value norms i3 5, i4 4
+    assert_eq!(run_kv(PolicyKind::VNorm, Params::default(), &kv, 8), vec![0, 1, 3, 4, 6, 7, 8, 9]);
+    // every token by value norm: t8 7, t6 6, t3 5, t4 4, t0 3
+    let all = Params { vnorm: VNorm { media_only: false, ..Default::default() }, ..Default::default() };
+    assert_eq!(run_kv(PolicyKind::VNorm, all, &kv, 6), vec![0, 3, 4, 6, 8, 9]);
 }
 
 #[test]

@@ -4,9 +4,13 @@
 //! with a small value contributes little to any attention output whatever attends to it. No
 //! attention is observed (flash attention stays on; question-agnostic).
 //!
-//! Shapes: per (layer, KV head) score `‖v_j‖₂ + 1e-6`, top-k over `[0, L − r)`; InfiniPot-V
-//! scores the vision tokens of its cache; here every candidate is scored (text too), with `r = 1`
-//! or the recent window (`recent = true`), as `knorm`.
+//! Shapes: per (layer, KV head) score `‖v_j‖₂ + 1e-6`, top-k over `[0, L − r)`, with `r = 1` or
+//! the recent window (`recent = true`), as `knorm`. As InfiniPot-V, only the vision tokens are
+//! ranked by value norm (`media_only`, default): text tokens rank before every image token (by
+//! their own value norm among themselves, so the budget still holds when text alone exceeds it).
+//! Scoring text by value norm too (`media_only = false`) evicts the attention sink — the first
+//! token, whose value norm is the smallest of all — and the model collapses (real small VLM,
+//! K = 8, question after pruning, budget 0.5, 2 cases: KL 8.4 against 0.05 for a random spread).
 
 use serde::{Deserialize, Serialize};
 
@@ -17,11 +21,19 @@ use crate::span::Modality;
 use crate::stats::KvRequest;
 
 /// Value-norm ranking, and its parameters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VNorm {
     /// Keep the project's recent window (B/2·recent_bias) instead of only the last token.
     pub recent: bool,
+    /// Rank only image (media) tokens by value norm; text first (InfiniPot-V).
+    pub media_only: bool,
+}
+
+impl Default for VNorm {
+    fn default() -> Self {
+        Self { recent: false, media_only: true }
+    }
 }
 
 impl PolicyParams for VNorm {}
@@ -48,8 +60,16 @@ impl Policy for VNorm {
     }
     fn pick(&self, input: &Input<'_>) -> Result<Vec<Pick>> {
         let kv = need_kv(input, "vnorm")?;
+        let media_only = self.media_only;
         Ok(Pick::per_head_of(kv.n_layer, kv.n_head_kv, |layer, head| {
-            kv.vnorm(layer, head).unwrap_or_default().iter().map(|n| n + 1e-6).collect()
+            let norms = kv.vnorm(layer, head).unwrap_or_default();
+            // text above every image: offset by the largest norm
+            let top = norms.iter().copied().fold(0f32, f32::max) + 1.0;
+            norms
+                .iter()
+                .zip(input.modality)
+                .map(|(n, m)| n + 1e-6 + if media_only && *m == Modality::Text { top } else { 0.0 })
+                .collect()
         }))
     }
 }

@@ -301,7 +301,7 @@ impl TuningFlags {
                 prefixkv: PrefixKvParams { profile },
                 random: Random { seed },
                 knorm: KNorm { recent: self.kv_score_recent },
-                vnorm: VNorm { recent: self.kv_score_recent },
+                vnorm: VNorm { recent: self.kv_score_recent, ..VNorm::default() },
                 keydiff: KeyDiff { recent: self.kv_score_recent },
                 ..d.params
             },
