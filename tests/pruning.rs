@@ -25,7 +25,7 @@ fn run(e: &Engine, req: &Request, fa: FlashAttn, kind: PolicyKind, budget: Budge
     e.run(req, &ctx, &greedy(12), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{kind} {budget}: {err}"))
 }
 
-const PRUNING: [PolicyKind; 8] = [
+const PRUNING: [PolicyKind; 9] = [
     PolicyKind::Csp,
     PolicyKind::H2o,
     PolicyKind::SnapKv,
@@ -34,6 +34,7 @@ const PRUNING: [PolicyKind; 8] = [
     PolicyKind::KNorm,
     PolicyKind::VNorm,
     PolicyKind::KeyDiff,
+    PolicyKind::LookM,
 ];
 
 #[test]
@@ -75,6 +76,9 @@ fn budget_point_two_prunes_compacts_and_still_generates() {
         let first = |t: &str| t.chars().next();
         assert_eq!(first(&r.text), first(&full.text), "{kind}: first token");
 
+        // LOOK-M folds every evicted (layer, KV head, token) into a kept row; the others merge nothing
+        let n_layer_heads = (csp_llava::gguf::tiny::text::N_LAYER * csp_llava::gguf::tiny::text::N_HEAD_KV) as usize;
+        assert_eq!(r.kv_merged, if kind == PolicyKind::LookM { (l - b as usize) * n_layer_heads } else { 0 }, "{kind}");
         let shrunk = run(&e, &req, FlashAttn::Auto, kind, Budget::Fraction(0.2), true);
         assert_eq!(shrunk.text, r.text, "{kind}: --kv-shrink changes nothing but the buffer");
         assert_eq!(shrunk.kv_cells_after, b);

@@ -130,8 +130,13 @@ impl Plan {
         };
         pruning.score_ms = session.observe_ms() + ms(t);
         let n_read = session.n_read;
+        if let Some(merge) = self.policy.merge() {
+            let t = std::time::Instant::now();
+            pruning.merged = session.merge(&retention, merge)?;
+            pruning.evict_ms += ms(t);
+        }
         let ev = session.evict(&retention.keep)?;
-        pruning.evict_ms = ev.ms;
+        pruning.evict_ms += ev.ms;
         pruning.pruned = ev.removed > 0;
         if session.bounded.is_some() && ev.removed > 0 {
             let kept = session.cached_tokens().len();

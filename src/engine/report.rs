@@ -21,8 +21,11 @@ pub struct Pruning {
     pub pruned: bool,
     /// Milliseconds reducing attention + selecting.
     pub score_ms: f64,
-    /// Milliseconds removing + compacting (+ shrinking).
+    /// Milliseconds removing + compacting (+ shrinking), merging included.
     pub evict_ms: f64,
+    /// (evicted, kept) pairs whose K/V were merged before the eviction (`lookm`), summed over
+    /// layers and KV heads.
+    pub merged: usize,
     /// The retention decided.
     pub retention: Option<Retention>,
 }
@@ -127,8 +130,11 @@ pub struct RunReport {
     pub decode_evicted: usize,
     /// Milliseconds observing attention and selecting.
     pub score_ms: f64,
-    /// Milliseconds removing and compacting cells.
+    /// Milliseconds removing and compacting cells (merging included).
     pub evict_ms: f64,
+    /// (evicted, kept) K/V row pairs merged at the prompt-end pass, over layers and KV heads
+    /// (`lookm`; 0 for the others).
+    pub kv_merged: usize,
     /// Context size.
     pub n_ctx: u32,
     /// `--kv-max-cells` in cells (absent without a cap).
@@ -244,6 +250,7 @@ impl RunReport {
             decode_evicted: session.decode_evicted(),
             score_ms: pruning.score_ms,
             evict_ms: pruning.evict_ms,
+            kv_merged: pruning.merged,
             n_ctx: session.n_ctx(),
             kv_max_cells: session.bounded.as_ref().map(|b| b.cap),
             kv_cells_peak: session.kv_cells_peak(),

@@ -518,6 +518,46 @@ impl<'e> Session<'e> {
         KvStats::from_scan(&scan, n_layer, &positions, req).map_err(|reason| Error::Unsupported { what: "KV statistics", reason })
     }
 
+    /// LOOK-M's merge ([`crate::policy::LookM`]): for each (layer, KV head), every cached prompt
+    /// token `retention` does not keep there is merged into its most similar kept token's K/V
+    /// (patch 0010), before [`Session::evict`] removes it. Returns the pairs merged.
+    ///
+    /// # Errors
+    /// Caches llama.cpp cannot merge (V transposed: flash attention off), llama.cpp failures.
+    pub fn merge(&mut self, retention: &crate::policy::Retention, mode: crate::policy::lookm::Merge) -> Result<usize> {
+        let mode = match mode {
+            crate::policy::lookm::Merge::None => return Ok(0),
+            crate::policy::lookm::Merge::Pivot => llama::MergeMode::Pivot,
+            crate::policy::lookm::Merge::Avg => llama::MergeMode::Average,
+        };
+        let cached = self.cached_tokens();
+        let pos = |t: usize| self.token_pos.get(t).copied().unwrap_or(-1);
+        let Some(n_pos) = cached.iter().map(|&t| pos(t)).max().and_then(|p| usize::try_from(p + 1).ok()) else {
+            return Ok(0);
+        };
+        let n_layer = self.lctx.model().n_layer() as usize;
+        let n_head_kv = self.lctx.model().n_head_kv() as usize;
+        let mut roles = vec![llama::MergeRole::None; n_layer * n_head_kv * n_pos];
+        let mut any_source = false;
+        for layer in 0..n_layer {
+            for head in 0..n_head_kv {
+                let keep = retention.per_head.as_ref().filter(|h| layer < h.n_layer && head < h.n_head_kv).map(|h| h.get(layer, head));
+                let o = (layer * n_head_kv + head) * n_pos;
+                for &t in &cached {
+                    let (Ok(p), true) = (usize::try_from(pos(t)), t < retention.keep.len()) else { continue };
+                    let kept = keep.map_or(retention.keep[t], |k| k.get(t).copied().unwrap_or(false));
+                    roles[o + p] = if kept { llama::MergeRole::Target } else { llama::MergeRole::Source };
+                    any_source |= !kept;
+                }
+            }
+        }
+        if !any_source {
+            return Ok(0);
+        }
+        let (n, _) = self.lctx.kv_merge(mode, n_pos, &roles)?;
+        Ok(n)
+    }
+
     /// Removes the cached prompt tokens not in `keep` (one flag per prompt token) and compacts
     /// the survivors into cells `0..kept`, so attention spans only them. Positions are kept, or
     /// renumbered `0..kept` with `--kv-shift`.
@@ -768,6 +808,14 @@ impl Session<'_> {
     pub fn snapshot(&self) -> Result<Snapshot> {
         let state = self.lctx.save()?;
         Ok(Snapshot { state, logits: self.first_logits.clone(), n_past: self.n_past, token_pos: self.token_pos.clone(), n_read: self.n_read })
+    }
+
+    /// The cache's state in llama.cpp's format ([`llama::Context::state_bytes`]).
+    ///
+    /// # Errors
+    /// llama.cpp state errors.
+    pub fn state_bytes(&self) -> Result<Vec<u8>> {
+        self.lctx.state_bytes()
     }
 
     /// Restores a snapshot in place of the current sequence.

@@ -156,7 +156,12 @@ impl Session<'_> {
         let stats = self.collector().and_then(|c| c.gather(cached));
         let kv = plan.kv_request.map(|r| self.kv_stats(r, cached)).transpose()?;
         let view = View::new(prompt, cached.to_vec(), stats, kv);
-        Ok(view.retain(plan, keep, Some(Granularity::Global))?.full.keep)
+        let retention = view.retain(plan, keep, Some(Granularity::Global))?.full;
+        if let Some(merge) = plan.policy.merge() {
+            // LOOK-M: what leaves the bounded cache is folded into what stays, at each eviction
+            self.merge(&retention, merge)?;
+        }
+        Ok(retention.keep)
     }
 }
 

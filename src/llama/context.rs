@@ -352,6 +352,44 @@ impl Context {
         }
     }
 
+    /// LOOK-M's merge (patch 0010): for each (layer, KV head), every position whose role is
+    /// [`MergeRole::Source`] is merged into the [`MergeRole::Target`] with the most similar key
+    /// (cosine), K and V rows alike, on the device. `roles` is `[n_layer][n_head_kv][n_pos]`.
+    /// Returns the pairs merged and, per role entry, the target position of each source (else -1).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when llama.cpp cannot merge this cache (nothing changed: transposed
+    /// V without flash attention, iSWA/hybrid memory, a cache type `set_rows` cannot write, or
+    /// roles of the wrong size); [`Error::Llama`] when it failed midway.
+    pub fn kv_merge(&mut self, mode: MergeMode, n_pos: usize, roles: &[MergeRole]) -> Result<(usize, Vec<i32>)> {
+        let n_layer = self.model().n_layer() as usize;
+        let n_head_kv = usize::try_from(self.model().n_head_kv()).unwrap_or(0);
+        let want = n_layer * n_head_kv * n_pos;
+        if roles.len() != want || n_pos == 0 || i32::try_from(n_pos).is_err() {
+            return Err(Error::Unsupported { what: "merging KV rows", reason: format!("{} roles for {n_layer} layers x {n_head_kv} KV heads x {n_pos} positions", roles.len()) });
+        }
+        let role: Vec<u8> = roles.iter().map(|r| *r as u8).collect();
+        let mut assign = vec![-1i32; want];
+        let params = sys::llama_kv_merge_params {
+            seq: 0,
+            mode: match mode {
+                MergeMode::Pivot => 0,
+                MergeMode::Average => 1,
+            },
+            n_pos: n_pos as i32,
+            role: role.as_ptr(),
+            assign: assign.as_mut_ptr(),
+        };
+        // SAFETY: a live context borrowed mutably; `role` and `assign` hold n_layer·n_head_kv·n_pos
+        // entries (checked above) and outlive the synchronous call.
+        let n = unsafe { sys::llama_memory_seq_merge(self.ctx.as_raw(), &params) };
+        match n {
+            n if n >= 0 => Ok((n as usize, assign)),
+            -1 => Err(Error::Unsupported { what: "merging KV rows (lookm)", reason: "llama.cpp cannot merge this cache: it needs flash attention on (-fa on) when the context is made, a plain KV cache and a cache type set_rows writes; or use --lookm-merge none".into() }),
+            code => Err(Error::Llama { op: "merge KV rows", code }),
+        }
+    }
+
     /// Copies sequence 0's cells, packed, into `dst` (a context of the same model with an empty
     /// cache of at least as many cells) without a host round trip (patch 0006); masks and sinks
     /// go along. Returns the K+V bytes copied.
@@ -369,6 +407,24 @@ impl Context {
             -1 => Err(Error::Unsupported { what: "copying the KV cache on the device", reason: "llama.cpp cannot copy this cache's cells".into() }),
             code => Err(Error::Llama { op: "copy the KV cache", code }),
         }
+    }
+
+    /// Sequence 0's state as llama.cpp writes it (`llama_state_seq_get_data`: magic, seq id,
+    /// then the cache's cells and K/V rows), for saving to a file or checking the cache's rows.
+    ///
+    /// # Errors
+    /// [`Error::Llama`] when llama.cpp writes nothing.
+    pub fn state_bytes(&self) -> Result<Vec<u8>> {
+        // SAFETY: a live context; the size query only reads the cache.
+        let size = unsafe { sys::llama_state_seq_get_size(self.ctx.as_raw(), 0) };
+        let mut buf = vec![0u8; size];
+        // SAFETY: `buf` holds `size` writable bytes, as llama.cpp was told; the call is synchronous.
+        let n = unsafe { sys::llama_state_seq_get_data(self.ctx.as_raw(), buf.as_mut_ptr(), size, 0) };
+        if n == 0 || n > size {
+            return Err(Error::Llama { op: "read the sequence state", code: -1 });
+        }
+        buf.truncate(n);
+        Ok(buf)
     }
 
     /// Saves sequence 0.
@@ -500,6 +556,30 @@ impl Context {
             reason: format!("llama.cpp refused sinks for layer {layer} (needs the llama architecture and a plain KV cache)"),
         })
     }
+}
+
+/// How [`Context::kv_merge`] combines a target with its sources (LOOK-M).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MergeMode {
+    /// `x' = (x_j + Σ (x_e + x_j)/2) / (1 + m)`: LOOK-M's released default.
+    #[default]
+    Pivot,
+    /// `x' = (x_j + Σ x_e) / (1 + m)`: the paper's Eq. 10.
+    Average,
+}
+
+/// A position's part in [`Context::kv_merge`], per (layer, KV head).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MergeRole {
+    /// Untouched (not cached, or not in the merge: decode tokens).
+    #[default]
+    None = 0,
+    /// Kept: a merge target.
+    Target = 1,
+    /// Evicted: merged into its most similar target.
+    Source = 2,
 }
 
 /// What [`Context::kv_scan`] computes.

@@ -31,7 +31,7 @@ use std::sync::OnceLock;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_sys_2 as sys;
 
-pub use context::{Context, ContextParams, KvScanLayer, KvScanStats, Logits, SeqSnapshot};
+pub use context::{Context, ContextParams, KvScanLayer, KvScanStats, Logits, MergeMode, MergeRole, SeqSnapshot};
 pub use model::{ChatFormatError, ChatMessage, Model};
 pub use mtmd::{marker, Bitmap, Chunk, ChunkKind, Chunks, Mtmd, PromptCount};
 pub use sampler::{Sampler, Step};

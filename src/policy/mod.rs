@@ -27,6 +27,7 @@
 //! | `full` | `full.rs` | no (never prunes) | — |
 //! | `csp` | `csp.rs` | last O queries, n-softmax, by query modality | [`Csp`] |
 //! | `h2o` | `h2o.rs` | all prompt queries | — |
+//! | `lookm` | `lookm.rs` | all prompt queries; merges evicted K/V into kept rows | [`LookM`] |
 //! | `snapkv` | `snapkv.rs` | last W queries | [`SnapKv`] |
 //! | `prefixkv` | `prefixkv/` | all prompt queries, head mean; per layer | [`PrefixKvParams`] |
 //! | `aircache` | `aircache.rs` | elite text queries of the final ubatch; per layer | [`AirCache`] |
@@ -45,6 +46,7 @@ mod full;
 mod h2o;
 mod keydiff;
 mod knorm;
+pub mod lookm;
 pub mod prefixkv;
 pub mod protect;
 mod random;
@@ -67,6 +69,7 @@ pub use full::Full;
 pub use h2o::H2o;
 pub use keydiff::KeyDiff;
 pub use knorm::KNorm;
+pub use lookm::LookM;
 pub use prefixkv::{PrefixKv, PrefixKvParams, Profile};
 pub use protect::Protect;
 pub use random::Random;
@@ -173,6 +176,11 @@ pub trait Policy: fmt::Debug + Send + Sync {
     /// A budget that keeps nothing.
     fn split(&self, target: Target, modality: &[Modality], recent_bias: f64) -> Result<Split> {
         Split::new(target.budget(), modality.len(), recent_bias)
+    }
+
+    /// Whether evicted entries are merged into kept ones (LOOK-M) before they are removed, and how.
+    fn merge(&self) -> Option<lookm::Merge> {
+        None
     }
 
     /// Granularity when none is asked for.

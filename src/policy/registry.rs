@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{aircache, csp, full, h2o, keydiff, knorm, prefixkv, random, snapkv, streaming, vnorm};
+use super::{aircache, csp, full, h2o, keydiff, knorm, lookm, prefixkv, random, snapkv, streaming, vnorm};
 use super::{Budget, Build, Granularity, Policy, PolicyParams};
 use crate::error::{Error, Result};
 
@@ -86,6 +86,8 @@ registry! {
     H2o "h2o" => h2o::H2o;
     /// SnapKV.
     SnapKv "snapkv" => snapkv::SnapKv { snapkv: snapkv::SnapKv };
+    /// LOOK-M: text-prior selection, evicted entries merged into the most similar kept ones.
+    LookM "lookm" => lookm::LookM { lookm: lookm::LookM };
     /// PrefixKV: per-layer budgets from an offline profile, fixed-point eviction at decode.
     PrefixKv "prefixkv" => prefixkv::PrefixKv { prefixkv: prefixkv::PrefixKvParams };
     /// AirCache: elite observation window, visual tokens only, per-layer budgets.

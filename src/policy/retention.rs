@@ -107,6 +107,13 @@ impl HeadKeep {
         &mut self.data[o..o + self.l]
     }
 
+    /// Sets whether (layer, head) keeps token `t` (out-of-range arguments are ignored).
+    pub fn set(&mut self, layer: usize, head: usize, t: usize, keep: bool) {
+        if layer < self.n_layer && head < self.n_head_kv && t < self.l {
+            self.get_mut(layer, head)[t] = keep;
+        }
+    }
+
     /// Marks token `t` kept by every layer and head.
     pub fn keep_everywhere(&mut self, t: usize) {
         if t < self.l {

@@ -206,7 +206,7 @@ fn budget_invariants_hold_for_random_cases() {
             }
         }
         let protect = if case % 2 == 0 { Protect::default() } else { Protect { first: rng.below(4) as usize, per_image: rng.below(3) as usize } };
-        let kinds = [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random, PolicyKind::KNorm, PolicyKind::VNorm, PolicyKind::KeyDiff];
+        let kinds = [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random, PolicyKind::KNorm, PolicyKind::VNorm, PolicyKind::KeyDiff, PolicyKind::LookM];
         for kind in kinds {
             let p = kind.build(&cfg).unwrap();
             // the cache scorers resolve their own split (the last token as recent window)

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, KvCap, SamplingConfig};
-use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, KNorm, KeyDiff, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Protect, Random, VNorm, CSP_PRESETS};
+use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, KNorm, KeyDiff, LookM, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Protect, Random, VNorm, CSP_PRESETS};
+use csp_llava::policy::lookm::Merge;
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
 ///
@@ -270,6 +271,19 @@ pub struct TuningFlags {
     /// of only the last prompt token (kvpress ranks every other token).
     #[arg(long = "kv-score-recent")]
     pub kv_score_recent: bool,
+    /// lookm: how evicted entries are merged into the most similar kept ones: pivot (the released
+    /// default), avg (the paper's Eq. 10) or none (text-prior selection only)
+    #[arg(long = "lookm-merge", value_name = "pivot|avg|none", default_value = "pivot", value_parser = parse_merge)]
+    pub lookm_merge: Merge,
+}
+
+fn parse_merge(s: &str) -> Result<Merge, String> {
+    match s {
+        "pivot" => Ok(Merge::Pivot),
+        "avg" | "average" => Ok(Merge::Avg),
+        "none" => Ok(Merge::None),
+        _ => Err(format!("'{s}' is not pivot, avg or none")),
+    }
 }
 
 impl TuningFlags {
@@ -303,6 +317,7 @@ impl TuningFlags {
                 knorm: KNorm { recent: self.kv_score_recent },
                 vnorm: VNorm { recent: self.kv_score_recent, ..VNorm::default() },
                 keydiff: KeyDiff { recent: self.kv_score_recent },
+                lookm: LookM { merge: self.lookm_merge },
                 ..d.params
             },
         })
@@ -324,6 +339,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         "aircache.r_min" => "--aircache-r-min",
         "knorm.recent" | "vnorm.recent" | "keydiff.recent" => "--kv-score-recent",
         "prefixkv.profile" => "--prefixkv-profile",
+        "lookm.merge" => "--lookm-merge",
         "mmproj" => "--mmproj",
         "n_ctx" => "-c/--ctx-size",
         "n_batch" => "-b/--batch-size",
@@ -455,7 +471,7 @@ pub struct RunArgs {
     pub sampling: SamplingFlags,
     #[command(flatten)]
     pub ctx: ContextFlags,
-    /// KV cache policy: full (no pruning), csp, h2o, snapkv, prefixkv, aircache, streaming, random, knorm, vnorm, keydiff.
+    /// KV cache policy: full (no pruning), csp, h2o, snapkv, lookm, prefixkv, aircache, streaming, random, knorm, vnorm, keydiff.
     #[arg(long = "kv-policy", value_name = "NAME", default_value = "full", help_heading = "KV cache pruning")]
     pub kv_policy: PolicyKind,
     /// Cells to keep: a fraction of the prompt with a decimal point (0.2 = 20%) or a cell count
