@@ -32,6 +32,6 @@ pub mod stats;
 
 pub use cancel::CancelHandle;
 pub use config::{CacheType, ContextConfig, FlashAttn, KvCap, ModelConfig, Request, SamplingConfig};
-pub use engine::{Engine, Event, Prompt, RunReport, Session};
+pub use engine::{Answer, Chat, ChatConfig, ChatEvent, Engine, Event, Flow, Prompt, RunReport, Session};
 pub use policy::{Budget, PolicyConfig, PolicyKind};
 pub use error::{Error, Result};

@@ -117,7 +117,24 @@ impl Session<'_> {
         cfg: &SamplingConfig,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Generated> {
+        self.generate_until(cfg, &mut |e| {
+            on_event(e);
+            true
+        })
+    }
+
+    /// [`Session::generate`] whose callback can stop it: returning `false` stops after the
+    /// token just shown ([`StopReason::Cancelled`]), with every token shown in the cache.
+    ///
+    /// # Errors
+    /// Invalid sampling settings; llama.cpp decode failures.
+    pub fn generate_until(
+        &mut self,
+        cfg: &SamplingConfig,
+        on_event: &mut dyn FnMut(Event<'_>) -> bool,
+    ) -> Result<Generated> {
         cfg.validate()?;
+        let mut go_on = true;
         let seed = cfg.seed.unwrap_or_else(random_seed);
         let engine = self.engine.clone();
         let model = engine.model();
@@ -133,7 +150,7 @@ impl Session<'_> {
             if tokens.len() >= limit {
                 break StopReason::Length;
             }
-            if self.engine.cancel.is_cancelled() {
+            if !go_on || self.engine.cancel.is_cancelled() {
                 break StopReason::Cancelled;
             }
             let logits = self.last_logits().ok_or(Error::Llama { op: "read logits", code: -1 })?;
@@ -147,7 +164,7 @@ impl Session<'_> {
             if !eog {
                 let piece = utf8.push(&model.token_bytes(tok, false));
                 if !piece.is_empty() {
-                    on_event(Event::Text(&piece));
+                    go_on &= on_event(Event::Text(&piece));
                     text.push_str(&piece);
                 }
             }
@@ -169,7 +186,7 @@ impl Session<'_> {
         };
         let rest = utf8.finish();
         if !rest.is_empty() {
-            on_event(Event::Text(&rest));
+            let _ = on_event(Event::Text(&rest));
             text.push_str(&rest);
         }
         Ok(Generated { text, tokens, decode_ms: ms(t), stop, seed })

@@ -20,6 +20,7 @@
 //! | `event.rs`, `report.rs` | progress events, [`RunReport`] |
 
 mod bounded;
+mod chat;
 mod check;
 mod event;
 mod generate;
@@ -34,6 +35,7 @@ mod template;
 use std::sync::Arc;
 
 pub use bounded::{Bounded, Eviction};
+pub use chat::{Answer, Chat, ChatConfig, ChatEvent, ChatStats, Flow};
 pub use event::{Event, StopReason};
 pub use generate::Generated;
 pub use prompt::Prompt;

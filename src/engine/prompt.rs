@@ -151,11 +151,17 @@ fn format_chat(model: &Model, req: &Request, user: String) -> Result<String> {
     if req.raw {
         return Ok(user);
     }
-    let mut messages = Vec::with_capacity(2);
+    format_messages(model, req, &[Message::new("user", user)])
+}
+
+/// The conversation `turns` (user and assistant messages, after `req.system` when set) through
+/// the chat template `req` selects, ending with the assistant's generation prompt.
+pub(crate) fn format_messages(model: &Model, req: &Request, turns: &[Message]) -> Result<String> {
+    let mut messages = Vec::with_capacity(turns.len() + 1);
     if let Some(system) = &req.system {
         messages.push(Message::new("system", system.as_str()));
     }
-    messages.push(Message::new("user", user));
+    messages.extend(turns.iter().cloned());
 
     let (text, via) = match &req.chat_template {
         Some(t) if template::looks_like_jinja(t) => {

@@ -810,6 +810,46 @@ impl Session<'_> {
         Ok(Snapshot { state, logits: self.first_logits.clone(), n_past: self.n_past, token_pos: self.token_pos.clone(), n_read: self.n_read })
     }
 
+    /// Reads `text` after what the cache holds (a later turn of a chat: no BOS, special tokens
+    /// parsed), keeping the last token's logits; returns the tokens read.
+    ///
+    /// # Errors
+    /// A text that does not fit the context; llama.cpp evaluation failures.
+    pub fn eval_continuation(&mut self, text: &str) -> Result<usize> {
+        let engine = self.engine.clone();
+        let chunks = engine.mtmd.tokenize_continuation(text)?;
+        let n: usize = (0..chunks.len()).filter_map(|i| chunks.get(i)).filter_map(|c| c.text_tokens()).map(|t| t.len()).sum();
+        let free = (self.n_ctx as usize).saturating_sub(self.kv_info().n_used as usize);
+        if n >= free {
+            return Err(Error::Prompt(format!("the next turn ({n} tokens) does not fit the {free} free cells of the context: start over (reset) or raise -c")));
+        }
+        for i in 0..chunks.len() {
+            let chunk = chunks.get(i).expect("index below len");
+            self.n_past = engine.mtmd.eval_text(&mut self.lctx, &chunk, self.n_past, self.n_batch, i + 1 == chunks.len())?;
+        }
+        if n > 0 {
+            self.first_logits = None;
+            self.first_logits = self.last_logits().map(<[f32]>::to_vec);
+        }
+        Ok(n)
+    }
+
+    /// Decodes one token after the cache (a sampled token generation stopped at without
+    /// reading it).
+    ///
+    /// # Errors
+    /// A full context; llama.cpp decode failures.
+    pub(super) fn decode_one(&mut self, token: i32) -> Result<()> {
+        if self.kv_info().n_used >= self.n_ctx {
+            return Err(Error::Prompt("the context is full".into()));
+        }
+        self.lctx.decode(&[token], self.n_past, Logits::Last)?;
+        self.after_decode(self.n_past)?;
+        self.n_past += 1;
+        self.first_logits = None;
+        Ok(())
+    }
+
     /// The cache's state in llama.cpp's format ([`llama::Context::state_bytes`]).
     ///
     /// # Errors

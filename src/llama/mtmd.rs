@@ -200,6 +200,18 @@ impl Mtmd {
             .map_err(|e| Error::Prompt(format!("mtmd could not tokenize the prompt: {e}")))
     }
 
+    /// Tokenizes text that continues a sequence (a later turn of a chat): special tokens parsed,
+    /// none added (no BOS).
+    ///
+    /// # Errors
+    /// [`Error::Prompt`] with mtmd's reason.
+    pub fn tokenize_continuation(&self, text: &str) -> Result<Chunks> {
+        self.lock()
+            .tokenize(MtmdInputText { text: text.to_owned(), add_special: false, parse_special: true }, &[])
+            .map(Chunks)
+            .map_err(|e| Error::Prompt(format!("mtmd could not tokenize the text: {e}")))
+    }
+
     /// llama.cpp's own `mtmd_helper_eval_chunks` over all chunks (the reference path), sequence
     /// 0; returns the next position.
     ///

@@ -1,0 +1,336 @@
+//! A conversation about images read once: [`Chat`] reads its images, prunes the cache with the
+//! policy before any question is known (question-agnostic: the policy's window is the chat
+//! template's framing after the images, as in the bounded prefill), then answers every
+//! question from the pruned cache, reading only the new text of each turn. Answers are appended
+//! to the cache, so follow-up questions see the conversation.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use csp_llava::{Chat, ChatConfig, ChatEvent, Engine, Flow, ModelConfig};
+//!
+//! let engine = Arc::new(Engine::load(&ModelConfig::new("text.gguf".into(), "mmproj.gguf".into()))?);
+//! let mut chat = Chat::new(engine, ChatConfig::default());
+//! chat.add_image("a.png");
+//! chat.add_image("b.png");
+//! for q in ["Which image shows a circle?", "What color is it?"] {
+//!     let answer = chat.ask(q, &mut |e| {
+//!         if let ChatEvent::Text(t) = e {
+//!             print!("{t}");
+//!         }
+//!         Flow::Continue
+//!     })?;
+//!     println!("\n({} tokens, {:.0} ms to the first token)", answer.n_tokens, answer.ttft_ms);
+//! }
+//! # Ok::<(), csp_llava::Error>(())
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::event::ms;
+use super::prompt::{format_messages, place_markers};
+use super::template::Message;
+use super::{Engine, Event, PrefillMode, Session, StopReason};
+use crate::config::{ContextConfig, Request, SamplingConfig, DEFAULT_IMAGE_LABEL};
+use crate::error::{Error, Result};
+use crate::policy::{Budget, PolicyConfig, PolicyKind};
+
+/// What the chat's images become before the first question: a stand-in question whose text is
+/// never read (only what precedes it is), so the pruning cannot depend on a question.
+const STAND_IN: &str = "?";
+
+/// How a [`Chat`] runs: its context, policy, sampling and prompt settings.
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// The context (`n_ctx` 0: 4096 cells, or the model's trained context if smaller). A cap
+    /// (`kv_max_cells`) bounds the cache while the images are read.
+    pub ctx: ContextConfig,
+    /// The policy that prunes the images once they are read (default: CSP at 0.2).
+    pub policy: PolicyConfig,
+    /// Sampling of every answer (`n_predict` per answer; the seed is fixed per chat, so the
+    /// same chat gives the same answers).
+    pub sampling: SamplingConfig,
+    /// Template and image settings: `system`, `chat_template`, `jinja`, `raw`, `image_label`,
+    /// `max_image_pixels` (its `images` and `prompt` are ignored).
+    pub request: Request,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            ctx: ContextConfig::default(),
+            policy: PolicyConfig { kind: PolicyKind::Csp, budget: Budget::Fraction(0.2), ..PolicyConfig::default() },
+            sampling: SamplingConfig { n_predict: 256, seed: Some(0), ..SamplingConfig::default() },
+            request: Request::default(),
+        }
+    }
+}
+
+/// What [`Chat::ask`] reports while it works.
+#[derive(Debug)]
+pub enum ChatEvent<'a> {
+    /// Images being read: chunks and tokens done of all.
+    Reading {
+        /// Chunks done.
+        chunk: usize,
+        /// All chunks.
+        n_chunks: usize,
+    },
+    /// The images were read and pruned (once per chat, before the first answer).
+    Pruned {
+        /// Cells the images' prompt took before pruning.
+        cells_before: u32,
+        /// Cells kept.
+        cells_after: u32,
+        /// Milliseconds encoding, reading and pruning.
+        ms: f64,
+    },
+    /// A piece of the answer.
+    Text(&'a str),
+}
+
+/// The callback's answer: go on, or stop the answer here (not an error: the chat stays usable
+/// and the answer so far is part of the conversation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on.
+    Continue,
+    /// Stop the answer after this piece.
+    Stop,
+}
+
+/// One answer of a [`Chat`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The text.
+    pub text: String,
+    /// Tokens generated.
+    pub n_tokens: usize,
+    /// Why it stopped ([`StopReason::Cancelled`] when the callback said [`Flow::Stop`]).
+    pub stop: StopReason,
+    /// Tokens read for the question (the new turn's text only).
+    pub n_question_tokens: usize,
+    /// Milliseconds from the call to the first token (reading the images the first time
+    /// included).
+    pub ttft_ms: f64,
+    /// Milliseconds generating.
+    pub decode_ms: f64,
+    /// Cells the cache holds after the answer.
+    pub kv_cells: u32,
+}
+
+/// What a chat holds: [`Chat::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ChatStats {
+    /// Images read.
+    pub n_images: usize,
+    /// Questions answered.
+    pub n_turns: usize,
+    /// Cells in the cache.
+    pub kv_cells: u32,
+    /// K+V bytes of those cells.
+    pub kv_bytes: u64,
+    /// Cells the images' prompt took before pruning (0 before the images are read).
+    pub cells_before_pruning: u32,
+    /// Cells kept of it.
+    pub cells_after_pruning: u32,
+}
+
+/// A conversation over images read and pruned once; see the module docs.
+pub struct Chat {
+    engine: Arc<Engine>,
+    cfg: ChatConfig,
+    images: Vec<PathBuf>,
+    session: Option<Session<'static>>,
+    /// The conversation's turns (user, assistant, …); the first user turn holds the images.
+    turns: Vec<Message>,
+    /// The template text the cache holds.
+    cached: String,
+    stats: ChatStats,
+}
+
+impl std::fmt::Debug for Chat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chat").field("images", &self.images).field("turns", &self.turns.len()).field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+impl Chat {
+    /// A chat with nothing in it yet.
+    #[must_use]
+    pub fn new(engine: Arc<Engine>, cfg: ChatConfig) -> Self {
+        Self { engine, cfg, images: Vec::new(), session: None, turns: Vec::new(), cached: String::new(), stats: ChatStats::default() }
+    }
+
+    /// Adds an image file, read with the others at [`Chat::read_images`] or the first question.
+    /// Images come before the conversation: once they are read, adding one is an error of
+    /// [`Chat::ask`] until [`Chat::reset`].
+    pub fn add_image(&mut self, path: impl Into<PathBuf>) {
+        self.images.push(path.into());
+    }
+
+    /// What the chat holds.
+    #[must_use]
+    pub fn stats(&self) -> ChatStats {
+        let mut s = self.stats;
+        if let Some(session) = &self.session {
+            let kv = session.kv_info();
+            s.kv_cells = kv.n_used;
+            s.kv_bytes = u64::from(kv.n_used) * kv.bytes_per_cell();
+        }
+        s
+    }
+
+    /// The conversation so far: (role, text) pairs, images as their markers.
+    #[must_use]
+    pub fn transcript(&self) -> Vec<(String, String)> {
+        self.turns.iter().map(|m| (m.role.clone(), m.content.clone())).collect()
+    }
+
+    /// Forgets everything: images, turns and the cache.
+    pub fn reset(&mut self) {
+        self.images.clear();
+        self.session = None;
+        self.turns.clear();
+        self.cached.clear();
+        self.stats = ChatStats::default();
+    }
+
+    fn ctx(&self) -> ContextConfig {
+        let mut ctx = self.cfg.ctx.clone();
+        if ctx.n_ctx == 0 {
+            ctx.n_ctx = 4096.min(self.engine.model().n_ctx_train().max(1));
+        }
+        ctx.kv_shrink = false;
+        ctx
+    }
+
+    fn user_text(&self, question: &str) -> Result<String> {
+        let label = self.cfg.request.image_label.as_deref().unwrap_or(DEFAULT_IMAGE_LABEL);
+        place_markers(question, self.images.len(), label)
+    }
+
+    fn render(&self, turns: &[Message]) -> Result<String> {
+        if self.cfg.request.raw {
+            return Ok(turns.iter().map(|m| m.content.as_str()).collect());
+        }
+        format_messages(self.engine.model(), &self.cfg.request, turns)
+    }
+
+    /// Reads the images and prunes the cache with the policy, before any question (done by the
+    /// first [`Chat::ask`] otherwise). Nothing to do without images or once they are read.
+    ///
+    /// # Errors
+    /// Unreadable images, a prompt that does not fit, policy and llama.cpp failures.
+    pub fn read_images(&mut self, on_event: &mut dyn FnMut(ChatEvent<'_>) -> Flow) -> Result<()> {
+        if self.session.is_some() || self.images.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let ctx = self.ctx();
+        let req = Request { images: self.images.clone(), prompt: STAND_IN.into(), ..self.cfg.request.clone() };
+        let mut prompt = self.engine.prepare_for(&req, &ctx)?;
+        if !prompt.defer_question() {
+            return Err(Error::Prompt("the chat template puts nothing after the images; a chat needs the question after them".into()));
+        }
+        // the stand-in question is never read: the cache holds the template up to the last image
+        prompt.deferred.clear();
+        let plan = self.engine.plan(&prompt, &self.cfg.policy)?;
+        let n_predict = i32::try_from(self.cfg.sampling.n_predict.max(0)).unwrap_or(i32::MAX);
+        let pre = self.engine.prefill_pruned_shared(&prompt, &ctx, &plan, n_predict, PrefillMode::Chunked, &mut |e| {
+            if let Event::Prefill { chunk, n_chunks, .. } = e {
+                let _ = on_event(ChatEvent::Reading { chunk, n_chunks });
+            }
+        })?;
+        let marker = crate::llama::marker();
+        let text = self.render(&[Message::new("user", self.user_text(STAND_IN)?)])?;
+        let end = text.rfind(marker).map(|i| i + marker.len()).ok_or_else(|| Error::Prompt("the chat template dropped the images".into()))?;
+        self.cached = text[..end].to_owned();
+        self.stats.n_images = self.images.len();
+        self.stats.cells_before_pruning = pre.kv_before.n_used;
+        self.stats.cells_after_pruning = pre.session.kv_info().n_used;
+        let _ = on_event(ChatEvent::Pruned { cells_before: self.stats.cells_before_pruning, cells_after: self.stats.cells_after_pruning, ms: ms(t) });
+        self.session = Some(pre.session);
+        Ok(())
+    }
+
+    /// Answers `question` from the chat's cache, reading only the new turn's text (and, the
+    /// first time, the images, pruned before the question is read). `on_event` sees progress
+    /// and each piece of the answer; [`Flow::Stop`] ends the answer there.
+    ///
+    /// # Errors
+    /// An empty question, images added after the first question, a conversation that no
+    /// longer fits the context, a chat template that rewrites earlier turns, llama.cpp failures.
+    /// After an error the chat holds what it held before the call.
+    pub fn ask(&mut self, question: &str, on_event: &mut dyn FnMut(ChatEvent<'_>) -> Flow) -> Result<Answer> {
+        if question.trim().is_empty() {
+            return Err(Error::Prompt("the question is empty".into()));
+        }
+        if self.stats.n_images != self.images.len() && self.session.is_some() {
+            return Err(Error::Prompt("images can only be added before the first question; reset the chat to start over with more images".into()));
+        }
+        let t = Instant::now();
+        self.read_images(on_event)?;
+        let first = self.turns.is_empty();
+        let content = if first { self.user_text(question)? } else { question.to_owned() };
+        let mut turns = self.turns.clone();
+        turns.push(Message::new("user", content));
+        let text = self.render(&turns)?;
+        let tail = text.strip_prefix(self.cached.as_str()).ok_or_else(|| {
+            Error::Prompt("the chat template renders the earlier turns differently once a new one is added, so the cache cannot be extended; reset the chat".into())
+        })?;
+        if self.session.is_none() {
+            // no images: the first turn is a text prompt of its own
+            let ctx = self.ctx();
+            let req = Request { prompt: question.to_owned(), ..self.cfg.request.clone() };
+            let prompt = self.engine.prepare_for(&req, &ctx)?;
+            let mut session = self.engine.session_shared(&prompt, &ctx, Vec::new())?;
+            session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {})?;
+            self.session = Some(session);
+            self.cached.clone_from(&text);
+        }
+        let session = self.session.as_mut().expect("set above");
+        let snapshot = session.snapshot()?;
+        let n_question_tokens = if self.cached.len() == text.len() { 0 } else { session.eval_continuation(tail).inspect_err(|_| {
+            let _ = session.restore(&snapshot);
+        })? };
+        let mut ttft = None;
+        let generated = session.generate_until(&self.cfg.sampling, &mut |e| match e {
+            Event::Text(piece) => {
+                ttft.get_or_insert_with(|| ms(t));
+                on_event(ChatEvent::Text(piece)) == Flow::Continue
+            }
+            Event::Prefill { .. } => true,
+        });
+        let generated = match generated {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = session.restore(&snapshot);
+                return Err(e);
+            }
+        };
+        // the cache holds every token shown except one generation stopped at without reading it
+        if matches!(generated.stop, StopReason::Length | StopReason::Context) {
+            if let Some(&last) = generated.tokens.last() {
+                if !self.engine.model().is_eog(last) && session.decode_one(last).is_err() {
+                    tracing::warn!("the context is full: the chat cannot take another turn");
+                }
+            }
+        }
+        self.turns = turns;
+        self.turns.push(Message::new("assistant", generated.text.clone()));
+        self.cached = text + &generated.text;
+        self.stats.n_turns += 1;
+        let kv_cells = session.kv_info().n_used;
+        Ok(Answer {
+            n_tokens: generated.tokens.len(),
+            text: generated.text,
+            stop: generated.stop,
+            n_question_tokens,
+            ttft_ms: ttft.unwrap_or_else(|| ms(t)),
+            decode_ms: generated.decode_ms,
+            kv_cells,
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! `Chat`: images read and pruned once before any question, several questions answered from
+//! the pruned cache reading only each new turn, answers appended, stopping from the callback,
+//! errors that leave the chat usable; and the types an app keeps on worker threads.
+
+mod support;
+
+use std::sync::Arc;
+
+use csp_llava::engine::StopReason;
+use csp_llava::{Budget, Chat, ChatConfig, ChatEvent, ContextConfig, Engine, Flow, PolicyConfig, PolicyKind, Request, SamplingConfig};
+
+fn greedy(n: i32) -> SamplingConfig {
+    SamplingConfig { n_predict: n, temp: 0.0, ignore_eos: true, seed: Some(1), ..Default::default() }
+}
+
+fn config(kind: PolicyKind, budget: f64) -> ChatConfig {
+    ChatConfig {
+        ctx: ContextConfig { n_ctx: 1024, ..Default::default() },
+        policy: PolicyConfig { kind, budget: Budget::Fraction(budget), ..Default::default() },
+        sampling: greedy(8),
+        ..Default::default()
+    }
+}
+
+fn quiet(_: ChatEvent<'_>) -> Flow {
+    Flow::Continue
+}
+
+#[test]
+fn engines_and_chats_move_to_worker_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Engine>();
+    send::<Chat>();
+    // and one really does: a chat asked on another thread
+    let engine = Arc::new(support::engine());
+    let mut chat = Chat::new(Arc::clone(&engine), config(PolicyKind::Csp, 0.2));
+    chat.add_image(support::image(0));
+    let answer = std::thread::spawn(move || chat.ask("Colour?", &mut quiet).unwrap()).join().unwrap();
+    assert_eq!(answer.n_tokens, 8);
+}
+
+#[test]
+fn first_answer_with_the_full_cache_is_the_one_shot_answer() {
+    let engine = Arc::new(support::engine());
+    let images: Vec<_> = (0..3).map(support::image).collect();
+    let q = "Which image is red?";
+    let one_shot = engine
+        .run(&Request { images: images.clone(), prompt: q.into(), ..Default::default() }, &ContextConfig { n_ctx: 1024, ..Default::default() }, &greedy(8), &PolicyConfig::default(), &mut |_| {})
+        .unwrap();
+    let mut chat = Chat::new(engine, config(PolicyKind::Full, 1.0));
+    for p in &images {
+        chat.add_image(p);
+    }
+    let answer = chat.ask(q, &mut quiet).unwrap();
+    assert_eq!(answer.text, one_shot.text, "the question read after the images gives the one-shot answer");
+    assert_eq!(chat.stats().cells_after_pruning, chat.stats().cells_before_pruning, "full keeps everything");
+}
+
+#[test]
+fn images_are_pruned_once_and_later_turns_read_only_their_text() {
+    let engine = Arc::new(support::engine());
+    let mut chat = Chat::new(engine, config(PolicyKind::Csp, 0.2));
+    for i in 0..4 {
+        chat.add_image(support::image(i));
+    }
+    let mut events = Vec::new();
+    chat.read_images(&mut |e| {
+        events.push(format!("{e:?}"));
+        Flow::Continue
+    })
+    .unwrap();
+    let s = chat.stats();
+    assert_eq!(s.n_images, 4);
+    assert!(s.cells_before_pruning >= 4 * 64, "the images' prompt was read: {s:?}");
+    assert_eq!(s.cells_after_pruning, (f64::from(s.cells_before_pruning) * 0.2).floor() as u32, "CSP kept 0.2 of it");
+    assert!(events.iter().any(|e| e.starts_with("Pruned")) && events.iter().any(|e| e.starts_with("Reading")), "{events:?}");
+
+    let mut cells = s.cells_after_pruning;
+    for (i, q) in ["Which image shows a circle?", "And which one is blue?", "How many images are there?"].iter().enumerate() {
+        let mut text = String::new();
+        let a = chat.ask(q, &mut |e| {
+            if let ChatEvent::Text(t) = e {
+                text.push_str(t);
+            }
+            Flow::Continue
+        })
+        .unwrap();
+        assert_eq!(a.text, text, "turn {i}: the pieces make the answer");
+        assert_eq!(a.n_tokens, 8);
+        assert!(a.n_question_tokens > 0 && a.n_question_tokens < 80, "turn {i}: only the new turn is read (the images took 256) ({} tokens)", a.n_question_tokens);
+        // the cache grows by the question and the answer only: the images are not read again
+        assert_eq!(a.kv_cells, cells + a.n_question_tokens as u32 + 8, "turn {i}");
+        cells = a.kv_cells;
+    }
+    assert_eq!(chat.stats().n_turns, 3);
+    let t = chat.transcript();
+    assert_eq!(t.len(), 6);
+    assert_eq!(t[2], ("user".to_string(), "And which one is blue?".to_string()));
+    assert_eq!(chat.stats().cells_after_pruning, s.cells_after_pruning, "pruned once");
+}
+
+#[test]
+fn stopping_an_answer_leaves_the_chat_usable() {
+    let engine = Arc::new(support::engine());
+    let mut chat = Chat::new(engine, config(PolicyKind::Csp, 0.2));
+    chat.add_image(support::image(1));
+    chat.add_image(support::image(2));
+    let mut pieces = 0;
+    let a = chat.ask("Describe each image.", &mut |e| {
+        if matches!(e, ChatEvent::Text(_)) {
+            pieces += 1;
+            return Flow::Stop;
+        }
+        Flow::Continue
+    })
+    .unwrap();
+    assert_eq!(a.stop, StopReason::Cancelled);
+    assert_eq!(pieces, 1);
+    assert!(a.n_tokens <= 2, "stopped at the first piece: {} tokens", a.n_tokens);
+    let b = chat.ask("Which one is larger?", &mut quiet).unwrap();
+    assert_eq!(b.n_tokens, 8);
+    assert_eq!(chat.stats().n_turns, 2);
+}
+
+#[test]
+fn bad_turns_are_errors_and_change_nothing() {
+    let engine = Arc::new(support::engine());
+    let mut chat = Chat::new(engine, config(PolicyKind::Csp, 0.2));
+    chat.add_image(support::image(0));
+    assert!(chat.ask("   ", &mut quiet).unwrap_err().to_string().contains("empty"));
+    chat.ask("Colour?", &mut quiet).unwrap();
+    let before = chat.stats();
+    chat.add_image(support::image(1));
+    let err = chat.ask("And now?", &mut quiet).unwrap_err().to_string();
+    assert!(err.contains("before the first question"), "{err}");
+    assert_eq!(chat.stats(), before);
+    chat.reset();
+    assert_eq!(chat.stats().n_turns, 0);
+    chat.add_image(support::image(1));
+    assert_eq!(chat.ask("Shape?", &mut quiet).unwrap().n_tokens, 8);
+    // a missing image: one line, and the chat can still be reset and used
+    let mut chat2 = Chat::new(Arc::new(support::engine()), config(PolicyKind::Csp, 0.2));
+    chat2.add_image("/nonexistent/x.png");
+    let err = chat2.ask("Colour?", &mut quiet).unwrap_err().to_string();
+    assert!(!err.contains('\n') && err.contains("x.png"), "{err}");
+}
+
+#[test]
+fn a_text_only_chat_works_too() {
+    let engine = Arc::new(support::engine());
+    let mut chat = Chat::new(engine, config(PolicyKind::Csp, 0.2));
+    let a = chat.ask("Hello there", &mut quiet).unwrap();
+    assert_eq!(a.n_tokens, 8);
+    let b = chat.ask("Go on", &mut quiet).unwrap();
+    assert!(b.n_question_tokens > 0);
+    assert_eq!(b.kv_cells, a.kv_cells + b.n_question_tokens as u32 + 8);
+}
