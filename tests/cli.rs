@@ -291,3 +291,52 @@ fn ctrl_c_stops_generation_prints_the_timing_line_and_exits_130() {
     assert!(err.contains("TTFT") && err.contains("interrupted"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Runs `csp-llava ARGS` with the tiny model, `input` on a piped standard input.
+fn chat_tiny(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let (m, p) = (s(&support::model()), s(&support::mmproj()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_csp-llava"))
+        .args(args)
+        .args(["-m", m.as_str(), "--mmproj", p.as_str(), "-n", "4", "--temp", "0", "-c", "1024"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn chat_reads_questions_and_commands_from_a_pipe() {
+    let (i0, i1) = (s(&support::image(0)), s(&support::image(1)));
+    let out = chat_tiny(&["chat", "--image", &i0, "--image", &i1, "--kv-policy", "csp"], "Which image is red?\n/stats\nAnd the other one?\n/quit\nnever read\n");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+    // pruned once, two answers (one line each), the stats line between them
+    assert_eq!(stderr.matches("images read and pruned").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("question tokens").count(), 2, "{stderr}");
+    assert!(stderr.contains("[2 images, 1 turns; cache"), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    // -cnv is the same chat; -p asks the first question
+    let out = chat_tiny(&["-cnv", "--image", &i0, "-p", "Colour?"], "Shape?\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).matches("question tokens").count(), 2);
+}
+
+#[test]
+fn chat_errors_are_one_line_each_and_fail_the_script() {
+    let i0 = s(&support::image(0));
+    let out = chat_tiny(&["chat", "--image", &i0], "/bogus\nColour?\n/image\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("csp-llava: error: unknown command /bogus"), "{stderr}");
+    assert!(stderr.contains("csp-llava: error: /image needs a file"), "{stderr}");
+    assert!(stderr.contains("question tokens"), "the question between them was answered: {stderr}");
+    // without a terminal and without -p, the one-shot command keeps its one-line error
+    let out = chat_tiny(&["--image", &i0], "");
+    assert_fails_with(&out, "missing prompt");
+}

@@ -65,6 +65,12 @@ pub enum Command {
         #[arg(long)]
         mmproj: PathBuf,
     },
+    /// Chat about images read once: the images are read and pruned by the policy before any
+    /// question, then each line of standard input is a question answered from the pruned cache
+    /// (or a command: `/image FILE`, `/clear`, `/stats`, `/quit`). `-p` asks a first question.
+    /// Ctrl-C stops the answer; a second Ctrl-C exits.
+    #[command(allow_negative_numbers = true)]
+    Chat(RunArgs),
     /// Run the main job on the built-in default: the real small VLM (SmolLM2-135M + DINOv2-small,
     /// built by models/build.sh) with CSP on four easy-vqa test images and a question about one
     /// of them by its number; without it, the tiny random model and its sample images. Takes
@@ -496,6 +502,14 @@ pub struct RunArgs {
     /// streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Chat (written `-cnv`): read the images once, prune, then answer questions line by line
+    /// from standard input (`/image FILE`, `/clear`, `/stats`, `/quit`); the default without -p
+    /// when standard input is a terminal.
+    #[arg(long = "conversation", overrides_with = "no_conversation")]
+    pub conversation: bool,
+    /// Never chat (written `-no-cnv`): without -p the command stops with an error.
+    #[arg(long = "no-conversation", overrides_with = "conversation")]
+    pub no_conversation: bool,
 }
 
 impl RunArgs {

@@ -20,17 +20,15 @@ const LLAMA_SHORT: &[(&str, &str)] = &[
     ("-hfr", "--hf-repo"),
     ("-hff", "--hf-file"),
     ("-hft", "--hf-token"),
+    ("-cnv", "--conversation"),
+    ("-no-cnv", "--no-conversation"),
 ];
 
 /// llama.cpp flags (of `llama-mtmd-cli` and the common arguments) that csp-llava does not take:
 /// each gets one line, "csp-llava does not support FLAG (yet)", and exit 2, instead of being
 /// misread (`-cnv` as `-c nv`) or reported as unknown. `true`: the flag takes a value.
 pub const UNSUPPORTED_LLAMA_FLAGS: &[(&str, bool)] = &[
-    // chat mode: until csp-llava has its own
-    ("-cnv", false),
-    ("--conversation", false),
-    ("-no-cnv", false),
-    ("--no-conversation", false),
+    // llama-cli's other interactive modes (csp-llava's chat is -cnv / `csp-llava chat`)
     ("-i", false),
     ("--interactive", false),
     ("-if", false),
@@ -267,14 +265,15 @@ mod tests {
     fn unsupported_llama_flags_are_named() {
         let argv = |a: &[&str]| -> Vec<OsString> { std::iter::once("csp-llava").chain(a.iter().copied()).map(OsString::from).collect() };
         let named = |a: &[&str]| unsupported_llama_flag(&rewrite_llama_flags(argv(a)));
-        assert_eq!(named(&["-cnv"]).as_deref(), Some("-cnv"));
+        assert_eq!(named(&["-i"]).as_deref(), Some("-i"));
+        assert_eq!(named(&["-cnv"]), None, "chat mode exists");
         assert_eq!(named(&["-m", "x", "--no-mmproj-offload"]).as_deref(), Some("--no-mmproj-offload"));
         assert_eq!(named(&["-dev=CUDA0"]).as_deref(), Some("-dev"));
         assert_eq!(named(&["-ot", "x=CPU"]).as_deref(), Some("-ot"));
         // values and what follows -- are not flags
-        assert_eq!(named(&["-p", "-cnv"]), None);
+        assert_eq!(named(&["-p", "-i"]), None);
         assert_eq!(named(&["-sys", "-dev"]), None);
-        assert_eq!(named(&["--", "-cnv"]), None);
+        assert_eq!(named(&["--", "-i"]), None);
         assert_eq!(named(&["-fa", "on"]), None);
         // every entry of the table is either a valid llama.cpp spelling csp-llava does not define
         let defined = value_taking_flags();

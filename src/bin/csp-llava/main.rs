@@ -62,7 +62,7 @@ fn main() -> ExitCode {
 }
 
 /// The error's line; a library settings error names the flag the user typed.
-fn message(e: &anyhow::Error) -> String {
+pub(crate) fn message(e: &anyhow::Error) -> String {
     let inner = e.downcast_ref::<Usage>().map(|u| &u.0).or_else(|| e.downcast_ref::<csp_llava::Error>());
     let msg = match inner {
         Some(csp_llava::Error::Config { field, reason }) => format!("invalid {}: {reason}", args::flag_of(field).unwrap_or(field)),
@@ -105,6 +105,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Calibrate(c)) => commands::calibrate::calibrate(&c, v),
         Some(Command::Plot(p)) => commands::plot::plot(&p),
         Some(Command::PromptLayout { model, mmproj }) => commands::layout::prompt_layout(&model, &mmproj),
-        None => commands::run::run(&cli.run, v),
+        Some(Command::Chat(run)) => commands::chat::chat(&run, v),
+        None => {
+            let r = &cli.run;
+            let no_prompt = r.prompt.prompt.is_none() && r.prompt.file.is_none();
+            if r.conversation || (no_prompt && !r.no_conversation && std::io::stdin().is_terminal()) {
+                commands::chat::chat(r, v)
+            } else {
+                commands::run::run(r, v)
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod chat;
 pub mod demo;
 pub mod eval;
 pub mod layout;

@@ -16,8 +16,13 @@ fn request(p: &PromptFlags) -> Result<Request> {
     let prompt = match (&p.prompt, &p.file) {
         (Some(text), _) => text.clone(),
         (None, Some(f)) => read_text_file(f, "prompt file")?,
-        (None, None) => bail!("missing prompt: give one with -p TEXT or -f FILE"),
+        (None, None) => bail!("missing prompt: give one with -p TEXT or -f FILE (or chat with -cnv)"),
     };
+    request_with(p, prompt)
+}
+
+/// The prompt flags' settings (images, template, labels) with `prompt` as the text.
+pub(crate) fn request_with(p: &PromptFlags, prompt: String) -> Result<Request> {
     let chat_template = match &p.chat_template_file {
         Some(f) => Some(read_text_file(f, "chat template file")?),
         None => p.chat_template.clone(),
