@@ -396,6 +396,55 @@ pub struct Request {
     /// `Some("")` = no labels (`--no-image-labels`). A single image and prompts with their own
     /// markers are laid out as written.
     pub image_label: Option<String>,
+    /// Images given in memory (an app's buffers), after `images` in order; same limits.
+    #[serde(skip)]
+    pub image_data: Vec<ImageData>,
+}
+
+impl Request {
+    /// Images in all: files, then those in memory.
+    #[must_use]
+    pub fn n_images(&self) -> usize {
+        self.images.len() + self.image_data.len()
+    }
+}
+
+/// An image given to the library: a file read when the prompt is built, an encoded file's
+/// bytes (PNG, JPEG, … from disk or the network), or decoded RGB pixels. Buffers are shared
+/// (`Arc`), so requests and chats copy them cheaply.
+#[derive(Debug, Clone)]
+pub enum ImageData {
+    /// A file (read and checked like `--image`).
+    File(PathBuf),
+    /// The bytes of an image file; `name` is used in messages.
+    Encoded {
+        /// A name for messages.
+        name: String,
+        /// The file's bytes.
+        bytes: std::sync::Arc<Vec<u8>>,
+    },
+    /// RGB8 pixels, row-major, `width × height × 3` bytes.
+    Rgb {
+        /// A name for messages.
+        name: String,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// The pixels.
+        rgb: std::sync::Arc<Vec<u8>>,
+    },
+}
+
+impl ImageData {
+    /// Its name in messages.
+    #[must_use]
+    pub fn name(&self) -> String {
+        match self {
+            Self::File(p) => p.display().to_string(),
+            Self::Encoded { name, .. } | Self::Rgb { name, .. } => name.clone(),
+        }
+    }
 }
 
 /// The label before each image of a multi-image prompt without markers, as multi-image models

@@ -156,3 +156,37 @@ fn a_text_only_chat_works_too() {
     assert!(b.n_question_tokens > 0);
     assert_eq!(b.kv_cells, a.kv_cells + b.n_question_tokens as u32 + 8);
 }
+
+#[test]
+fn images_in_memory_answer_like_files() {
+    use csp_llava::config::ImageData;
+    let engine = Arc::new(support::engine());
+    let ask = |images: Vec<ImageData>| {
+        let mut chat = Chat::new(Arc::clone(&engine), config(PolicyKind::Csp, 0.2));
+        for i in images {
+            chat.add_image_data(i);
+        }
+        chat.ask("Which image is red?", &mut quiet).map(|a| a.text)
+    };
+    let files: Vec<_> = (0..2).map(support::image).collect();
+    let bytes: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let from_files = ask(files.iter().map(|f| ImageData::File(f.clone())).collect()).unwrap();
+    let encoded = ask(bytes.iter().enumerate().map(|(i, b)| ImageData::Encoded { name: format!("buffer {i}"), bytes: Arc::new(b.clone()) }).collect()).unwrap();
+    let limits = csp_llava::engine::image::ImageLimits::new(None).unwrap();
+    let rgb = ask(bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let img = csp_llava::engine::image::decode(b, &limits).unwrap();
+            ImageData::Rgb { name: format!("pixels {i}"), width: img.width, height: img.height, rgb: Arc::new(img.rgb) }
+        })
+        .collect())
+    .unwrap();
+    assert_eq!(encoded, from_files);
+    assert_eq!(rgb, from_files);
+    // a buffer of the wrong size, and bytes that are no image: one line naming the buffer
+    let err = ask(vec![ImageData::Rgb { name: "bad pixels".into(), width: 4, height: 4, rgb: Arc::new(vec![0; 47]) }]).unwrap_err().to_string();
+    assert!(err.contains("bad pixels") && err.contains("47 bytes") && !err.contains('\n'), "{err}");
+    let err = ask(vec![ImageData::Encoded { name: "noise".into(), bytes: Arc::new(vec![7; 100]) }]).unwrap_err().to_string();
+    assert!(err.contains("noise") && !err.contains('\n'), "{err}");
+}

@@ -32,7 +32,7 @@ use super::event::ms;
 use super::prompt::{format_messages, place_markers};
 use super::template::Message;
 use super::{Engine, Event, PrefillMode, Session, StopReason};
-use crate::config::{ContextConfig, Request, SamplingConfig, DEFAULT_IMAGE_LABEL};
+use crate::config::{ContextConfig, ImageData, Request, SamplingConfig, DEFAULT_IMAGE_LABEL};
 use crate::error::{Error, Result};
 use crate::policy::{Budget, PolicyConfig, PolicyKind};
 
@@ -141,7 +141,7 @@ pub struct ChatStats {
 pub struct Chat {
     engine: Arc<Engine>,
     cfg: ChatConfig,
-    images: Vec<PathBuf>,
+    images: Vec<ImageData>,
     session: Option<Session<'static>>,
     /// The conversation's turns (user, assistant, …); the first user turn holds the images.
     turns: Vec<Message>,
@@ -167,7 +167,13 @@ impl Chat {
     /// Images come before the conversation: once they are read, adding one is an error of
     /// [`Chat::ask`] until [`Chat::reset`].
     pub fn add_image(&mut self, path: impl Into<PathBuf>) {
-        self.images.push(path.into());
+        self.images.push(ImageData::File(path.into()));
+    }
+
+    /// Adds an image held in memory (an encoded file's bytes, or RGB pixels), like
+    /// [`Chat::add_image`]; it is checked and decoded when the images are read.
+    pub fn add_image_data(&mut self, image: ImageData) {
+        self.images.push(image);
     }
 
     /// What the chat holds.
@@ -229,7 +235,7 @@ impl Chat {
         }
         let t = Instant::now();
         let ctx = self.ctx();
-        let req = Request { images: self.images.clone(), prompt: STAND_IN.into(), ..self.cfg.request.clone() };
+        let req = Request { images: Vec::new(), image_data: self.images.clone(), prompt: STAND_IN.into(), ..self.cfg.request.clone() };
         let mut prompt = self.engine.prepare_for(&req, &ctx)?;
         if !prompt.defer_question() {
             return Err(Error::Prompt("the chat template puts nothing after the images; a chat needs the question after them".into()));

@@ -216,6 +216,14 @@ pub(crate) fn to_error(path: &Path, e: DecodeError) -> Error {
     }
 }
 
+/// The library error for an image in memory that did not decode.
+pub(crate) fn data_error(name: &str, e: DecodeError) -> Error {
+    match e {
+        DecodeError::Audio(_) => Error::Unsupported { what: "input", reason: format!("{name} is audio; csp-llava takes images") },
+        e => Error::Image { name: name.to_owned(), reason: e.to_string() },
+    }
+}
+
 fn hint(path: &Path) -> Option<ImageFormat> {
     let ext = path.extension()?.to_str()?;
     ext.eq_ignore_ascii_case("tga").then_some(ImageFormat::Tga)

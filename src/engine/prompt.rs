@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::image::{self, ImageLimits};
 use super::template::{self, Message, SpecialTokens};
-use crate::config::{Request, DEFAULT_IMAGE_LABEL};
+use crate::config::{ImageData, Request, DEFAULT_IMAGE_LABEL};
 use crate::error::{Error, Result};
 use crate::llama::{marker as mtmd_default_marker, Bitmap, ChatFormatError, ChatMessage, ChunkKind, Chunks, Model, Mtmd};
 use crate::span::{media_tokens, Modality, Span};
@@ -239,6 +239,41 @@ fn load_image(path: &Path, index: usize, limits: &ImageLimits) -> Result<Bitmap>
     Ok(bitmap)
 }
 
+/// Declared size of an in-memory image, checked against the limits like a file's header.
+fn image_data_size(d: &ImageData, limits: &ImageLimits) -> Result<(u32, u32)> {
+    match d {
+        ImageData::File(p) => image::probe_file(p, limits),
+        ImageData::Encoded { name, bytes } => image::probe(bytes, limits).map_err(|e| image::data_error(name, e)),
+        ImageData::Rgb { name, width, height, rgb } => {
+            let want = u64::from(*width) * u64::from(*height) * 3;
+            if *width == 0 || *height == 0 || rgb.len() as u64 != want {
+                return Err(Error::Image { name: name.clone(), reason: format!("{} bytes of RGB for {width} × {height} pixels (need {want})", rgb.len()) });
+            }
+            if u64::from(*width) * u64::from(*height) > limits.max_pixels {
+                return Err(Error::Image { name: name.clone(), reason: format!("{width} × {height} pixels is over the limit of {} pixels", limits.max_pixels) });
+            }
+            Ok((*width, *height))
+        }
+    }
+}
+
+/// [`load_image`] for an image in memory.
+fn load_image_data(d: &ImageData, index: usize, limits: &ImageLimits) -> Result<Bitmap> {
+    if let ImageData::File(p) = d {
+        return load_image(p, index, limits);
+    }
+    let (width, height) = image_data_size(d, limits)?;
+    let bitmap = match d {
+        ImageData::Encoded { name, bytes } => {
+            let img = image::decode(bytes, limits).map_err(|e| image::data_error(name, e))?;
+            Bitmap::from_rgb(img.width, img.height, &img.rgb, &media_id(index))
+        }
+        ImageData::Rgb { rgb, .. } => Bitmap::from_rgb(width, height, rgb, &media_id(index)),
+        ImageData::File(_) => unreachable!("files are loaded above"),
+    };
+    bitmap.map_err(|e| Error::Image { name: d.name(), reason: format!("mtmd refused it ({e})") })
+}
+
 /// The context a prompt must fit (`-c`, or the trained context for `-c 0`), checked before any
 /// image is decoded; see [`check_fits`].
 #[derive(Debug, Clone, Copy)]
@@ -256,7 +291,7 @@ pub(crate) struct Fit {
 /// mtmd cannot count (it then fails the same way on the real images), nothing is refused here.
 fn check_fits(mtmd: &Mtmd, req: &Request, text: &str, limits: &ImageLimits, fit: Fit) -> Result<()> {
     let mut seen: std::collections::HashMap<&Path, (u32, u32)> = std::collections::HashMap::new();
-    let mut sizes = Vec::with_capacity(req.images.len());
+    let mut sizes = Vec::with_capacity(req.n_images());
     for p in &req.images {
         let size = match seen.get(p.as_path()) {
             Some(&s) => s,
@@ -268,6 +303,9 @@ fn check_fits(mtmd: &Mtmd, req: &Request, text: &str, limits: &ImageLimits, fit:
         };
         sizes.push(size);
     }
+    for d in &req.image_data {
+        sizes.push(image_data_size(d, limits)?);
+    }
     let Some(count) = mtmd.count_prompt(text, true, &sizes) else {
         return Ok(());
     };
@@ -275,7 +313,7 @@ fn check_fits(mtmd: &Mtmd, req: &Request, text: &str, limits: &ImageLimits, fit:
         return Err(Error::PromptTooLong {
             n_tokens: count.n_tokens,
             n_image_tokens: count.media_tokens.iter().sum(),
-            n_images: req.images.len(),
+            n_images: req.n_images(),
             n_ctx: fit.n_ctx,
             n_ctx_train: fit.n_ctx_train,
         });
@@ -299,7 +337,7 @@ pub(crate) fn build(model: &Model, mtmd: &Mtmd, req: &Request, fit: Option<Fit>)
     if req.prompt.trim().is_empty() {
         return Err(Error::Prompt("the prompt is empty (give one with -p or -f)".into()));
     }
-    if !req.images.is_empty() && !mtmd.supports_vision() {
+    if req.n_images() > 0 && !mtmd.supports_vision() {
         return Err(Error::Unsupported {
             what: "input",
             reason: "the projector has no vision encoder, so it cannot take --image".into(),
@@ -310,25 +348,27 @@ pub(crate) fn build(model: &Model, mtmd: &Mtmd, req: &Request, fit: Option<Fit>)
     if label.contains(IMAGE_MARKER) || label.contains(mtmd_default_marker()) {
         return Err(Error::Config { field: "image_label", reason: "the image label may not contain an image marker".into() });
     }
-    let user = place_markers(&req.prompt, req.images.len(), label)?;
+    let user = place_markers(&req.prompt, req.n_images(), label)?;
     let text = format_chat(model, req, user)?;
     // a system message with a marker, or a template that drops or repeats the user's turn,
     // would otherwise reach mtmd as its "image preprocessing error"
     let n_markers = text.matches(mtmd_default_marker()).count();
-    if n_markers != req.images.len() {
+    if n_markers != req.n_images() {
         return Err(Error::Prompt(format!(
             "after the chat template the prompt has {n_markers} image marker(s) for {} image(s): the system message or the template adds, drops or repeats them",
-            req.images.len()
+            req.n_images()
         )));
     }
-    if let (Some(fit), false) = (fit, req.images.is_empty()) {
+    if let (Some(fit), true) = (fit, req.n_images() > 0) {
         check_fits(mtmd, req, &text, &limits, fit)?;
     }
+    let n_files = req.images.len();
     let bitmaps = req
         .images
         .iter()
         .enumerate()
         .map(|(i, p)| load_image(p, i, &limits))
+        .chain(req.image_data.iter().enumerate().map(|(i, d)| load_image_data(d, n_files + i, &limits)))
         .collect::<Result<Vec<_>>>()?;
     let chunks = mtmd.tokenize(&text, &bitmaps)?;
     drop(bitmaps);
@@ -356,8 +396,8 @@ pub(crate) fn build(model: &Model, mtmd: &Mtmd, req: &Request, fit: Option<Fit>)
             "the prompt ends with an image; add text after the last image marker".into(),
         ));
     }
-    let image_tokens = media_tokens(&spans, req.images.len());
-    let image_names = req.images.iter().map(|p| p.display().to_string()).collect();
+    let image_tokens = media_tokens(&spans, req.n_images());
+    let image_names = req.images.iter().map(|p| p.display().to_string()).chain(req.image_data.iter().map(ImageData::name)).collect();
     Ok(Prompt { text, chunks, spans, deferred: Vec::new(), image_tokens, image_names })
 }
 

@@ -36,6 +36,7 @@ pub(crate) fn request_with(p: &PromptFlags, prompt: String) -> Result<Request> {
         jinja: p.jinja || p.chat_template_file.is_some(),
         max_image_pixels: p.image_max_mp,
         image_label: if p.no_image_labels { Some(String::new()) } else { p.image_label.clone() },
+        image_data: Vec::new(),
     })
 }
 
