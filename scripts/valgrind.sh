@@ -32,7 +32,9 @@ quick=0
 # attention read back per head (52). bounded — evictions during the prefill with the observed
 # window (9); the K-shift (patch 0004) (118); error paths (3). soak — 12 generations: the full
 # cache, CSP, H2O, StreamingLLM with and without --kv-shrink (a second context), a bounded
-# prefill (~60). Left out: tests that only drive the CLI binary (valgrind would check the
+# prefill (~60). merge — LOOK-M's K/V merge graphs (patch 0010). chat — a chat's continuation
+# turns, images from memory. capi — the C ABI in process (NULL and bad arguments, a chat from
+# RGB pixels). Left out: tests that only drive the CLI binary (valgrind would check the
 # harness, not the child) and the slowest repeats of these paths.
 declare -A tests=(
     [engine]="spans_markers_and_report chunked_prefill_matches_eval_chunks"
@@ -41,8 +43,11 @@ declare -A tests=(
     [granularity]="masks_survive_decoding_and_sinks_apply_n_softmax prefixkv_evicts_while_decoding_and_aircache_keeps_all_text each_head_attends_to_exactly_its_selection"
     [bounded]="observed_window_after_evictions_matches_recomputation errors_are_one_line_and_name_the_problem shifted_cache_decodes_like_one_read_at_those_positions"
     [soak]="generations_do_not_grow_memory_or_file_descriptors"
+    [merge]="pivot_merge_matches_reference_per_head"
+    [chat]="images_are_pruned_once_and_later_turns_read_only_their_text images_in_memory_answer_like_files"
+    [capi]="null_and_bad_arguments_are_errors"
 )
-order=(engine pruning observer granularity bounded soak)
+order=(engine pruning observer granularity bounded soak merge chat capi)
 
 args=()
 for b in "${order[@]}"; do args+=(--test "$b"); done

@@ -10,7 +10,7 @@
 //!         ─▶ RunReport (--json; timing line)
 //! ```
 //!
-//! * [`llama`] is the only module with `unsafe` (raw llama.cpp / mtmd calls).
+//! * [`llama`] and [`capi`] (the C ABI, `include/csp_llava.h`) are the only modules with `unsafe`.
 //! * [`gguf`] writes the deterministic tiny test model and reads GGUF headers for input checks.
 //! * [`config`] holds settings with llama.cpp's defaults; the binary maps flags onto them.
 #![deny(unsafe_code)]
@@ -18,6 +18,7 @@
 
 pub mod bench;
 pub mod cancel;
+pub mod capi;
 pub mod config;
 pub mod engine;
 pub mod error;
