@@ -166,6 +166,23 @@ int cspl_chat_ask(cspl_chat *chat, const char *question, cspl_token_cb cb, void 
  */
 int cspl_chat_reset(cspl_chat *chat);
 
+/*
+ Saves the chat to a file (see `Chat::save`). 0, or -1 on error.
+
+ # Safety
+ `chat` is a live handle; `path` a NUL-terminated string.
+ */
+int cspl_chat_save(cspl_chat *chat, const char *path);
+
+/*
+ Loads a chat `cspl_chat_save` wrote, for the engine's model (the file brings its context,
+ template and sampling settings). NULL on error (another model, a damaged file).
+
+ # Safety
+ `engine` is a live handle; `path` a NUL-terminated string.
+ */
+cspl_chat *cspl_chat_load(const cspl_engine *engine, const char *path);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -300,7 +300,7 @@ impl ContextConfig {
 }
 
 /// Sampling and stopping settings.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct SamplingConfig {
     /// Tokens to generate; -1 = until end of generation or a full context (`-n`, default -1).
     pub n_predict: i32,

@@ -18,6 +18,16 @@ pub enum Error {
         /// The path given.
         path: PathBuf,
     },
+    /// An output file cannot be written.
+    #[error("cannot write {what} {}: {cause}", path.display())]
+    Write {
+        /// What the file is for.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        cause: std::io::Error,
+    },
     /// An input file exists but cannot be read.
     // `cause`, not `source`: the message already says it, and a source would be printed twice
     // by error chains ("Is a directory: Is a directory").

@@ -190,3 +190,54 @@ fn images_in_memory_answer_like_files() {
     let err = ask(vec![ImageData::Encoded { name: "noise".into(), bytes: Arc::new(vec![7; 100]) }]).unwrap_err().to_string();
     assert!(err.contains("noise") && !err.contains('\n'), "{err}");
 }
+
+#[test]
+fn a_saved_chat_continues_with_the_same_answer_in_a_fresh_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.chat");
+    for temp in [0.0, 0.9] {
+        let mut cfg = config(PolicyKind::Csp, 0.2);
+        cfg.sampling = SamplingConfig { n_predict: 12, temp, ignore_eos: true, seed: Some(7), ..Default::default() };
+        let mut live = Chat::new(Arc::new(support::engine()), cfg.clone());
+        for i in 0..3 {
+            live.add_image(support::image(i));
+        }
+        live.ask("Which image is red?", &mut quiet).unwrap();
+        live.ask("And which is blue?", &mut quiet).unwrap();
+        live.save(&file).unwrap();
+        let next = live.ask("How many are there?", &mut quiet).unwrap();
+        // another engine (as another process would load it) and a default config: the file
+        // brings the context, template and sampling settings
+        let mut loaded = Chat::load(Arc::new(support::engine()), &file, ChatConfig::default()).unwrap();
+        assert_eq!(loaded.stats().n_turns, 2);
+        assert_eq!(loaded.transcript().len(), 4);
+        assert_eq!(loaded.stats().kv_cells, live.stats().kv_cells - next.n_question_tokens as u32 - 12);
+        let again = loaded.ask("How many are there?", &mut quiet).unwrap();
+        assert_eq!(again.text, next.text, "temp {temp}: the loaded chat answers as the live one");
+        assert_eq!(again.kv_cells, next.kv_cells);
+    }
+    // damaged, truncated, foreign and another model's files: one clear line each
+    let bytes = std::fs::read(&file).unwrap();
+    let engine = Arc::new(support::engine());
+    let load_err = |b: &[u8]| {
+        let f = dir.path().join("bad.chat");
+        std::fs::write(&f, b).unwrap();
+        Chat::load(Arc::clone(&engine), &f, ChatConfig::default()).unwrap_err().to_string()
+    };
+    assert!(load_err(&bytes[..bytes.len() / 2]).contains("truncated"));
+    assert!(load_err(b"GGUF....").contains("not a csp-llava chat file"));
+    let mut flipped = bytes.clone();
+    flipped[8] = 9;
+    assert!(load_err(&flipped).contains("version 9"));
+    let mut damaged = bytes.clone();
+    let n = damaged.len();
+    damaged[n - 100..].fill(0xff);
+    let err = load_err(&damaged);
+    assert!(err.contains("damaged") && !err.contains('\n'), "{err}");
+    let other = tempfile::tempdir().unwrap();
+    csp_llava::gguf::tiny::write_all(other.path(), 1).unwrap();
+    let mut mcfg = csp_llava::ModelConfig::new(other.path().join(csp_llava::gguf::tiny::TEXT_FILE), other.path().join(csp_llava::gguf::tiny::MMPROJ_FILE));
+    mcfg.threads = 2;
+    let err = Chat::load(Arc::new(Engine::load(&mcfg).unwrap()), &file, ChatConfig::default()).unwrap_err().to_string();
+    assert!(err.contains("another model"), "{err}");
+}

@@ -340,3 +340,21 @@ fn chat_errors_are_one_line_each_and_fail_the_script() {
     let out = chat_tiny(&["--image", &i0], "");
     assert_fails_with(&out, "missing prompt");
 }
+
+#[test]
+fn a_chat_saved_by_one_process_continues_in_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = s(&dir.path().join("c.chat"));
+    let (i0, i1) = (s(&support::image(0)), s(&support::image(1)));
+    let first = chat_tiny(&["chat", "--image", &i0, "--image", &i1, "--kv-policy", "csp"], &format!("Which is red?\n/save {file}\nAnd blue?\n"));
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = chat_tiny(&["chat"], &format!("/load {file}\nAnd blue?\n"));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(stderr.contains("[loaded") && stderr.contains("1 turns"), "{stderr}");
+    let last = |o: &Output| String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default().to_owned();
+    assert_eq!(last(&second), last(&first), "the same next answer");
+    let bad = chat_tiny(&["chat"], &format!("/load {}\n", s(&support::image(0))));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a csp-llava chat file"));
+    assert!(!bad.status.success());
+}

@@ -300,3 +300,35 @@ pub unsafe extern "C" fn cspl_chat_reset(chat: *mut cspl_chat) -> c_int {
         Ok(0)
     })
 }
+
+/// Saves the chat to a file (see `Chat::save`). 0, or -1 on error.
+///
+/// # Safety
+/// `chat` is a live handle; `path` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn cspl_chat_save(chat: *mut cspl_chat, path: *const c_char) -> c_int {
+    guard(-1, || {
+        // SAFETY: per this function's contract.
+        let (chat, path) = unsafe { (chat_mut(chat)?, str_arg(path, "path")?) };
+        chat.save(std::path::Path::new(path)).map_err(|e| e.to_string())?;
+        Ok(0)
+    })
+}
+
+/// Loads a chat `cspl_chat_save` wrote, for the engine's model (the file brings its context,
+/// template and sampling settings). NULL on error (another model, a damaged file).
+///
+/// # Safety
+/// `engine` is a live handle; `path` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn cspl_chat_load(engine: *const cspl_engine, path: *const c_char) -> *mut cspl_chat {
+    guard(std::ptr::null_mut(), || {
+        if engine.is_null() {
+            return Err("engine is NULL".into());
+        }
+        // SAFETY: per this function's contract.
+        let (engine, path) = unsafe { (&*engine, str_arg(path, "path")?) };
+        let chat = Chat::load(Arc::clone(&engine.engine), std::path::Path::new(path), ChatConfig::default()).map_err(|e| e.to_string())?;
+        Ok(Box::into_raw(Box::new(cspl_chat { chat })))
+    })
+}

@@ -148,6 +148,9 @@ pub struct Chat {
     /// The template text the cache holds.
     cached: String,
     stats: ChatStats,
+    /// Per-layer/per-head masks, decode sinks or decode-time eviction shape the cache: a state
+    /// file cannot carry them.
+    overrides: bool,
 }
 
 impl std::fmt::Debug for Chat {
@@ -160,7 +163,13 @@ impl Chat {
     /// A chat with nothing in it yet.
     #[must_use]
     pub fn new(engine: Arc<Engine>, cfg: ChatConfig) -> Self {
-        Self { engine, cfg, images: Vec::new(), session: None, turns: Vec::new(), cached: String::new(), stats: ChatStats::default() }
+        let mut cfg = cfg;
+        // a fixed seed: the same chat (and a saved one, loaded) gives the same answers
+        cfg.sampling.seed.get_or_insert_with(|| {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (t.as_nanos() as u32) ^ std::process::id()
+        });
+        Self { engine, cfg, images: Vec::new(), session: None, turns: Vec::new(), cached: String::new(), stats: ChatStats::default(), overrides: false }
     }
 
     /// Adds an image file, read with the others at [`Chat::read_images`] or the first question.
@@ -201,6 +210,7 @@ impl Chat {
         self.turns.clear();
         self.cached.clear();
         self.stats = ChatStats::default();
+        self.overrides = false;
     }
 
     fn ctx(&self) -> ContextConfig {
@@ -256,6 +266,7 @@ impl Chat {
         self.stats.n_images = self.images.len();
         self.stats.cells_before_pruning = pre.kv_before.n_used;
         self.stats.cells_after_pruning = pre.session.kv_info().n_used;
+        self.overrides = pre.pruning.retention.as_ref().is_some_and(|r| r.per_head.is_some()) || plan.decode_sink.is_some() || pre.session.decode_eviction.is_some();
         let _ = on_event(ChatEvent::Pruned { cells_before: self.stats.cells_before_pruning, cells_after: self.stats.cells_after_pruning, ms: ms(t) });
         self.session = Some(pre.session);
         Ok(())
@@ -339,4 +350,214 @@ impl Chat {
             kv_cells,
         })
     }
+
+    /// Saves the chat to `path` (written to a temporary file, then renamed): the pruned cache,
+    /// the transcript, the template text the cache holds, the sampling settings (with the
+    /// seed) and what identifies the model; [`Chat::load`] continues it, in this process or
+    /// another, with the same next answer.
+    ///
+    /// # Errors
+    /// A chat whose images are not read yet, a cache shaped by per-layer/per-head masks or
+    /// decode-time eviction (not in llama.cpp's state; prune at global granularity to save),
+    /// I/O errors.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let session = self.session.as_ref().ok_or_else(|| Error::Prompt("nothing to save yet: the chat has not read its images or a question".into()))?;
+        if self.overrides {
+            return Err(Error::Unsupported { what: "saving this chat", reason: "its cache is pruned per layer or head (masks) or evicts while decoding, which the saved state cannot carry; use --kv-granularity global".into() });
+        }
+        let state = session.state_bytes()?;
+        let meta = SavedChat {
+            model: ModelId::of(&self.engine),
+            n_ctx: session.n_ctx(),
+            type_k: self.cfg.ctx.type_k.name().to_owned(),
+            type_v: self.cfg.ctx.type_v.name().to_owned(),
+            flash_attn: session.flash_attn(),
+            sampling: self.cfg.sampling.clone(),
+            system: self.cfg.request.system.clone(),
+            chat_template: self.cfg.request.chat_template.clone(),
+            jinja: self.cfg.request.jinja,
+            raw: self.cfg.request.raw,
+            image_label: self.cfg.request.image_label.clone(),
+            policy: self.cfg.policy.kind.name().to_owned(),
+            images: self.images.iter().map(ImageData::name).collect(),
+            turns: self.transcript(),
+            cached: self.cached.clone(),
+            n_past: session.n_past(),
+            n_cells: session.kv_info().n_used,
+            state_fnv: fnv1a(&state),
+            n_turns: self.stats.n_turns,
+            cells_before_pruning: self.stats.cells_before_pruning,
+            cells_after_pruning: self.stats.cells_after_pruning,
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| Error::Prompt(format!("cannot encode the chat: {e}")))?;
+        let io = |e: std::io::Error| Error::Write { what: "chat file", path: path.to_path_buf(), cause: e };
+        let tmp = path.with_extension("tmp-csp-llava");
+        let written = (|| -> Result<()> {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+            f.write_all(CHAT_MAGIC).map_err(io)?;
+            f.write_all(&CHAT_VERSION.to_le_bytes()).map_err(io)?;
+            f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+            f.write_all(&json).map_err(io)?;
+            f.write_all(&(state.len() as u64).to_le_bytes()).map_err(io)?;
+            f.write_all(&state).map_err(io)?;
+            f.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Loads a chat [`Chat::save`] wrote, for `engine` (the same model). The context geometry,
+    /// chat template settings and sampling come from the file; `cfg` gives the rest (threads of
+    /// the engine, policy for nothing: the images are read already).
+    ///
+    /// # Errors
+    /// A file that is not a chat file, of another version, damaged, or saved with another model.
+    pub fn load(engine: Arc<Engine>, path: &std::path::Path, cfg: ChatConfig) -> Result<Self> {
+        let bytes = crate::input::read_bounded(path, "chat file", MAX_CHAT_FILE)?;
+        let bad = |why: &str| Error::Prompt(format!("{} is not a csp-llava chat file ({why})", path.display()));
+        let take = |at: &mut usize, n: usize| -> Result<&[u8]> {
+            let s = bytes.get(*at..at.checked_add(n).ok_or_else(|| bad("truncated"))?).ok_or_else(|| bad("truncated"))?;
+            *at += n;
+            Ok(s)
+        };
+        let mut at = 0;
+        if take(&mut at, CHAT_MAGIC.len())? != CHAT_MAGIC {
+            return Err(bad("no CSPLCHAT header"));
+        }
+        let version = u32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4 bytes"));
+        if version != CHAT_VERSION {
+            return Err(Error::Prompt(format!("{} is a chat file of version {version}; this csp-llava reads version {CHAT_VERSION}", path.display())));
+        }
+        let len = |at: &mut usize| -> Result<usize> { usize::try_from(u64::from_le_bytes(take(at, 8)?.try_into().expect("8 bytes"))).map_err(|_| bad("a length overflows")) };
+        let n = len(&mut at)?;
+        let meta: SavedChat = serde_json::from_slice(take(&mut at, n)?).map_err(|e| bad(&format!("its header does not parse: {e}")))?;
+        let n = len(&mut at)?;
+        let state = take(&mut at, n)?;
+        if at != bytes.len() {
+            return Err(bad("bytes after the cache"));
+        }
+        if fnv1a(state) != meta.state_fnv {
+            return Err(Error::Prompt(format!("{} is damaged: its cache does not match its checksum", path.display())));
+        }
+        let here = ModelId::of(&engine);
+        if meta.model != here {
+            return Err(Error::Config {
+                field: "model",
+                reason: format!("{} was saved with another model ({}); this one is {}", path.display(), meta.model, here),
+            });
+        }
+        let parse_type = |t: &str| t.parse().map_err(|_| bad(&format!("unknown cache type {t}")));
+        let mut cfg = cfg;
+        cfg.ctx.n_ctx = meta.n_ctx;
+        cfg.ctx.type_k = parse_type(&meta.type_k)?;
+        cfg.ctx.type_v = parse_type(&meta.type_v)?;
+        cfg.ctx.flash_attn = if meta.flash_attn { crate::config::FlashAttn::On } else { crate::config::FlashAttn::Off };
+        cfg.ctx.kv_max_cells = None;
+        cfg.sampling = meta.sampling.clone();
+        cfg.request = Request { system: meta.system.clone(), chat_template: meta.chat_template.clone(), jinja: meta.jinja, raw: meta.raw, image_label: meta.image_label.clone(), ..Request::default() };
+        let mut chat = Chat::new(Arc::clone(&engine), cfg);
+        let ctx = chat.ctx();
+        // an empty context of the saved geometry, then the saved cells
+        let stub = engine.prepare_for(&Request { prompt: "x".into(), raw: true, ..Request::default() }, &ctx)?;
+        let mut session = engine.session_shared(&stub, &ctx, Vec::new())?;
+        session.load_state_bytes(state, meta.n_past)?;
+        if session.kv_info().n_used != meta.n_cells {
+            return Err(Error::Prompt(format!("{}: llama.cpp restored {} of its {} cells", path.display(), session.kv_info().n_used, meta.n_cells)));
+        }
+        chat.images = meta.images.iter().map(|n| ImageData::File(n.into())).collect();
+        chat.turns = meta.turns.iter().map(|(r, c)| Message::new(r, c.as_str())).collect();
+        chat.cached = meta.cached;
+        chat.stats = ChatStats {
+            n_images: meta.images.len(),
+            n_turns: meta.n_turns,
+            cells_before_pruning: meta.cells_before_pruning,
+            cells_after_pruning: meta.cells_after_pruning,
+            ..ChatStats::default()
+        };
+        chat.session = Some(session);
+        Ok(chat)
+    }
+}
+
+/// The first bytes of a chat file, then [`CHAT_VERSION`] (u32 LE), the JSON header's length
+/// (u64 LE), the header ([`SavedChat`]), the cache state's length (u64 LE) and the state
+/// (llama.cpp's sequence state).
+const CHAT_MAGIC: &[u8; 8] = b"CSPLCHAT";
+const CHAT_VERSION: u32 = 1;
+/// Largest chat file read (the cache of a long chat with a 7B model is a few GB).
+const MAX_CHAT_FILE: u64 = 64 << 30;
+
+/// FNV-1a (64-bit) of `bytes`, in hex: a checksum (not a cryptographic hash) for chat files.
+fn fnv1a(bytes: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// What identifies a model for a saved chat.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ModelId {
+    n_vocab: i32,
+    n_layer: u32,
+    n_embd: i32,
+    n_head_kv: u32,
+    /// Size of the text model file in bytes.
+    file_bytes: u64,
+    /// FNV-1a of the file's first 4 MiB (header and the first weights), in hex.
+    head: String,
+}
+
+impl ModelId {
+    fn of(engine: &Engine) -> Self {
+        let m = engine.model();
+        let path = &engine.config().model;
+        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let mut buf = Vec::with_capacity(4 << 20);
+        if let Ok(f) = std::fs::File::open(path) {
+            use std::io::Read;
+            let _ = f.take(4 << 20).read_to_end(&mut buf);
+        }
+        Self { n_vocab: m.n_vocab(), n_layer: m.n_layer(), n_embd: m.n_embd(), n_head_kv: m.n_head_kv(), file_bytes, head: fnv1a(&buf) }
+    }
+}
+
+impl std::fmt::Display for ModelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} layers, width {}, vocabulary {}, {} bytes", self.n_layer, self.n_embd, self.n_vocab, self.file_bytes)
+    }
+}
+
+/// A chat file's header.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedChat {
+    model: ModelId,
+    n_ctx: u32,
+    type_k: String,
+    type_v: String,
+    flash_attn: bool,
+    sampling: SamplingConfig,
+    system: Option<String>,
+    chat_template: Option<String>,
+    jinja: bool,
+    raw: bool,
+    image_label: Option<String>,
+    /// The policy that pruned the images (for the record).
+    policy: String,
+    images: Vec<String>,
+    turns: Vec<(String, String)>,
+    cached: String,
+    n_past: i32,
+    /// Cells of the cache.
+    n_cells: u32,
+    /// FNV-1a of the cache state, in hex.
+    state_fnv: String,
+    n_turns: usize,
+    cells_before_pruning: u32,
+    cells_after_pruning: u32,
 }

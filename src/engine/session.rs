@@ -850,6 +850,21 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Replaces the cache by a state [`Session::state_bytes`] wrote, whose next position is
+    /// `n_past`.
+    ///
+    /// # Errors
+    /// llama.cpp refusing the bytes.
+    pub(super) fn load_state_bytes(&mut self, bytes: &[u8], n_past: i32) -> Result<()> {
+        self.decode_eviction = None;
+        self.lctx.load_state_bytes(bytes)?;
+        self.n_past = n_past;
+        self.first_logits = None;
+        self.token_pos.clear();
+        self.n_read = 0;
+        Ok(())
+    }
+
     /// The cache's state in llama.cpp's format ([`llama::Context::state_bytes`]).
     ///
     /// # Errors

@@ -427,6 +427,24 @@ impl Context {
         Ok(buf)
     }
 
+    /// Replaces sequence 0 by a state [`Context::state_bytes`] wrote (masks and sinks of the
+    /// replaced contents are dropped).
+    ///
+    /// # Errors
+    /// [`Error::Prompt`] when llama.cpp refuses the bytes (another model, a corrupt state, too
+    /// few cells).
+    pub fn load_state_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.clear_overrides();
+        self.ctx.clear_kv_cache_seq(Some(0), None, None).map_err(|_| Error::Llama { op: "clear KV sequence", code: -1 })?;
+        // SAFETY: a live context borrowed mutably; `bytes` is valid for its length during the
+        // synchronous call, which only reads it.
+        let n = unsafe { sys::llama_state_seq_set_data(self.ctx.as_raw(), bytes.as_ptr(), bytes.len(), 0) };
+        if n == 0 {
+            return Err(Error::Prompt("llama.cpp refused the saved cache (another model or context settings, or a damaged file)".into()));
+        }
+        Ok(())
+    }
+
     /// Saves sequence 0.
     ///
     /// # Errors

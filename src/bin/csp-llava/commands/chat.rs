@@ -12,7 +12,7 @@ use csp_llava::{Chat, ChatConfig, ChatEvent, Engine, Flow};
 use super::{model_config, out_err, progress, read_text_file, usage};
 use crate::args::RunArgs;
 
-const HELP: &str = "commands: /image FILE (before the first question), /clear, /stats, /quit; anything else is a question";
+const HELP: &str = "commands: /image FILE (before the first question), /clear, /save FILE, /load FILE, /stats, /quit; anything else is a question";
 
 /// Ctrl-C stops the answer being written; a second one (before the next answer) exits.
 fn install_chat_interrupt(cancel: &csp_llava::CancelHandle) {
@@ -52,7 +52,9 @@ pub fn chat(a: &RunArgs, verbose: u8) -> Result<()> {
     let mut engine = Engine::load(&mcfg)?;
     spinner.finish_and_clear();
     engine.set_cancel_handle(cancel.clone());
-    let mut chat = Chat::new(Arc::new(engine), ChatConfig { ctx, policy, sampling, request });
+    let engine = Arc::new(engine);
+    let cfg = ChatConfig { ctx, policy, sampling, request };
+    let mut chat = Chat::new(Arc::clone(&engine), cfg.clone());
     for image in images {
         chat.add_image(image);
     }
@@ -124,6 +126,28 @@ pub fn chat(a: &RunArgs, verbose: u8) -> Result<()> {
                 chat.reset();
                 eprintln!("[cleared]");
             }
+            ("/save" | "/load", "") => {
+                failed = true;
+                eprintln!("csp-llava: error: {line} needs a file");
+            }
+            ("/save", path) => match chat.save(std::path::Path::new(path)) {
+                Ok(()) => eprintln!("[saved to {path}]"),
+                Err(e) => {
+                    failed = true;
+                    eprintln!("csp-llava: error: {e}");
+                }
+            },
+            ("/load", path) => match Chat::load(Arc::clone(&engine), std::path::Path::new(path), cfg.clone()) {
+                Ok(c) => {
+                    chat = c;
+                    let s = chat.stats();
+                    eprintln!("[loaded {path}: {} images, {} turns, {} cells]", s.n_images, s.n_turns, s.kv_cells);
+                }
+                Err(e) => {
+                    failed = true;
+                    eprintln!("csp-llava: error: {e}");
+                }
+            },
             ("/image", "") => {
                 failed = true;
                 eprintln!("csp-llava: error: /image needs a file");
