@@ -13,6 +13,34 @@
 //! * [`llama`] and [`capi`] (the C ABI, `include/csp_llava.h`) are the only modules with `unsafe`.
 //! * [`gguf`] writes the deterministic tiny test model and reads GGUF headers for input checks.
 //! * [`config`] holds settings with llama.cpp's defaults; the binary maps flags onto them.
+//!
+//! # Example: read images once, ask several questions
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use csp_llava::{Chat, ChatConfig, ChatEvent, Engine, Flow, ModelConfig};
+//!
+//! // a text model and its projector (GGUF); the engine is Send + Sync
+//! let engine = Arc::new(Engine::load(&ModelConfig::new("text.gguf", "mmproj.gguf"))?);
+//! // CSP keeps 20% of the images' cache, pruned before any question is known
+//! let mut chat = Chat::new(engine, ChatConfig::default());
+//! chat.add_image("a.png");
+//! chat.add_image("b.png");
+//! for question in ["Which image shows a circle?", "What color is it?"] {
+//!     let answer = chat.ask(question, &mut |event| {
+//!         if let ChatEvent::Text(piece) = event {
+//!             print!("{piece}");
+//!         }
+//!         Flow::Continue // Flow::Stop ends the answer here
+//!     })?;
+//!     println!("\n[{} tokens, {:.0} ms to the first]", answer.n_tokens, answer.ttft_ms);
+//! }
+//! chat.save(std::path::Path::new("talk.chat"))?; // Chat::load continues it, in another process too
+//! # Ok::<(), csp_llava::Error>(())
+//! ```
+//!
+//! One-shot requests: [`Engine::run`] (`examples/ask.rs`); an app's worker thread with a stop
+//! button: `examples/embed_cancel.rs`; the C ABI: [`capi`].
 #![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 

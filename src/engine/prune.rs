@@ -11,7 +11,7 @@ use crate::stats::{KvRequest, StatRequest};
 impl Engine {
     /// What a policy will do with a prompt: its budget and the statistics it needs. The plan
     /// does not shrink the pruned cache; [`Engine::run_prompt`] sets [`Plan::shrink`] from
-    /// [`ContextConfig::kv_shrink`].
+    /// [`crate::config::ContextConfig::kv_shrink`].
     ///
     /// # Errors
     /// A policy that cannot be built for the budget (a PrefixKV profile without it); a budget
@@ -80,7 +80,7 @@ pub struct Plan {
     pub kv_request: Option<KvRequest>,
     /// `recent_bias`, for budgets resolved on what a bounded cache holds.
     pub recent_bias: f64,
-    /// Move the pruned cache into a smaller context ([`ContextConfig::kv_shrink`]; `false` from
+    /// Move the pruned cache into a smaller context ([`crate::config::ContextConfig::kv_shrink`]; `false` from
     /// [`Engine::plan`]).
     pub shrink: bool,
     /// `--kv-granularity` (the policy's own when `None`).

@@ -17,7 +17,7 @@
 //! The protocols ([`Protocol`]): (1) the question in the prompt (the papers' setting), (2) the
 //! question asked after pruning, (3) several questions of one pruned cache (cases with
 //! `questions`; each asked from the same pruned snapshot, kvpress's question-agnostic setting),
-//! (4) under a cap (`kv_max_cells`: every policy reads the prompt within it). [`paired`] compares
+//! (4) under a cap (`kv_max_cells`: every policy reads the prompt within it). [`paired()`] compares
 //! policies on the same cases.
 
 pub mod calibrate;

@@ -10,7 +10,7 @@
 //! of the statistics made of it.
 //!
 //! The graph path (patch 0005): llama.cpp computes the sums itself and calls
-//! [`graph_trampoline`] once per observed (ubatch, layer, variant); `cb_eval` then wants no
+//! `graph_trampoline` once per observed (ubatch, layer, variant); `cb_eval` then wants no
 //! node (unless tensors are captured for a test), so nothing splits the graph or is copied.
 //!
 //! Every wanted node splits the graph computation (a synchronisation), so asking is selective.
