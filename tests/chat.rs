@@ -241,3 +241,25 @@ fn a_saved_chat_continues_with_the_same_answer_in_a_fresh_engine() {
     let err = Chat::load(Arc::new(Engine::load(&mcfg).unwrap()), &file, ChatConfig::default()).unwrap_err().to_string();
     assert!(err.contains("another model"), "{err}");
 }
+
+#[test]
+fn a_long_chat_in_a_small_context_drops_its_oldest_turns_and_goes_on() {
+    let engine = Arc::new(support::engine());
+    let mut cfg = config(PolicyKind::Csp, 0.5);
+    cfg.ctx.n_ctx = 256;
+    let mut chat = Chat::new(engine, cfg);
+    chat.add_image(support::image(0));
+    chat.add_image(support::image(1));
+    let mut last_cells = 0;
+    for i in 0..24 {
+        let a = chat.ask(&format!("Question number {i}: which image is red?"), &mut quiet).unwrap();
+        assert_eq!(a.n_tokens, 8, "turn {i}");
+        assert!(a.kv_cells <= 256, "turn {i}: {} cells", a.kv_cells);
+        last_cells = a.kv_cells;
+    }
+    let s = chat.stats();
+    assert_eq!(s.n_turns, 24);
+    assert!(s.turns_evicted > 0, "the context filled up: {s:?}");
+    assert!(last_cells >= s.cells_after_pruning, "the images' cells stay");
+    assert_eq!(chat.transcript().len(), 48, "the transcript keeps every turn");
+}

@@ -135,6 +135,8 @@ pub struct ChatStats {
     pub cells_before_pruning: u32,
     /// Cells kept of it.
     pub cells_after_pruning: u32,
+    /// Old turns removed from the cache to make room for new ones (the images stay).
+    pub turns_evicted: usize,
 }
 
 /// A conversation over images read and pruned once; see the module docs.
@@ -151,6 +153,8 @@ pub struct Chat {
     /// Per-layer/per-head masks, decode sinks or decode-time eviction shape the cache: a state
     /// file cannot carry them.
     overrides: bool,
+    /// Positions `[p0, p1)` of each turn still in the cache (question and answer), oldest first.
+    turn_spans: std::collections::VecDeque<(i32, i32)>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -169,7 +173,7 @@ impl Chat {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             (t.as_nanos() as u32) ^ std::process::id()
         });
-        Self { engine, cfg, images: Vec::new(), session: None, turns: Vec::new(), cached: String::new(), stats: ChatStats::default(), overrides: false }
+        Self { engine, cfg, images: Vec::new(), session: None, turns: Vec::new(), cached: String::new(), stats: ChatStats::default(), overrides: false, turn_spans: std::collections::VecDeque::new() }
     }
 
     /// Adds an image file, read with the others at [`Chat::read_images`] or the first question.
@@ -211,6 +215,7 @@ impl Chat {
         self.cached.clear();
         self.stats = ChatStats::default();
         self.overrides = false;
+        self.turn_spans.clear();
     }
 
     fn ctx(&self) -> ContextConfig {
@@ -309,6 +314,19 @@ impl Chat {
         }
         let session = self.session.as_mut().expect("set above");
         let snapshot = session.snapshot()?;
+        // room for the new turn and its answer: the oldest turns leave the cache (the images and
+        // the transcript stay; later turns are read from the full transcript's text)
+        let need = self.engine.mtmd().tokenize_continuation(tail).map_or(0, |c| (0..c.len()).filter_map(|i| c.get(i)).filter_map(|c| c.text_tokens()).map(|t| t.len()).sum::<usize>())
+            + usize::try_from(self.cfg.sampling.n_predict).unwrap_or(256).min(session.n_ctx() as usize / 4)
+            + 1;
+        let mut evicted = 0;
+        while (session.n_ctx() as usize).saturating_sub(session.kv_info().n_used as usize) < need {
+            let Some((p0, p1)) = self.turn_spans.pop_front() else { break };
+            session.remove_positions(p0, p1)?;
+            evicted += 1;
+        }
+        self.stats.turns_evicted += evicted;
+        let turn_start = session.n_past();
         let n_question_tokens = if self.cached.len() == text.len() { 0 } else { session.eval_continuation(tail).inspect_err(|_| {
             let _ = session.restore(&snapshot);
         })? };
@@ -339,6 +357,7 @@ impl Chat {
         self.turns.push(Message::new("assistant", generated.text.clone()));
         self.cached = text + &generated.text;
         self.stats.n_turns += 1;
+        self.turn_spans.push_back((turn_start, session.n_past()));
         let kv_cells = session.kv_info().n_used;
         Ok(Answer {
             n_tokens: generated.tokens.len(),
@@ -386,6 +405,8 @@ impl Chat {
             n_cells: session.kv_info().n_used,
             state_fnv: fnv1a(&state),
             n_turns: self.stats.n_turns,
+            turn_spans: self.turn_spans.iter().copied().collect(),
+            turns_evicted: self.stats.turns_evicted,
             cells_before_pruning: self.stats.cells_before_pruning,
             cells_after_pruning: self.stats.cells_after_pruning,
         };
@@ -476,8 +497,10 @@ impl Chat {
             n_turns: meta.n_turns,
             cells_before_pruning: meta.cells_before_pruning,
             cells_after_pruning: meta.cells_after_pruning,
+            turns_evicted: meta.turns_evicted,
             ..ChatStats::default()
         };
+        chat.turn_spans = meta.turn_spans.iter().copied().collect();
         chat.session = Some(session);
         Ok(chat)
     }
@@ -558,6 +581,8 @@ struct SavedChat {
     /// FNV-1a of the cache state, in hex.
     state_fnv: String,
     n_turns: usize,
+    turn_spans: Vec<(i32, i32)>,
+    turns_evicted: usize,
     cells_before_pruning: u32,
     cells_after_pruning: u32,
 }

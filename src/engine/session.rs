@@ -834,6 +834,15 @@ impl Session<'_> {
         Ok(n)
     }
 
+    /// Removes the cells at positions `p0..p1` (a chat's old turn); the freed cells are reused
+    /// by what is read next.
+    ///
+    /// # Errors
+    /// llama.cpp refusing.
+    pub(super) fn remove_positions(&mut self, p0: i32, p1: i32) -> Result<()> {
+        self.lctx.remove(p0, p1)
+    }
+
     /// Decodes one token after the cache (a sampled token generation stopped at without
     /// reading it).
     ///
