@@ -258,7 +258,7 @@ impl Chat {
         // the stand-in question is never read: the cache holds the template up to the last image
         prompt.deferred.clear();
         let plan = self.engine.plan(&prompt, &self.cfg.policy)?;
-        let n_predict = i32::try_from(self.cfg.sampling.n_predict.max(0)).unwrap_or(i32::MAX);
+        let n_predict = self.cfg.sampling.n_predict.max(0);
         let pre = self.engine.prefill_pruned_shared(&prompt, &ctx, &plan, n_predict, PrefillMode::Chunked, &mut |e| {
             if let Event::Prefill { chunk, n_chunks, .. } = e {
                 let _ = on_event(ChatEvent::Reading { chunk, n_chunks });
