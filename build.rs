@@ -7,6 +7,20 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 fn main() {
+    // the commit `bench` reports (llama-bench's `build_commit`); none outside a git checkout
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned());
+    if let Some(c) = commit {
+        println!("cargo:rustc-env=CSP_LLAVA_COMMIT={c}");
+    }
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
     println!("cargo:rerun-if-changed=patches");
     println!("cargo:rerun-if-changed=vendor/.stamp");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

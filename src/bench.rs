@@ -56,8 +56,9 @@ struct Config {
     flash_attn: FlashAttn,
 }
 
-/// A measured figure: median, min, max.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+/// A measured figure: median, min, max, and — as llama-bench reports — mean ± sample standard
+/// deviation with the raw samples (in run order).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Stat {
     /// Median.
     pub median: f64,
@@ -65,18 +66,101 @@ pub struct Stat {
     pub min: f64,
     /// Maximum.
     pub max: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (0 for one sample).
+    pub sd: f64,
+    /// Every measured value, in run order.
+    pub samples: Vec<f64>,
 }
 
 impl Stat {
-    fn of(mut v: Vec<f64>) -> Self {
-        if v.is_empty() {
+    fn of(samples: Vec<f64>) -> Self {
+        if samples.is_empty() {
             return Self::default();
         }
+        let mut v = samples.clone();
         v.sort_by(f64::total_cmp);
         let n = v.len();
         let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-        Self { median, min: v[0], max: v[n - 1] }
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let sd = if n > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+        Self { median, min: v[0], max: v[n - 1], mean, sd, samples }
     }
+}
+
+/// Where and with what a benchmark ran (the header of every output, as llama-bench's fields).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Provenance {
+    /// csp-llava's version.
+    pub version: String,
+    /// The git commit it was built from (`unknown` outside a checkout).
+    pub commit: String,
+    /// Text model file.
+    pub model: String,
+    /// Its size in bytes.
+    pub model_bytes: u64,
+    /// Projector file.
+    pub mmproj: String,
+    /// Backend and device (e.g. `CPU`, `CUDA0 (NVIDIA H200)`).
+    pub device: String,
+    /// CPU model (`/proc/cpuinfo` on Linux).
+    pub cpu: String,
+    /// Threads.
+    pub threads: u32,
+    /// Layers offloaded to the GPU.
+    pub n_gpu_layers: u32,
+    /// Flash attention as asked (`auto`, `on`, `off`).
+    pub flash_attn: String,
+    /// K and V cache types.
+    pub type_k: String,
+    /// V cache type.
+    pub type_v: String,
+    /// Logical and physical batch sizes.
+    pub n_batch: u32,
+    /// Physical batch size.
+    pub n_ubatch: u32,
+    /// Measured repetitions per configuration.
+    pub reps: usize,
+    /// Tokens generated per run.
+    pub n_predict: i32,
+}
+
+impl Provenance {
+    /// The provenance of `cfg` run on `engine`.
+    #[must_use]
+    pub fn of(engine: &Engine, cfg: &BenchConfig) -> Self {
+        let m = engine.config();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_owned()))
+            .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+        Self {
+            version: env!("CARGO_PKG_VERSION").into(),
+            commit: option_env!("CSP_LLAVA_COMMIT").unwrap_or("unknown").into(),
+            model: m.model.display().to_string(),
+            model_bytes: std::fs::metadata(&m.model).map(|x| x.len()).unwrap_or(0),
+            mmproj: m.mmproj.display().to_string(),
+            device: { let d = engine.device(); if d.name.is_empty() { d.backend.clone() } else { format!("{} ({})", d.backend, d.name) } },
+            cpu,
+            threads: m.threads,
+            n_gpu_layers: m.n_gpu_layers,
+            flash_attn: format!("{:?}", cfg.ctx.flash_attn).to_lowercase(),
+            type_k: cfg.ctx.type_k.name().into(),
+            type_v: cfg.ctx.type_v.name().into(),
+            n_batch: cfg.ctx.n_batch,
+            n_ubatch: cfg.ctx.n_ubatch,
+            reps: cfg.reps,
+            n_predict: cfg.n_predict,
+        }
+    }
+}
+
+/// Runs in all for `cfg` (configurations × (repetitions + the warm-up pass)).
+#[must_use]
+pub fn n_runs(cfg: &BenchConfig) -> usize {
+    let per_count = 2 + cfg.policies.iter().filter(|k| k.kind.prunes()).count() * cfg.budgets.len();
+    cfg.images.len() * per_count * (cfg.reps + 1)
 }
 
 /// One row of the benchmark (field names follow `--json`).
@@ -182,11 +266,12 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Runs the benchmark; `progress(done, total)` after each run.
+/// Runs the benchmark; `progress(done, total)` after each run. When `stop()` turns true (Ctrl-C)
+/// the benchmark ends after the current run and returns the rows measured at least once.
 ///
 /// # Errors
 /// Invalid settings and run failures.
-pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<BenchRow>> {
+pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dyn FnMut(usize, usize), stop: &dyn Fn() -> bool) -> Result<Vec<BenchRow>> {
     if cfg.reps == 0 {
         return Err(Error::Config { field: "repetitions", reason: "at least one repetition".into() });
     }
@@ -226,8 +311,11 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     let total = configs.len() * (cfg.reps + 1);
     let mut done = 0;
     let mut results: Vec<Vec<(RunReport, Option<u64>)>> = vec![Vec::new(); configs.len()];
-    for rep in 0..=cfg.reps {
+    'reps: for rep in 0..=cfg.reps {
         for (ci, c) in configs.iter().enumerate() {
+            if stop() {
+                break 'reps;
+            }
             let prompt = &prompts.iter().find(|(n, _)| *n == c.n_images).expect("prepared").1;
             // under --kv-max-cells the full-cache rows stay uncapped (they cannot evict; -c sizes
             // them) and the policy rows get a context of the cap
@@ -247,7 +335,7 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
             progress(done, total);
         }
     }
-    let mut rows: Vec<BenchRow> = configs.iter().zip(results).map(|(c, runs)| row(c, &runs)).collect();
+    let mut rows: Vec<BenchRow> = configs.iter().zip(results).filter(|(_, runs)| !runs.is_empty()).map(|(c, runs)| row(c, &runs)).collect();
     // ratios against the reference row of the same image count
     let refs: Vec<(usize, f64, f64, u64, f64)> =
         rows.iter().filter(|r| r.reference).map(|r| (r.n_images, r.prefill_tok_s.median, r.decode_tok_s.median, r.kv_bytes, r.ttft_ms.median)).collect();
@@ -307,6 +395,51 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
         ratio_kv_bytes: 0.0,
         reps: runs.len(),
     }
+}
+
+/// llama-bench's `-o sql`: a `CREATE TABLE` and one `INSERT` per row (SQLite), the provenance
+/// in every row, figures as their medians plus mean and sd.
+#[must_use]
+pub fn sql(prov: &Provenance, rows: &[BenchRow]) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let text_cols: [(&str, String); 7] = [
+        ("version", q(&prov.version)),
+        ("commit_hash", q(&prov.commit)),
+        ("model", q(&prov.model)),
+        ("device", q(&prov.device)),
+        ("cpu", q(&prov.cpu)),
+        ("type_k", q(&prov.type_k)),
+        ("type_v", q(&prov.type_v)),
+    ];
+    let stats = ["encode_ms", "prefill_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "score_ms", "evict_ms"];
+    let mut out = String::from("CREATE TABLE IF NOT EXISTS csp_llava_bench (\n");
+    for (c, _) in &text_cols {
+        out.push_str(&format!("  {c} TEXT,\n"));
+    }
+    out.push_str("  threads INTEGER,\n  n_gpu_layers INTEGER,\n  n_images INTEGER,\n  policy TEXT,\n  kv_budget TEXT,\n  flash_attn TEXT,\n  n_prompt_tokens INTEGER,\n  n_generated INTEGER,\n  kv_cells INTEGER,\n  kv_bytes INTEGER,\n  peak_rss_bytes INTEGER,\n  reps INTEGER");
+    for st in stats {
+        out.push_str(&format!(",\n  {st} REAL,\n  {st}_mean REAL,\n  {st}_sd REAL"));
+    }
+    out.push_str("\n);\n");
+    for r in rows {
+        let mut vals: Vec<String> = text_cols.iter().map(|(_, v)| v.clone()).collect();
+        vals.push(prov.threads.to_string());
+        vals.push(prov.n_gpu_layers.to_string());
+        vals.push(r.n_images.to_string());
+        vals.push(q(&r.policy));
+        vals.push(r.kv_budget.as_deref().map_or("NULL".into(), q));
+        vals.push(q(&r.flash_attn));
+        for v in [r.n_prompt_tokens as u64, r.n_generated as u64, u64::from(r.kv_cells), r.kv_bytes] {
+            vals.push(v.to_string());
+        }
+        vals.push(r.peak_rss_bytes.map_or("NULL".into(), |v| v.to_string()));
+        vals.push(r.reps.to_string());
+        for s in [&r.encode_ms, &r.prefill_ms, &r.ttft_ms, &r.prefill_tok_s, &r.decode_tok_s, &r.score_ms, &r.evict_ms] {
+            vals.extend([s.median, s.mean, s.sd].map(|x| format!("{x}")));
+        }
+        out.push_str(&format!("INSERT INTO csp_llava_bench VALUES ({});\n", vals.join(", ")));
+    }
+    out
 }
 
 fn fmt_stat(s: &Stat, digits: usize) -> String {

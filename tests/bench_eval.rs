@@ -17,7 +17,13 @@ fn bench_rows_and_formats() {
     let plot = support::scratch().join("bench.svg");
     let out = csp(&["bench", "--images", "1,2", "-r", "2", "-n", "4", "--kv-policy", "csp,streaming", "--kv-budget", "0.2,0.5", "-o", "json", "--plot", plot.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("a JSON array");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let prov = &doc["provenance"];
+    for key in ["version", "commit", "model", "model_bytes", "device", "cpu", "threads", "n_gpu_layers", "flash_attn", "type_k", "type_v"] {
+        assert!(prov.get(key).is_some(), "provenance.{key}: {prov}");
+    }
+    assert!(prov["model_bytes"].as_u64().unwrap() > 0);
+    let rows: Vec<serde_json::Value> = serde_json::from_value(doc["rows"].clone()).expect("rows");
     // per image count: reference, full (fa off), 2 policies × 2 budgets
     assert_eq!(rows.len(), 2 * (2 + 4));
     for n in [1, 2] {
@@ -35,6 +41,11 @@ fn bench_rows_and_formats() {
             assert!(ttft >= enc + pre, "{}: ttft {ttft} < encode {enc} + prefill {pre}", r["policy"]);
             let t = &r["ttft_ms"];
             assert!(t["min"].as_f64().unwrap() <= t["median"].as_f64().unwrap() && t["median"].as_f64().unwrap() <= t["max"].as_f64().unwrap());
+            // llama-bench's mean ± sd with the raw samples, one per measured repetition
+            let samples: Vec<f64> = t["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(samples.len(), 2);
+            assert!((t["mean"].as_f64().unwrap() - (samples[0] + samples[1]) / 2.0).abs() < 1e-9);
+            assert!((t["sd"].as_f64().unwrap() - (samples[0] - samples[1]).abs() / 2f64.sqrt()).abs() < 1e-9);
         }
         let full = group.iter().find(|r| r["policy"] == "full").expect("full row");
         assert_eq!(full["flash_attn"], "off");
@@ -57,7 +68,13 @@ fn bench_rows_and_formats() {
     let out = csp(&["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5", "-o", "jsonl"]);
     assert!(out.status.success());
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.len(), 4, "provenance, then 3 rows");
+    assert!(lines[0].get("provenance").is_some());
+    let out = csp(&["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5", "-o", "sql"]);
+    let sql = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(sql.starts_with("CREATE TABLE IF NOT EXISTS csp_llava_bench ("), "{sql}");
+    assert_eq!(sql.matches("INSERT INTO csp_llava_bench VALUES (").count(), 3);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bench: 6 runs"), "the run count before it starts");
     let out = csp(&["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5", "-o", "csv"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let header_cols = text.lines().next().unwrap().split(',').count();

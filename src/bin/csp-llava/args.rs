@@ -626,6 +626,7 @@ pub enum BenchOutput {
     Csv,
     Json,
     Jsonl,
+    Sql,
 }
 
 #[derive(Debug, Clone, Args)]
