@@ -601,7 +601,10 @@ mod tests {
 
     #[test]
     fn medians() {
-        assert_eq!(Stat::of(vec![3.0, 1.0, 2.0]), Stat { median: 2.0, min: 1.0, max: 3.0 });
+        let s = Stat::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max, s.mean, s.sd), (2.0, 1.0, 3.0, 2.0, 1.0));
+        assert_eq!(s.samples, vec![3.0, 1.0, 2.0], "samples in run order");
+        assert_eq!(Stat::of(vec![5.0]).sd, 0.0);
         assert_eq!(Stat::of(vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
     }
 }
