@@ -244,7 +244,7 @@ fn a_reader_that_goes_away_ends_the_run_quietly() {
 
 #[test]
 fn ctrl_c_in_bench_leaves_no_temporary_files() {
-    let child = bin().args(["bench", "--images", "2,4", "-r", "50", "-n", "64"]).args(tiny_args(&[])).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = bin().args(["bench", "--images", "2,4", "-r", "50", "-n", "64", "-o", "jsonl"]).args(tiny_args(&[])).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let scratch = std::env::temp_dir().join(format!("csp-llava-bench-{}", child.id()));
     let t = Instant::now();
     while !scratch.exists() && t.elapsed() < Duration::from_secs(30) {
@@ -256,6 +256,9 @@ fn ctrl_c_in_bench_leaves_no_temporary_files() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!scratch.exists(), "{} left behind", scratch.display());
+    // the first Ctrl-C ends the bench after its current run and writes what was measured
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().next().is_some_and(|l| l.contains("provenance")), "{stdout}");
 }
 
 #[test]

@@ -75,5 +75,9 @@ pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
     if let (Some(mut f), Some(p)) = (plot, &a.plot) {
         f.write_all(csp_llava::bench::svg(&rows).as_bytes()).with_context(|| format!("cannot write the plot {}", p.display()))?;
     }
+    if stop.is_cancelled() {
+        // what was measured is written above; the exit status still says it was stopped
+        return Err(super::Interrupted.into());
+    }
     Ok(())
 }
