@@ -202,13 +202,16 @@ fn llama_cpp_multi_letter_flags() {
     assert_eq!(with("-sys"), with("--system"));
     assert!(with("-sys") > plain);
     // llama.cpp flags csp-llava lacks: one line, exit 2, whatever else is on the line
-    for args in [&["-cnv"][..], &["-p", "hi", "-no-cnv"], &["-dev", "CUDA0"], &["-ot", "exps=CPU"], &["--no-mmproj-offload"], &["-p", "x", "--mlock"]] {
+    for args in [&["-i"][..], &["-p", "hi", "-if"], &["-dev", "CUDA0"], &["-ot", "exps=CPU"], &["--no-mmproj-offload"], &["-p", "x", "--mlock"]] {
         let out = run_tiny(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.starts_with("csp-llava: error: csp-llava does not support ") && err.trim_end().ends_with("(yet)"), "{err}");
     }
+    // -cnv / -no-cnv are csp-llava's chat switches: -no-cnv with -p is the one-shot answer
+    let out = run_tiny(&["-p", "hi", "-no-cnv", "-n", "1", "-c", "512"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // as a prompt, such a flag is just text
     let out = run_tiny(&["-p", "-cnv", "-n", "1", "-c", "512"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
