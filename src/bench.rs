@@ -156,13 +156,6 @@ impl Provenance {
     }
 }
 
-/// Runs in all for `cfg` (configurations × (repetitions + the warm-up pass)).
-#[must_use]
-pub fn n_runs(cfg: &BenchConfig) -> usize {
-    let per_count = 2 + cfg.policies.iter().filter(|k| k.kind.prunes()).count() * cfg.budgets.len();
-    cfg.images.len() * per_count * (cfg.reps + 1)
-}
-
 /// One row of the benchmark (field names follow `--json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchRow {
@@ -266,7 +259,8 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Runs the benchmark; `progress(done, total)` after each run. When `stop()` turns true (Ctrl-C)
+/// Runs the benchmark; `progress(0, total)` once the prompts are prepared, then
+/// `progress(done, total)` after each run. When `stop()` turns true (Ctrl-C)
 /// the benchmark ends after the current run and returns the rows measured at least once.
 ///
 /// # Errors
@@ -309,6 +303,8 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
         .collect::<Result<Vec<_>>>()?;
     let sampling = SamplingConfig { n_predict: cfg.n_predict, temp: 0.0, ignore_eos: true, seed: Some(0), ..Default::default() };
     let total = configs.len() * (cfg.reps + 1);
+    // every prompt fits: say how many runs are coming
+    progress(0, total);
     let mut done = 0;
     let mut results: Vec<Vec<(RunReport, Option<u64>)>> = vec![Vec::new(); configs.len()];
     'reps: for rep in 0..=cfg.reps {

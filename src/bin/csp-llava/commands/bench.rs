@@ -29,8 +29,6 @@ pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
         eprintln!("\nbench: stopping after this run (Ctrl-C again to quit now)");
     });
     let prov = csp_llava::bench::Provenance::of(&engine, &cfg);
-    let total = csp_llava::bench::n_runs(&cfg);
-    eprintln!("bench: {total} runs ({} measured + 1 warm-up per configuration) on {} ({}, {} threads)", cfg.reps, prov.device, prov.cpu, prov.threads);
     let bar = progress(verbose, Some("bench [{bar:30}] {pos}/{len} runs {elapsed} (eta {eta})"), "bench");
     let mut last = std::time::Instant::now();
     let t0 = std::time::Instant::now();
@@ -39,6 +37,9 @@ pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
         &cfg,
         &scratch,
         &mut |done, total| {
+            if done == 0 {
+                eprintln!("bench: {total} runs ({} measured + 1 warm-up per configuration) on {} ({}, {} threads)", cfg.reps, prov.device, prov.cpu, prov.threads);
+            }
             bar.set_length(total as u64);
             bar.set_position(done as u64);
             if bar.is_hidden() && (last.elapsed().as_secs() >= 10 || done == total) {
