@@ -8,7 +8,7 @@
 //! use std::sync::Arc;
 //! use csp_llava::{Chat, ChatConfig, ChatEvent, Engine, Flow, ModelConfig};
 //!
-//! let engine = Arc::new(Engine::load(&ModelConfig::new("text.gguf".into(), "mmproj.gguf".into()))?);
+//! let engine = Arc::new(Engine::load(&ModelConfig::new("text.gguf", "mmproj.gguf"))?);
 //! let mut chat = Chat::new(engine, ChatConfig::default());
 //! chat.add_image("a.png");
 //! chat.add_image("b.png");
