@@ -44,12 +44,22 @@ pub struct BenchConfig {
     pub ctx: ContextConfig,
     /// Policy settings other than kind and budget.
     pub policy: PolicyConfig,
+    /// Logical batch sizes to sweep (`-b 512,2048`); empty = `ctx.n_batch`.
+    pub batch_sizes: Vec<u32>,
+    /// Physical batch sizes to sweep (`-ub 128,512`); empty = `ctx.n_ubatch`.
+    pub ubatch_sizes: Vec<u32>,
+    /// Depths (`-d 0,512`): filler tokens read after the pruned prompt, before decoding is
+    /// measured (llama-bench's `-d`); empty = 0.
+    pub depths: Vec<u32>,
 }
 
 /// One configuration.
 #[derive(Debug, Clone)]
 struct Config {
     n_images: usize,
+    n_batch: u32,
+    n_ubatch: u32,
+    depth: u32,
     kind: PolicySpec,
     budget: Option<Budget>,
     reference: bool,
@@ -161,6 +171,16 @@ impl Provenance {
 pub struct BenchRow {
     /// Images in the prompt.
     pub n_images: usize,
+    /// Threads.
+    pub threads: u32,
+    /// Layers offloaded to the GPU (as asked).
+    pub n_gpu_layers: u32,
+    /// Logical batch size.
+    pub n_batch: u32,
+    /// Physical batch size.
+    pub n_ubatch: u32,
+    /// Filler tokens read after the pruned prompt before decoding (llama-bench's depth).
+    pub depth: u32,
     /// Policy.
     pub policy: String,
     /// Budget as given (`null` for the reference and `full`).
@@ -260,12 +280,14 @@ pub fn peak_rss() -> Option<u64> {
 }
 
 /// Runs the benchmark; `progress(0, total)` once the prompts are prepared, then
-/// `progress(done, total)` after each run. When `stop()` turns true (Ctrl-C)
-/// the benchmark ends after the current run and returns the rows measured at least once.
+/// `progress(done, total)` after each run; `on_row` gets each row as soon as its last
+/// repetition is measured (in the last pass), with its ratios against the reference row of its
+/// group (measured before it). When `stop()` turns true (Ctrl-C) the benchmark ends after the
+/// current run and returns the rows measured at least once (those not yet streamed included).
 ///
 /// # Errors
 /// Invalid settings and run failures.
-pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dyn FnMut(usize, usize), stop: &dyn Fn() -> bool) -> Result<Vec<BenchRow>> {
+pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dyn FnMut(usize, usize), on_row: &mut dyn FnMut(&BenchRow), stop: &dyn Fn() -> bool) -> Result<Vec<BenchRow>> {
     if cfg.reps == 0 {
         return Err(Error::Config { field: "repetitions", reason: "at least one repetition".into() });
     }
@@ -275,6 +297,8 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     if cfg.n_predict < 1 {
         return Err(Error::Config { field: "n_predict", reason: "bench generates a fixed number of tokens (≥ 1)".into() });
     }
+    let or = |v: &[u32], d: u32| if v.is_empty() { vec![d] } else { v.to_vec() };
+    let (batches, ubatches, depths) = (or(&cfg.batch_sizes, cfg.ctx.n_batch), or(&cfg.ubatch_sizes, cfg.ctx.n_ubatch), or(&cfg.depths, 0));
     let max_images = cfg.images.iter().copied().max().unwrap_or(0);
     let files = if cfg.image_files.is_empty() {
         synthetic_images(scratch, max_images).map_err(|e| Error::Io { what: "synthetic image", path: scratch.to_owned(), cause: e })?
@@ -283,11 +307,18 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     };
     let mut configs = Vec::new();
     for &n in &cfg.images {
-        configs.push(Config { n_images: n, kind: PolicyKind::Full.into(), budget: None, reference: true, flash_attn: FlashAttn::Auto });
-        configs.push(Config { n_images: n, kind: PolicyKind::Full.into(), budget: None, reference: false, flash_attn: FlashAttn::Off });
-        for &kind in cfg.policies.iter().filter(|k| k.kind.prunes()) {
-            for &b in &cfg.budgets {
-                configs.push(Config { n_images: n, kind, budget: Some(b), reference: false, flash_attn: cfg.ctx.flash_attn });
+        for &n_batch in &batches {
+            for &n_ubatch in &ubatches {
+                for &depth in &depths {
+                    let c = |kind: PolicySpec, budget, reference, flash_attn| Config { n_images: n, n_batch, n_ubatch, depth, kind, budget, reference, flash_attn };
+                    configs.push(c(PolicyKind::Full.into(), None, true, FlashAttn::Auto));
+                    configs.push(c(PolicyKind::Full.into(), None, false, FlashAttn::Off));
+                    for &kind in cfg.policies.iter().filter(|k| k.kind.prunes()) {
+                        for &b in &cfg.budgets {
+                            configs.push(c(kind, Some(b), false, cfg.ctx.flash_attn));
+                        }
+                    }
+                }
             }
         }
     }
@@ -307,43 +338,61 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, scratch: &Path, progress: &mut dy
     progress(0, total);
     let mut done = 0;
     let mut results: Vec<Vec<(RunReport, Option<u64>)>> = vec![Vec::new(); configs.len()];
+    let mut streamed: Vec<BenchRow> = Vec::new();
     'reps: for rep in 0..=cfg.reps {
         for (ci, c) in configs.iter().enumerate() {
             if stop() {
                 break 'reps;
             }
             let prompt = &prompts.iter().find(|(n, _)| *n == c.n_images).expect("prepared").1;
+            let base = ContextConfig { flash_attn: c.flash_attn, n_batch: c.n_batch, n_ubatch: c.n_ubatch, ..cfg.ctx.clone() };
             // under --kv-max-cells the full-cache rows stay uncapped (they cannot evict; -c sizes
             // them) and the policy rows get a context of the cap
             let ctx = match (cfg.ctx.kv_max_cells, c.kind.kind) {
-                (None, _) => ContextConfig { flash_attn: c.flash_attn, ..cfg.ctx.clone() },
-                (Some(_), k) if !k.prunes() => ContextConfig { flash_attn: c.flash_attn, kv_max_cells: None, kv_reserve: None, kv_shift: false, ..cfg.ctx.clone() },
-                (Some(_), _) => ContextConfig { flash_attn: c.flash_attn, n_ctx: 0, ..cfg.ctx.clone() },
+                (None, _) => base,
+                (Some(_), k) if !k.prunes() => ContextConfig { kv_max_cells: None, kv_reserve: None, kv_shift: false, ..base },
+                (Some(_), _) => ContextConfig { n_ctx: 0, ..base },
             };
             let policy = c.kind.config(&cfg.policy, c.budget.unwrap_or_default());
             let rss_ok = reset_peak_rss();
-            let report = engine.run_prompt(prompt, &ctx, &sampling, &policy, PrefillMode::Chunked, &mut |_| {})?;
+            let report = engine.run_prompt_at_depth(prompt, &ctx, &sampling, &policy, PrefillMode::Chunked, c.depth, &mut |_| {})?;
             let rss = if rss_ok { peak_rss() } else { None };
             if rep > 0 {
                 results[ci].push((report, rss));
+            }
+            if rep == cfg.reps {
+                let mut r = row(engine, c, &results[ci]);
+                if let Some(reference) = streamed.iter().find(|x| x.reference && same_group(x, &r)) {
+                    set_ratios(&mut r, reference);
+                }
+                on_row(&r);
+                streamed.push(r);
             }
             done += 1;
             progress(done, total);
         }
     }
-    let mut rows: Vec<BenchRow> = configs.iter().zip(results).filter(|(_, runs)| !runs.is_empty()).map(|(c, runs)| row(c, &runs)).collect();
-    // ratios against the reference row of the same image count
-    let refs: Vec<(usize, f64, f64, u64, f64)> =
-        rows.iter().filter(|r| r.reference).map(|r| (r.n_images, r.prefill_tok_s.median, r.decode_tok_s.median, r.kv_bytes, r.ttft_ms.median)).collect();
+    let mut rows: Vec<BenchRow> = configs.iter().zip(&results).filter(|(_, runs)| !runs.is_empty()).map(|(c, runs)| row(engine, c, runs)).collect();
+    // ratios against the reference row of the same group
+    let refs: Vec<BenchRow> = rows.iter().filter(|r| r.reference).cloned().collect();
     for r in &mut rows {
-        if let Some(&(_, p, d, kv, t)) = refs.iter().find(|x| x.0 == r.n_images) {
-            r.ratio_prefill = ratio(r.prefill_tok_s.median, p);
-            r.ratio_ttft = ratio(r.ttft_ms.median, t);
-            r.ratio_decode = ratio(r.decode_tok_s.median, d);
-            r.ratio_kv_bytes = ratio(r.kv_bytes as f64, kv as f64);
+        if let Some(reference) = refs.iter().find(|x| same_group(x, r)) {
+            set_ratios(r, reference);
         }
     }
     Ok(rows)
+}
+
+/// Rows compared with the same reference: image count, batch sizes and depth.
+fn same_group(a: &BenchRow, b: &BenchRow) -> bool {
+    (a.n_images, a.n_batch, a.n_ubatch, a.depth) == (b.n_images, b.n_batch, b.n_ubatch, b.depth)
+}
+
+fn set_ratios(r: &mut BenchRow, reference: &BenchRow) {
+    r.ratio_prefill = ratio(r.prefill_tok_s.median, reference.prefill_tok_s.median);
+    r.ratio_ttft = ratio(r.ttft_ms.median, reference.ttft_ms.median);
+    r.ratio_decode = ratio(r.decode_tok_s.median, reference.decode_tok_s.median);
+    r.ratio_kv_bytes = ratio(r.kv_bytes as f64, reference.kv_bytes as f64);
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -354,11 +403,16 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
+fn row(engine: &Engine, c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
     let first = &runs[0].0;
     let stat = |f: fn(&RunReport) -> f64| Stat::of(runs.iter().map(|(r, _)| f(r)).collect());
     BenchRow {
         n_images: c.n_images,
+        threads: engine.config().threads,
+        n_gpu_layers: engine.config().n_gpu_layers,
+        n_batch: c.n_batch,
+        n_ubatch: c.n_ubatch,
+        depth: c.depth,
         policy: if c.reference { "reference".into() } else { c.kind.to_string() },
         kv_budget: c.budget.map(|b| b.to_string()),
         reference: c.reference,
@@ -397,45 +451,52 @@ fn row(c: &Config, runs: &[(RunReport, Option<u64>)]) -> BenchRow {
 /// in every row, figures as their medians plus mean and sd.
 #[must_use]
 pub fn sql(prov: &Provenance, rows: &[BenchRow]) -> String {
-    let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let text_cols: [(&str, String); 7] = [
-        ("version", q(&prov.version)),
-        ("commit_hash", q(&prov.commit)),
-        ("model", q(&prov.model)),
-        ("device", q(&prov.device)),
-        ("cpu", q(&prov.cpu)),
-        ("type_k", q(&prov.type_k)),
-        ("type_v", q(&prov.type_v)),
-    ];
-    let stats = ["encode_ms", "prefill_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "score_ms", "evict_ms"];
+    let mut out = sql_header();
+    for r in rows {
+        out.push_str(&sql_row(prov, r));
+    }
+    out
+}
+
+const SQL_STATS: [&str; 7] = ["encode_ms", "prefill_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "score_ms", "evict_ms"];
+const SQL_TEXT: [&str; 7] = ["version", "commit_hash", "model", "device", "cpu", "type_k", "type_v"];
+
+/// The `CREATE TABLE` of [`sql`].
+#[must_use]
+pub fn sql_header() -> String {
     let mut out = String::from("CREATE TABLE IF NOT EXISTS csp_llava_bench (\n");
-    for (c, _) in &text_cols {
+    for c in SQL_TEXT {
         out.push_str(&format!("  {c} TEXT,\n"));
     }
-    out.push_str("  threads INTEGER,\n  n_gpu_layers INTEGER,\n  n_images INTEGER,\n  policy TEXT,\n  kv_budget TEXT,\n  flash_attn TEXT,\n  n_prompt_tokens INTEGER,\n  n_generated INTEGER,\n  kv_cells INTEGER,\n  kv_bytes INTEGER,\n  peak_rss_bytes INTEGER,\n  reps INTEGER");
-    for st in stats {
+    out.push_str("  threads INTEGER,\n  n_gpu_layers INTEGER,\n  n_batch INTEGER,\n  n_ubatch INTEGER,\n  depth INTEGER,\n  n_images INTEGER,\n  policy TEXT,\n  kv_budget TEXT,\n  flash_attn TEXT,\n  n_prompt_tokens INTEGER,\n  n_generated INTEGER,\n  kv_cells INTEGER,\n  kv_bytes INTEGER,\n  peak_rss_bytes INTEGER,\n  reps INTEGER");
+    for st in SQL_STATS {
         out.push_str(&format!(",\n  {st} REAL,\n  {st}_mean REAL,\n  {st}_sd REAL"));
     }
     out.push_str("\n);\n");
-    for r in rows {
-        let mut vals: Vec<String> = text_cols.iter().map(|(_, v)| v.clone()).collect();
-        vals.push(prov.threads.to_string());
-        vals.push(prov.n_gpu_layers.to_string());
-        vals.push(r.n_images.to_string());
-        vals.push(q(&r.policy));
-        vals.push(r.kv_budget.as_deref().map_or("NULL".into(), q));
-        vals.push(q(&r.flash_attn));
-        for v in [r.n_prompt_tokens as u64, r.n_generated as u64, u64::from(r.kv_cells), r.kv_bytes] {
-            vals.push(v.to_string());
-        }
-        vals.push(r.peak_rss_bytes.map_or("NULL".into(), |v| v.to_string()));
-        vals.push(r.reps.to_string());
-        for s in [&r.encode_ms, &r.prefill_ms, &r.ttft_ms, &r.prefill_tok_s, &r.decode_tok_s, &r.score_ms, &r.evict_ms] {
-            vals.extend([s.median, s.mean, s.sd].map(|x| format!("{x}")));
-        }
-        out.push_str(&format!("INSERT INTO csp_llava_bench VALUES ({});\n", vals.join(", ")));
-    }
     out
+}
+
+/// One `INSERT` of [`sql`].
+#[must_use]
+pub fn sql_row(prov: &Provenance, r: &BenchRow) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let mut vals: Vec<String> = [&prov.version, &prov.commit, &prov.model, &prov.device, &prov.cpu, &prov.type_k, &prov.type_v].map(|v| q(v)).to_vec();
+    for v in [r.threads, r.n_gpu_layers, r.n_batch, r.n_ubatch, r.depth] {
+        vals.push(v.to_string());
+    }
+    vals.push(r.n_images.to_string());
+    vals.push(q(&r.policy));
+    vals.push(r.kv_budget.as_deref().map_or("NULL".into(), q));
+    vals.push(q(&r.flash_attn));
+    for v in [r.n_prompt_tokens as u64, r.n_generated as u64, u64::from(r.kv_cells), r.kv_bytes] {
+        vals.push(v.to_string());
+    }
+    vals.push(r.peak_rss_bytes.map_or("NULL".into(), |v| v.to_string()));
+    vals.push(r.reps.to_string());
+    for s in [&r.encode_ms, &r.prefill_ms, &r.ttft_ms, &r.prefill_tok_s, &r.decode_tok_s, &r.score_ms, &r.evict_ms] {
+        vals.extend([s.median, s.mean, s.sd].map(|x| format!("{x}")));
+    }
+    format!("INSERT INTO csp_llava_bench VALUES ({});\n", vals.join(", "))
 }
 
 fn fmt_stat(s: &Stat, digits: usize) -> String {
@@ -445,76 +506,106 @@ fn fmt_stat(s: &Stat, digits: usize) -> String {
 /// The Markdown table (medians with min–max).
 #[must_use]
 pub fn markdown(rows: &[BenchRow]) -> String {
-    let mut out = String::from(
-        "| images | policy | budget | fa | observer | prompt tok | KV cells | KV peak | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | TTFT ms | decode tok/s | peak RSS | ×prefill | ×TTFT | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    let mut out = markdown_header();
     for r in rows {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.3} |\n",
-            r.n_images,
-            r.policy,
-            r.kv_budget.as_deref().unwrap_or("–"),
-            if r.prefill_flash_attn || r.flash_attn == "off" { r.flash_attn.clone() } else { format!("{} (off for the prompt)", r.flash_attn) },
-            r.observer.as_deref().unwrap_or("–"),
-            r.n_prompt_tokens,
-            r.kv_cells,
-            r.kv_cells_peak,
-            crate::engine::human_bytes(r.kv_bytes),
-            crate::engine::human_bytes(r.kv_bytes_allocated),
-            fmt_stat(&r.encode_ms, 1),
-            fmt_stat(&r.prefill_tok_s, 0),
-            fmt_stat(&r.prompt_tok_s, 0),
-            fmt_stat(&r.score_ms, 2),
-            fmt_stat(&r.evict_ms, 2),
-            fmt_stat(&r.ttft_ms, 0),
-            fmt_stat(&r.decode_tok_s, 0),
-            r.peak_rss_bytes.map_or("–".into(), crate::engine::human_bytes),
-            r.ratio_prefill,
-            r.ratio_ttft,
-            r.ratio_decode,
-            r.ratio_kv_bytes,
-        ));
+        out.push_str(&markdown_row(r));
     }
     out
+}
+
+/// The header lines of [`markdown`].
+#[must_use]
+pub fn markdown_header() -> String {
+    "| images | t | ngl | b / ub | depth | policy | budget | fa | observer | prompt tok | KV cells | KV peak | KV bytes | KV alloc | encode ms | prefill tok/s | prompt tok/s (incl. encode) | score ms | evict ms | TTFT ms | decode tok/s | peak RSS | ×prefill | ×TTFT | ×decode | ×KV |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n".into()
+}
+
+/// One line of [`markdown`].
+#[must_use]
+pub fn markdown_row(r: &BenchRow) -> String {
+    format!(
+        "| {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.3} |\n",
+        r.n_images,
+        r.threads,
+        r.n_gpu_layers,
+        r.n_batch,
+        r.n_ubatch,
+        r.depth,
+        r.policy,
+        r.kv_budget.as_deref().unwrap_or("–"),
+        if r.prefill_flash_attn || r.flash_attn == "off" { r.flash_attn.clone() } else { format!("{} (off for the prompt)", r.flash_attn) },
+        r.observer.as_deref().unwrap_or("–"),
+        r.n_prompt_tokens,
+        r.kv_cells,
+        r.kv_cells_peak,
+        crate::engine::human_bytes(r.kv_bytes),
+        crate::engine::human_bytes(r.kv_bytes_allocated),
+        fmt_stat(&r.encode_ms, 1),
+        fmt_stat(&r.prefill_tok_s, 0),
+        fmt_stat(&r.prompt_tok_s, 0),
+        fmt_stat(&r.score_ms, 2),
+        fmt_stat(&r.evict_ms, 2),
+        fmt_stat(&r.ttft_ms, 0),
+        fmt_stat(&r.decode_tok_s, 0),
+        r.peak_rss_bytes.map_or("–".into(), crate::engine::human_bytes),
+        r.ratio_prefill,
+        r.ratio_ttft,
+        r.ratio_decode,
+        r.ratio_kv_bytes,
+    )
 }
 
 /// CSV with one column per figure (medians, mins and maxes).
 #[must_use]
 pub fn csv(rows: &[BenchRow]) -> String {
-    let mut out = String::from("n_images,policy,kv_budget,reference,flash_attn,n_prompt_tokens,n_generated,kv_cells_before,kv_cells,kv_cells_peak,kv_bytes,kv_bytes_allocated");
-    for f in ["encode_ms", "prefill_ms", "prefill_tok_s", "prompt_tok_s", "score_ms", "evict_ms", "ttft_ms", "decode_tok_s"] {
+    let mut out = csv_header();
+    for r in rows {
+        out.push_str(&csv_row(r));
+    }
+    out
+}
+
+const CSV_STATS: [&str; 8] = ["encode_ms", "prefill_ms", "prefill_tok_s", "prompt_tok_s", "score_ms", "evict_ms", "ttft_ms", "decode_tok_s"];
+
+/// The header line of [`csv`].
+#[must_use]
+pub fn csv_header() -> String {
+    let mut out = String::from(
+        "n_images,threads,n_gpu_layers,n_batch,n_ubatch,depth,policy,kv_budget,reference,flash_attn,n_prompt_tokens,n_generated,kv_cells_before,kv_cells,kv_cells_peak,kv_bytes,kv_bytes_allocated",
+    );
+    for f in CSV_STATS {
         out.push_str(&format!(",{f},{f}_min,{f}_max"));
     }
     out.push_str(",peak_rss_bytes,ratio_prefill,ratio_ttft,ratio_decode,ratio_kv_bytes,reps\n");
-    for r in rows {
-        out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{}",
-            r.n_images,
-            r.policy,
-            r.kv_budget.as_deref().unwrap_or(""),
-            r.reference,
-            r.flash_attn,
-            r.n_prompt_tokens,
-            r.n_generated,
-            r.kv_cells_before,
-            r.kv_cells,
-            r.kv_cells_peak,
-            r.kv_bytes,
-            r.kv_bytes_allocated
-        ));
-        for s in [&r.encode_ms, &r.prefill_ms, &r.prefill_tok_s, &r.prompt_tok_s, &r.score_ms, &r.evict_ms, &r.ttft_ms, &r.decode_tok_s] {
-            out.push_str(&format!(",{},{},{}", s.median, s.min, s.max));
-        }
-        out.push_str(&format!(
-            ",{},{},{},{},{},{}\n",
-            r.peak_rss_bytes.map_or(String::new(), |v| v.to_string()),
-            r.ratio_prefill,
-            r.ratio_ttft,
-            r.ratio_decode,
-            r.ratio_kv_bytes,
-            r.reps
-        ));
+    out
+}
+
+/// One line of [`csv`].
+#[must_use]
+pub fn csv_row(r: &BenchRow) -> String {
+    let mut out = format!(
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        r.n_images,
+        r.threads,
+        r.n_gpu_layers,
+        r.n_batch,
+        r.n_ubatch,
+        r.depth,
+        r.policy,
+        r.kv_budget.as_deref().unwrap_or(""),
+        r.reference,
+        r.flash_attn,
+        r.n_prompt_tokens,
+        r.n_generated,
+        r.kv_cells_before,
+        r.kv_cells,
+        r.kv_cells_peak,
+        r.kv_bytes,
+        r.kv_bytes_allocated
+    );
+    for s in [&r.encode_ms, &r.prefill_ms, &r.prefill_tok_s, &r.prompt_tok_s, &r.score_ms, &r.evict_ms, &r.ttft_ms, &r.decode_tok_s] {
+        out.push_str(&format!(",{},{},{}", s.median, s.min, s.max));
     }
+    out.push_str(&format!(",{},{},{},{},{},{}\n", r.peak_rss_bytes.map_or(String::new(), |v| v.to_string()), r.ratio_prefill, r.ratio_ttft, r.ratio_decode, r.ratio_kv_bytes, r.reps));
     out
 }
 

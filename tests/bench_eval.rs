@@ -284,3 +284,66 @@ fn eval_json_plots_against_kv_bytes() {
     let out = plot(&["/no/such/eval.json", "-o", svg.to_str().unwrap()]);
     assert!(!out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn bench_sweeps_threads_batches_and_depth_and_streams_rows() {
+    let (m, p) = (support::model(), support::mmproj());
+    let out = Command::new(env!("CARGO_BIN_EXE_csp-llava"))
+        .args(["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5", "-t", "1,2", "-ub", "32,64", "-d", "0,8", "-o", "jsonl", "-m"])
+        .arg(&m)
+        .arg("--mmproj")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2 * 2 * 2 * 3, "-t × -ub × -d × (reference, full, random)");
+    for t in [1, 2] {
+        for ub in [32, 64] {
+            for d in [0, 8] {
+                let group: Vec<_> = rows.iter().filter(|r| r["threads"] == t && r["n_ubatch"] == ub && r["depth"] == d).collect();
+                assert_eq!(group.len(), 3, "t {t} ub {ub} d {d}");
+                assert!(group.iter().all(|r| r["n_generated"] == 2));
+                // ratios against the reference of the same group
+                let random = group.iter().find(|r| r["policy"] == "random").unwrap();
+                assert!(random["ratio_kv_bytes"].as_f64().unwrap() > 0.0 && random["ratio_kv_bytes"].as_f64().unwrap() < 1.0, "{random}");
+            }
+        }
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sweep point 1/2") && stderr.contains("sweep point 2/2"), "{stderr}");
+    // lists belong to bench
+    let out = csp(&["-t", "1,2", "-p", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-t: a comma-separated list is a bench sweep"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = csp(&["-p", "x", "--kv-max-cells", "auto"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--mem"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Rows reach the caller as they are measured (in the last pass), not all at the end.
+#[test]
+fn bench_rows_stream_before_the_run_ends() {
+    let engine = support::engine();
+    let cfg = csp_llava::bench::BenchConfig {
+        images: vec![1, 2],
+        image_files: vec![support::image(0), support::image(1)],
+        policies: vec!["streaming".parse().unwrap()],
+        budgets: vec![csp_llava::Budget::Fraction(0.5)],
+        reps: 2,
+        n_predict: 2,
+        prompt: "Describe.".into(),
+        ctx: Default::default(),
+        policy: Default::default(),
+        batch_sizes: vec![],
+        ubatch_sizes: vec![],
+        depths: vec![],
+    };
+    let events = std::cell::RefCell::new(Vec::new());
+    let rows =
+        csp_llava::bench::run(&engine, &cfg, support::scratch(), &mut |done, _| events.borrow_mut().push((done, false)), &mut |r| events.borrow_mut().push((r.n_images, true)), &|| false).unwrap();
+    let events = events.into_inner();
+    assert_eq!(events.iter().filter(|e| e.1).count(), rows.len());
+    let first_row = events.iter().position(|e| e.1).unwrap();
+    let last_progress = events.iter().rposition(|e| !e.1).unwrap();
+    assert!(first_row < last_progress, "the first row came before the last run: {events:?}");
+}

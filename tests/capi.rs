@@ -51,8 +51,24 @@ fn profile_dir() -> PathBuf {
     std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
 }
 
+/// Builds the cdylib: `cargo test` builds the library only as the rlib the tests link, so a clean
+/// checkout has no `libcsp_llava.so` until `cargo build`; and one left by an earlier build may be
+/// stale. A nested cargo on the same target directory (the test run no longer holds its lock)
+/// rebuilds only this crate, and is a no-op when it is current.
+fn build_cdylib(lib: &Path) {
+    let target = lib.parent().unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--lib", "--offline", "--quiet"]).current_dir(ROOT).env("CARGO_TARGET_DIR", target);
+    if lib.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("cargo runs");
+    assert!(out.status.success(), "cargo build --lib: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn compile_example(out: &Path) {
     let lib = profile_dir();
+    build_cdylib(&lib);
     assert!(lib.join("libcsp_llava.so").exists() || lib.join("libcsp_llava.dylib").exists(), "the cdylib is built next to the tests");
     let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
         .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-I"])

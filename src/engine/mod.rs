@@ -25,6 +25,7 @@ mod check;
 mod event;
 mod generate;
 pub mod image;
+pub mod memory;
 pub mod prompt;
 mod report;
 mod prune;
@@ -386,21 +387,36 @@ impl Engine {
     ///
     /// # Errors
     /// Any error of the steps.
-    pub fn run_prompt(
+    pub fn run_prompt(&self, prompt: &Prompt, ctx: &ContextConfig, sampling: &SamplingConfig, policy_cfg: &PolicyConfig, mode: PrefillMode, on_event: &mut dyn FnMut(Event<'_>)) -> Result<RunReport> {
+        self.run_prompt_at_depth(prompt, ctx, sampling, policy_cfg, mode, 0, on_event)
+    }
+
+    /// [`Engine::run_prompt`] with `depth` filler tokens read after the pruned prompt and before
+    /// generation (`bench -d`, as llama-bench's depth): decoding is measured with the cache
+    /// holding the kept cells plus `depth`. The cache is sized for `n_predict + depth` after
+    /// the prompt.
+    ///
+    /// # Errors
+    /// As [`Engine::run_prompt`]; a depth that does not fit the context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_prompt_at_depth(
         &self,
         prompt: &Prompt,
         ctx: &ContextConfig,
         sampling: &SamplingConfig,
         policy_cfg: &PolicyConfig,
         mode: PrefillMode,
+        depth: u32,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<RunReport> {
         self.check_cancel()?;
         let t = std::time::Instant::now();
         let plan = Plan { shrink: ctx.kv_shrink, ..self.plan(prompt, policy_cfg)? };
-        let Prefilled { mut session, prefill, kv_before, pruning } = self.prefill_pruned(prompt, ctx, &plan, sampling.n_predict, mode, on_event)?;
+        let room = if sampling.n_predict < 0 { sampling.n_predict } else { sampling.n_predict.saturating_add(i32::try_from(depth).unwrap_or(i32::MAX)) };
+        let Prefilled { mut session, prefill, kv_before, pruning } = self.prefill_pruned(prompt, ctx, &plan, room, mode, on_event)?;
         let ttft_ms = ms(t);
         let kv_after = session.kv_info();
+        session.eval_depth(depth as usize)?;
         let generated = session.generate(sampling, on_event)?;
         let mut report = RunReport::new(prompt, &session, &prefill, kv_before, kv_after, plan.policy.name(), pruning, generated);
         report.ttft_ms = ttft_ms;

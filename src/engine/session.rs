@@ -489,12 +489,16 @@ impl<'e> Session<'e> {
     /// # Errors
     /// An observer failure, or statistics that did not see the whole prompt.
     pub fn take_stats(&self, prompt: &Prompt) -> Result<Vec<AttentionStats>> {
-        let Some(obs) = self.lctx.observer() else { return Ok(Vec::new()) };
+        let Some(obs) = self.lctx.observer() else {
+            return Ok(Vec::new());
+        };
         let (sink, err) = obs.finish();
         if let Some(e) = err {
             return Err(Error::Callback(e));
         }
-        let (Some(_), Some(collector)) = (sink, &self.collector) else { return Ok(Vec::new()) };
+        let (Some(_), Some(collector)) = (sink, &self.collector) else {
+            return Ok(Vec::new());
+        };
         if collector.tokens_seen() < prompt.n_tokens() {
             let hint = if self.observer_mode == Some("graph") {
                 " (the in-graph statistics cover models attending through llama.cpp's plain KV cache; --kv-observer host reads attention on the host)"
@@ -544,7 +548,9 @@ impl<'e> Session<'e> {
                 let keep = retention.per_head.as_ref().filter(|h| layer < h.n_layer && head < h.n_head_kv).map(|h| h.get(layer, head));
                 let o = (layer * n_head_kv + head) * n_pos;
                 for &t in &cached {
-                    let (Ok(p), true) = (usize::try_from(pos(t)), t < retention.keep.len()) else { continue };
+                    let (Ok(p), true) = (usize::try_from(pos(t)), t < retention.keep.len()) else {
+                        continue;
+                    };
                     let kept = keep.map_or(retention.keep[t], |k| k.get(t).copied().unwrap_or(false));
                     roles[o + p] = if kept { llama::MergeRole::Target } else { llama::MergeRole::Source };
                     any_source |= !kept;
@@ -755,7 +761,9 @@ impl<'e> Session<'e> {
 
     /// After a token was decoded at `pos`: the decode-time policy's evictions, as masks.
     pub(super) fn after_decode(&mut self, pos: i32) -> Result<()> {
-        let Some(fp) = self.decode_eviction.as_mut() else { return Ok(()) };
+        let Some(fp) = self.decode_eviction.as_mut() else {
+            return Ok(());
+        };
         let dropped = fp.step(pos as usize);
         self.decode_evicted += dropped.len();
         for (layer, p) in dropped {
@@ -832,6 +840,40 @@ impl Session<'_> {
             self.first_logits = self.last_logits().map(<[f32]>::to_vec);
         }
         Ok(n)
+    }
+
+    /// Reads `n` filler tokens (" the", repeated) after what the cache holds, so generation
+    /// that follows runs at depth `n` (`bench -d`, as llama-bench's); in batches, or one at a
+    /// time where the policy evicts while decoding. Returns the milliseconds it took.
+    ///
+    /// # Errors
+    /// Depth that does not fit the free cells; llama.cpp evaluation failures.
+    pub fn eval_depth(&mut self, n: usize) -> Result<f64> {
+        let t = std::time::Instant::now();
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let engine = self.engine.clone();
+        let chunks = engine.mtmd.tokenize_continuation(" the")?;
+        let filler = (0..chunks.len()).filter_map(|i| chunks.get(i)).filter_map(|c| c.text_tokens()).flatten().last().ok_or_else(|| Error::Prompt("no filler token".into()))?;
+        let free = (self.n_ctx as usize).saturating_sub(self.kv_info().n_used as usize);
+        if n >= free {
+            return Err(Error::Config { field: "depth", reason: format!("{n} tokens of depth do not fit the {free} free cells of the context: raise -c or lower -d") });
+        }
+        let step = if self.decode_eviction.is_some() { 1 } else { self.n_batch as usize };
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(step);
+            self.lctx.decode(&vec![filler; k], self.n_past, Logits::Last)?;
+            self.n_past += k as i32;
+            if self.decode_eviction.is_some() {
+                self.after_decode(self.n_past - 1)?;
+            }
+            left -= k;
+        }
+        self.first_logits = None;
+        self.first_logits = self.last_logits().map(<[f32]>::to_vec);
+        Ok(t.elapsed().as_secs_f64() * 1e3)
     }
 
     /// Removes the cells at positions `p0..p1` (a chat's old turn); the freed cells are reused

@@ -7,6 +7,7 @@
 //! to `general.alignment` (32), tensor data. Little-endian throughout.
 
 mod reader;
+pub mod shapes;
 pub mod tiny;
 mod writer;
 
@@ -124,6 +125,10 @@ pub enum TensorType {
     F32,
     /// 16-bit IEEE float
     F16,
+    /// 4-bit blocks of 32: an f16 scale `d` and 16 bytes of nibbles, value `d·(q − 8)`.
+    Q4_0,
+    /// 8-bit blocks of 32: an f16 scale `d` and 32 signed bytes, value `d·q`.
+    Q8_0,
 }
 
 impl TensorType {
@@ -133,6 +138,34 @@ impl TensorType {
         match self {
             TensorType::F32 => 0,
             TensorType::F16 => 1,
+            TensorType::Q4_0 => 2,
+            TensorType::Q8_0 => 8,
         }
+    }
+
+    /// Elements per block (1 for the float types).
+    #[must_use]
+    pub fn block_len(self) -> u64 {
+        match self {
+            TensorType::F32 | TensorType::F16 => 1,
+            TensorType::Q4_0 | TensorType::Q8_0 => 32,
+        }
+    }
+
+    /// Bytes per block.
+    #[must_use]
+    pub fn block_bytes(self) -> u64 {
+        match self {
+            TensorType::F32 => 4,
+            TensorType::F16 => 2,
+            TensorType::Q4_0 => 18,
+            TensorType::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of `n` elements (`n` a multiple of [`Self::block_len`]).
+    #[must_use]
+    pub fn bytes_for(self, n: u64) -> u64 {
+        n / self.block_len() * self.block_bytes()
     }
 }

@@ -98,12 +98,8 @@ const WORDS: &[&str] = &[
 ];
 
 /// The vocabulary: (piece, score, token type). Token types: 1 normal, 2 unknown, 3 control, 6 byte.
-fn vocabulary() -> Vec<(String, f32, i32)> {
-    let mut v = vec![
-        ("<unk>".to_owned(), 0.0, 2),
-        ("<s>".to_owned(), 0.0, 3),
-        ("</s>".to_owned(), 0.0, 3),
-    ];
+pub(crate) fn vocabulary() -> Vec<(String, f32, i32)> {
+    let mut v = vec![("<unk>".to_owned(), 0.0, 2), ("<s>".to_owned(), 0.0, 3), ("</s>".to_owned(), 0.0, 3)];
     for b in 0..=255u8 {
         v.push((format!("<0x{b:02X}>"), 0.0, 6));
     }
@@ -120,7 +116,7 @@ fn vocabulary() -> Vec<(String, f32, i32)> {
 }
 
 /// Index of `<|im_end|>` (EOS) in [`vocabulary`].
-const EOS_ID: u32 = 3 + 256 + 1;
+pub(crate) const EOS_ID: u32 = 3 + 256 + 1;
 
 /// Builds the tiny text model.
 #[must_use]

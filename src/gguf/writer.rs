@@ -1,4 +1,6 @@
-//! GGUF v3 writer (metadata + F32/F16 tensors), byte-for-byte deterministic.
+//! GGUF v3 writer (metadata + F32/F16/Q4_0/Q8_0 tensors), byte-for-byte deterministic. Tensors
+//! are either given (values, quantized here) or random and generated while the file is written,
+//! so a 7B-shaped model never sits in memory.
 
 use std::io::{self, Write};
 
@@ -9,7 +11,111 @@ struct PendingTensor {
     /// ggml order: fastest-varying dimension first.
     ne: Vec<u64>,
     ty: TensorType,
-    bytes: Vec<u8>,
+    data: Data,
+}
+
+enum Data {
+    Bytes(Vec<u8>),
+    /// Random values of standard deviation `std` (about; see [`GgufWriter::tensor_random`]),
+    /// from the stream `Rng::new(seed, name)`.
+    Random {
+        seed: u64,
+        std: f32,
+    },
+}
+
+impl PendingTensor {
+    fn n_elements(&self) -> u64 {
+        self.ne.iter().product()
+    }
+
+    fn n_bytes(&self) -> u64 {
+        self.ty.bytes_for(self.n_elements())
+    }
+
+    fn write(&self, w: &mut impl Write) -> io::Result<()> {
+        match &self.data {
+            Data::Bytes(b) => w.write_all(b),
+            Data::Random { seed, std } => {
+                let mut rng = crate::rng::Rng::new(*seed, &self.name);
+                let n_blocks = self.n_elements() / self.ty.block_len();
+                let chunk_blocks = (1u64 << 20) / self.ty.block_bytes();
+                let mut buf = Vec::with_capacity((chunk_blocks * self.ty.block_bytes()) as usize);
+                let mut done = 0;
+                while done < n_blocks {
+                    let k = chunk_blocks.min(n_blocks - done);
+                    buf.clear();
+                    random_blocks(self.ty, *std, k, &mut rng, &mut buf);
+                    w.write_all(&buf)?;
+                    done += k;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `n_blocks` random blocks of `ty` into `out`. The quantized types are drawn directly as codes:
+/// Q4_0 nibbles uniform in 0..16 (values `d·(q − 8)`, E[(q−8)²] = 21.5), Q8_0 bytes uniform in
+/// −128..128 (E[q²] ≈ 5461), with `d` set so the values' RMS is `std`; the float types uniform
+/// in ±√3·std.
+fn random_blocks(ty: TensorType, std: f32, n_blocks: u64, rng: &mut crate::rng::Rng, out: &mut Vec<u8>) {
+    match ty {
+        TensorType::F32 | TensorType::F16 => {
+            let a = std * 3f32.sqrt();
+            for _ in 0..n_blocks {
+                let v = rng.symmetric(a);
+                if ty == TensorType::F32 {
+                    out.extend_from_slice(&v.to_le_bytes());
+                } else {
+                    out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                }
+            }
+        }
+        TensorType::Q4_0 | TensorType::Q8_0 => {
+            let (d, n_code) = if ty == TensorType::Q4_0 { (std / 21.5f32.sqrt(), 16) } else { (std / 5461f32.sqrt(), 32) };
+            let d = half::f16::from_f32(d).to_le_bytes();
+            for _ in 0..n_blocks {
+                out.extend_from_slice(&d);
+                for _ in 0..n_code / 8 {
+                    out.extend_from_slice(&rng.next_u64().to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// `data` as `ty`, quantized as ggml's reference quantizers do (`quantize_row_q4_0_ref`,
+/// `quantize_row_q8_0_ref`).
+fn encode(ty: TensorType, data: &[f32]) -> Vec<u8> {
+    match ty {
+        TensorType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        TensorType::F16 => data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        TensorType::Q4_0 => data
+            .chunks(32)
+            .flat_map(|b| {
+                // the value of largest magnitude, sign kept, maps to −8
+                let max = b.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                let mut out = half::f16::from_f32(d).to_le_bytes().to_vec();
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                out
+            })
+            .collect(),
+        TensorType::Q8_0 => data
+            .chunks(32)
+            .flat_map(|b| {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                let mut out = half::f16::from_f32(d).to_le_bytes().to_vec();
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+                out
+            })
+            .collect(),
+    }
 }
 
 /// Collects metadata and tensors in insertion order, then writes one GGUF file.
@@ -69,20 +175,27 @@ impl GgufWriter {
     pub fn tensor(&mut self, name: &str, ne: &[u64], ty: TensorType, data: &[f32]) -> &mut Self {
         let n: u64 = ne.iter().product();
         assert_eq!(n, data.len() as u64, "tensor {name}: shape {ne:?} does not match data");
-        let bytes = match ty {
-            TensorType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            TensorType::F16 => data
-                .iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                .collect(),
-        };
-        self.tensors.push(PendingTensor {
-            name: name.to_owned(),
-            ne: ne.to_vec(),
-            ty,
-            bytes,
-        });
+        assert_eq!(ne[0] % ty.block_len(), 0, "tensor {name}: rows of {} are not whole {ty:?} blocks", ne[0]);
+        self.tensors.push(PendingTensor { name: name.to_owned(), ne: ne.to_vec(), ty, data: Data::Bytes(encode(ty, data)) });
         self
+    }
+
+    /// Adds a tensor of random values with RMS about `std`, generated while the file is written
+    /// (the stream is `Rng::new(seed, name)`; the bytes are deterministic). Quantized types are
+    /// drawn directly as block codes (see `random_blocks`), never through f32.
+    ///
+    /// # Panics
+    /// If the rows (`ne[0]`) are not whole blocks of `ty` (a programming error in the recipe).
+    pub fn tensor_random(&mut self, name: &str, ne: &[u64], ty: TensorType, seed: u64, std: f32) -> &mut Self {
+        assert_eq!(ne[0] % ty.block_len(), 0, "tensor {name}: rows of {} are not whole {ty:?} blocks", ne[0]);
+        self.tensors.push(PendingTensor { name: name.to_owned(), ne: ne.to_vec(), ty, data: Data::Random { seed, std } });
+        self
+    }
+
+    /// Bytes of tensor data the file will hold (without padding).
+    #[must_use]
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(PendingTensor::n_bytes).sum()
     }
 
     /// Replaces the value of metadata entry `key` where it stands, or adds it at the end (tests
@@ -143,11 +256,11 @@ impl GgufWriter {
             }
             w.write_all(&t.ty.ggml_id().to_le_bytes())?;
             w.write_all(&offset.to_le_bytes())?;
-            offset = align(offset + t.bytes.len() as u64);
+            offset = align(offset + t.n_bytes());
         }
         pad(&mut w)?;
         for t in &self.tensors {
-            w.write_all(&t.bytes)?;
+            t.write(&mut w)?;
             pad(&mut w)?;
         }
         w.out.flush()

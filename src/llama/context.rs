@@ -489,6 +489,22 @@ impl Context {
         })
     }
 
+    /// What llama.cpp holds for this context (or would allocate, for a model loaded with
+    /// [`Model::load_no_alloc`]): weights, KV cache and compute buffers, host and device.
+    #[must_use]
+    pub fn memory_totals(&self) -> super::MemoryTotals {
+        // SAFETY: a live llama_context; the call only reads llama.cpp's buffer sizes.
+        let t = unsafe { sys::llama_get_memory_totals(self.ctx.as_raw()) };
+        super::MemoryTotals {
+            model_host: t.model_host as u64,
+            model_device: t.model_device as u64,
+            context_host: t.context_host as u64,
+            context_device: t.context_device as u64,
+            compute_host: t.compute_host as u64,
+            compute_device: t.compute_device as u64,
+        }
+    }
+
     /// Applies pending KV updates (the K-shift after [`Context::shift`]) now rather than at the
     /// next evaluation (patch 0004).
     pub fn apply_kv_updates(&mut self) -> bool {
@@ -540,7 +556,9 @@ impl Context {
     /// Occupied cells hidden from query head `head` of `layer`; `None` when unsupported.
     #[must_use]
     pub fn layer_mask_count(&self, layer: usize, head: usize) -> Option<usize> {
-        let (Ok(il), Ok(h)) = (i32::try_from(layer), i32::try_from(head)) else { return None };
+        let (Ok(il), Ok(h)) = (i32::try_from(layer), i32::try_from(head)) else {
+            return None;
+        };
         // SAFETY: a live llama_context; the call only reads the cache's metadata.
         let n = unsafe { sys::llama_memory_layer_mask_count(sys::llama_get_memory(self.ctx.as_raw()), il, h) };
         usize::try_from(n).ok()

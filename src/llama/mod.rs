@@ -60,7 +60,9 @@ fn backend() -> Result<&'static LlamaBackend> {
 pub fn chat_builtin_templates() -> Vec<String> {
     // SAFETY: with a null buffer and length 0 llama.cpp writes nothing and returns the count.
     let n = unsafe { sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0) };
-    let Ok(n) = usize::try_from(n) else { return Vec::new() };
+    let Ok(n) = usize::try_from(n) else {
+        return Vec::new();
+    };
     let mut names: Vec<*const std::os::raw::c_char> = vec![std::ptr::null(); n];
     // SAFETY: `names` has room for `n` pointers and llama.cpp writes at most `len` of them; each
     // points into the key of a static `std::map`, a NUL-terminated string alive for the process.
@@ -138,6 +140,33 @@ pub fn exit_now(code: i32) -> ! {
     }
     #[cfg(not(unix))]
     std::process::exit(code)
+}
+
+/// Bytes a context holds or, made from a [`Model::load_no_alloc`] model, would allocate, by kind
+/// and by place (patch 0011: llama.cpp's own memory breakdown, as its `--fit` reads it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryTotals {
+    /// Model weights in host memory (CPU, CPU repack, pinned host buffers).
+    pub model_host: u64,
+    /// Model weights on devices (GPU).
+    pub model_device: u64,
+    /// The KV cache (the memory module) in host memory.
+    pub context_host: u64,
+    /// The KV cache on devices.
+    pub context_device: u64,
+    /// Compute buffers in host memory.
+    pub compute_host: u64,
+    /// Compute buffers on devices.
+    pub compute_device: u64,
+}
+
+/// Free memory of the GPUs llama.cpp sees (the sum over devices of type GPU), `None` without one.
+#[must_use]
+pub fn gpu_free_memory() -> Option<u64> {
+    let _ = backend().ok()?;
+    let gpus: Vec<u64> =
+        llama_cpp_2::list_llama_ggml_backend_devices().into_iter().filter(|d| matches!(d.device_type, llama_cpp_2::LlamaBackendDeviceType::Gpu)).map(|d| d.memory_free as u64).collect();
+    (!gpus.is_empty()).then(|| gpus.iter().sum())
 }
 
 /// KV cache size and occupancy, as llama.cpp reports them.

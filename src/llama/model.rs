@@ -55,6 +55,27 @@ impl Model {
         Ok(Self { inner, create: Mutex::new(()) })
     }
 
+    /// Reads only the metadata of a GGUF text model and simulates its allocations (llama.cpp's
+    /// `no_alloc`, as its `--fit` does): no weight is read, and contexts created from it
+    /// allocate nothing but report in [`super::Context::memory_totals`] what they would.
+    /// Such a model cannot evaluate anything.
+    ///
+    /// # Errors
+    /// As [`Model::load`].
+    pub fn load_no_alloc(path: &Path, n_gpu_layers: u32) -> Result<Self> {
+        let backend = super::backend()?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers).with_no_alloc(true);
+        let inner = LlamaModel::load_from_file(backend, path, &params).map_err(|_| Error::Load { what: "model", path: path.to_path_buf() })?;
+        Ok(Self { inner, create: Mutex::new(()) })
+    }
+
+    /// Tokens `text` becomes (BOS as the model adds it, special tokens parsed): for estimates
+    /// made without the projector, such as a memory plan.
+    #[must_use]
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.inner.vocab().tokenize(text.as_bytes(), true, true).len()
+    }
+
     /// The llama-cpp-2 model, for the other wrappers of this module.
     pub(super) fn raw(&self) -> &LlamaModel {
         &self.inner

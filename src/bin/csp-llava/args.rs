@@ -37,6 +37,25 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a random-weight model in a real model's shape (text model in --quant, F16 mmproj)
+    /// into DIR, for speed and memory figures at the users' scale: never for quality.
+    GenModel {
+        /// Output directory (created if needed; files are overwritten).
+        dir: PathBuf,
+        /// The shape: llava-1.5-7b or llava-1.5-13b.
+        #[arg(long, value_parser = parse_shape)]
+        shape: csp_llava::gguf::shapes::Shape,
+        /// The text model's weight type: q4_0, q8_0 or f16.
+        #[arg(long, default_value = "q4_0", value_parser = parse_quant)]
+        quant: csp_llava::gguf::shapes::Quant,
+        /// Transformer blocks of the text model instead of the shape's (a smaller file of the
+        /// same width).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=512))]
+        layers: Option<u32>,
+        /// Seed of the weights: same seed, same bytes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Speed and memory of each policy × budget next to llama.cpp's own full cache
     /// (llama-bench style; medians with min–max over -r repetitions after a warm-up).
     #[command(allow_negative_numbers = true)]
@@ -99,13 +118,31 @@ pub struct ModelFlags {
     pub mmproj: Option<PathBuf>,
     #[command(flatten)]
     pub hf: HfArgs,
-    /// Threads [default: available cores].
-    #[arg(short = 't', long, value_name = "N")]
-    pub threads: Option<u32>,
+    /// Threads [default: available cores]; bench sweeps a comma-separated list.
+    #[arg(short = 't', long, value_name = "N[,N…]", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Vec<u32>,
     /// Layers to offload to the GPU: a number, `auto` or `all` (written `-ngl`) [default: all
-    /// when a GPU backend and device exist].
-    #[arg(long = "n-gpu-layers", value_name = "N", value_parser = parse_ngl)]
-    pub n_gpu_layers: Option<u32>,
+    /// when a GPU backend and device exist]; bench sweeps a comma-separated list.
+    #[arg(long = "n-gpu-layers", value_name = "N[,N…]", value_delimiter = ',', value_parser = parse_ngl)]
+    pub n_gpu_layers: Vec<u32>,
+}
+
+impl ModelFlags {
+    /// `-t` (the last given).
+    pub fn threads(&self) -> Option<u32> {
+        self.threads.last().copied()
+    }
+
+    /// `-ngl` (the last given).
+    pub fn ngl(&self) -> Option<u32> {
+        self.n_gpu_layers.last().copied()
+    }
+}
+
+/// The first flag given a comma-separated list where only bench sweeps: commands other than
+/// bench refuse it.
+pub fn sweep_flag(m: &ModelFlags, c: &ContextFlags) -> Option<&'static str> {
+    [(m.threads.len(), "-t"), (m.n_gpu_layers.len(), "-ngl"), (c.batch_size.len(), "-b"), (c.ubatch_size.len(), "-ub")].into_iter().find(|(n, _)| *n > 1).map(|(_, f)| f)
 }
 
 /// Hugging Face Hub download flags, as llama.cpp's `-hf`, `-hff`, `-hft`.
@@ -135,11 +172,11 @@ pub struct ContextFlags {
     #[arg(short = 'c', long = "ctx-size", value_name = "N")]
     pub ctx_size: Option<u32>,
     /// Logical batch size.
-    #[arg(short = 'b', long = "batch-size", value_name = "N", default_value_t = 2048)]
-    pub batch_size: u32,
+    #[arg(short = 'b', long = "batch-size", value_name = "N[,N…]", value_delimiter = ',', default_value = "2048", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: Vec<u32>,
     /// Physical batch size (written `-ub`, as in llama.cpp).
-    #[arg(long = "ubatch-size", value_name = "N", default_value_t = 512)]
-    pub ubatch_size: u32,
+    #[arg(long = "ubatch-size", value_name = "N[,N…]", value_delimiter = ',', default_value = "512", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ubatch_size: Vec<u32>,
     /// Flash attention (written `-fa`); policies that observe on the host (--kv-observer host,
     /// AirCache) pause it for the prompt.
     #[arg(long = "flash-attn", value_enum, value_name = "on|off|auto", default_value = "auto")]
@@ -153,8 +190,14 @@ pub struct ContextFlags {
     /// Cap the KV cache while the prompt is read: at most N cells (or a fraction of the prompt,
     /// with a decimal point); the policy evicts before each image that would not fit, so any
     /// number of images fits a fixed buffer. -c defaults to N.
+    /// `auto`: the largest cap whose memory plan fits --mem (or the GPU's free memory), at
+    /// most what the prompt needs.
     #[arg(long = "kv-max-cells", value_name = "N", help_heading = "KV cache pruning")]
-    pub kv_max_cells: Option<KvCap>,
+    pub kv_max_cells: Option<CapArg>,
+    /// Memory budget for --kv-max-cells auto and --dry-run: 8GiB, 512MiB, 8G (binary), 8GB
+    /// (decimal) or bytes [default: the GPU's free memory when layers are offloaded].
+    #[arg(long = "mem", value_name = "SIZE", value_parser = parse_mem, help_heading = "KV cache pruning")]
+    pub mem: Option<u64>,
     /// Cells left free after each such eviction, for the text that follows and for generation
     /// [default: -n (at least 32), at most N/4; N/4 with -n -1]. Without a cap: the cells a
     /// shrunk cache keeps free for generation [default: -n; 1024 with -n -1].
@@ -177,6 +220,50 @@ pub struct ContextFlags {
     pub kv_compact: CompactArg,
 }
 
+/// `--kv-max-cells`: a cap, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CapArg {
+    Cap(KvCap),
+    Auto,
+}
+
+impl std::str::FromStr for CapArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            Ok(CapArg::Auto)
+        } else {
+            s.parse().map(CapArg::Cap)
+        }
+    }
+}
+
+/// Parses a memory size: bytes, or a number with K/M/G/T (or KiB/MiB/GiB/TiB: powers of 1024)
+/// or KB/MB/GB/TB (powers of 1000).
+pub fn parse_mem(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size (8GiB, 512MiB, 8000000000)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        u => return Err(format!("unknown unit '{u}' in '{s}' (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    let b = v * mult;
+    if !(b >= 1.0 && b < 2f64.powi(63)) {
+        return Err(format!("'{s}' is not a usable memory size"));
+    }
+    Ok(b as u64)
+}
+
 /// `--kv-compact`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CompactArg {
@@ -193,11 +280,19 @@ pub enum ObserverArg {
 }
 
 impl ContextFlags {
+    /// Refuses `--kv-max-cells auto` where nothing plans it (bench, eval, calibrate).
+    pub fn no_auto_cap(&self, command: &str) -> Result<(), String> {
+        match self.kv_max_cells {
+            Some(CapArg::Auto) => Err(format!("--kv-max-cells auto applies to a run (the main command and chat), not to {command}; give a cell count")),
+            _ => Ok(()),
+        }
+    }
+
     pub fn context(&self) -> ContextConfig {
         ContextConfig {
             n_ctx: self.ctx_size.unwrap_or(0),
-            n_batch: self.batch_size,
-            n_ubatch: self.ubatch_size,
+            n_batch: self.batch_size.last().copied().unwrap_or(2048),
+            n_ubatch: self.ubatch_size.last().copied().unwrap_or(512),
             flash_attn: match self.flash_attn {
                 FaArg::On => FlashAttn::On,
                 FaArg::Off => FlashAttn::Off,
@@ -205,7 +300,11 @@ impl ContextFlags {
             },
             type_k: self.cache_type_k,
             type_v: self.cache_type_v,
-            kv_max_cells: self.kv_max_cells,
+            kv_max_cells: match self.kv_max_cells {
+                Some(CapArg::Cap(c)) => Some(c),
+                // resolved by the commands that plan (the main command, chat); the others refuse it
+                Some(CapArg::Auto) | None => None,
+            },
             kv_reserve: self.kv_reserve,
             kv_shift: self.kv_shift,
             kv_shrink: false,
@@ -502,6 +601,11 @@ pub struct RunArgs {
     /// streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Print the memory plan — weights, KV cache and compute buffers as llama.cpp would
+    /// allocate them, for the full cache and under the cap — and stop, reading no image and
+    /// no weight.
+    #[arg(long = "dry-run", help_heading = "KV cache pruning")]
+    pub dry_run: bool,
     /// Chat (written `-cnv`): read the images once, prune, then answer questions line by line
     /// from standard input (`/image FILE`, `/clear`, `/stats`, `/quit`); the default without -p
     /// when standard input is a terminal.
@@ -572,6 +676,7 @@ pub struct EvalArgs {
 
 impl EvalArgs {
     pub fn config(&self) -> Result<csp_llava::eval::EvalConfig, String> {
+        self.ctx.no_auto_cap("eval")?;
         Ok(csp_llava::eval::EvalConfig {
             policies: self.kv_policy.clone(),
             budgets: self.kv_budget.clone(),
@@ -668,10 +773,15 @@ pub struct BenchArgs {
     /// Move pruned caches into buffers sized to the kept cells + -n.
     #[arg(long = "kv-shrink")]
     pub kv_shrink: bool,
+    /// Depths, comma-separated: tokens read after the pruned prompt before decoding is
+    /// measured, as llama-bench's -d (decode speed with a cache that also holds them).
+    #[arg(short = 'd', long = "n-depth", value_name = "N[,N…]", value_delimiter = ',', default_value = "0")]
+    pub depths: Vec<u32>,
 }
 
 impl BenchArgs {
     pub fn config(&self) -> Result<csp_llava::bench::BenchConfig, String> {
+        self.ctx.no_auto_cap("bench")?;
         Ok(csp_llava::bench::BenchConfig {
             images: self.images.clone(),
             image_files: self.image_files.clone(),
@@ -682,6 +792,9 @@ impl BenchArgs {
             prompt: self.prompt.clone(),
             ctx: ContextConfig { kv_shrink: self.kv_shrink, ..self.ctx.context() },
             policy: self.tuning.policy(PolicyKind::Full, Budget::default(), 0)?,
+            batch_sizes: self.ctx.batch_size.clone(),
+            ubatch_sizes: self.ctx.ubatch_size.clone(),
+            depths: self.depths.clone(),
         })
     }
 }
@@ -694,6 +807,14 @@ pub enum FaArg {
     On,
     Off,
     Auto,
+}
+
+fn parse_shape(s: &str) -> Result<csp_llava::gguf::shapes::Shape, String> {
+    s.parse()
+}
+
+fn parse_quant(s: &str) -> Result<csp_llava::gguf::shapes::Quant, String> {
+    s.parse()
 }
 
 /// Parses `-ngl`: a number, `auto` or `all` (both = every layer).

@@ -226,9 +226,9 @@ mod tests {
 
     #[test]
     fn ngl_works_as_in_llama_cpp() {
-        assert_eq!(parse(&["-ngl", "33"]).run.model.n_gpu_layers, Some(33));
-        assert_eq!(parse(&["-ngl", "all"]).run.model.n_gpu_layers, Some(config::ALL_LAYERS));
-        assert_eq!(parse(&["-ngl=7"]).run.model.n_gpu_layers, Some(7));
+        assert_eq!(parse(&["-ngl", "33"]).run.model.ngl(), Some(33));
+        assert_eq!(parse(&["-ngl", "all"]).run.model.ngl(), Some(config::ALL_LAYERS));
+        assert_eq!(parse(&["-ngl=7"]).run.model.ngl(), Some(7));
     }
 
     #[test]
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn ub_works_as_in_llama_cpp() {
-        assert_eq!(parse(&["-ub", "256"]).run.ctx.ubatch_size, 256);
+        assert_eq!(parse(&["-ub", "256"]).run.ctx.ubatch_size, vec![256]);
     }
 
     #[test]
@@ -287,9 +287,9 @@ mod tests {
     fn every_command_takes_the_model_and_context_flags() {
         let flags = ["-m", "m.gguf", "--mmproj", "p.gguf", "-ctk", "q8_0", "-ctv", "q8_0", "-ub", "128", "-fa", "on", "-c", "2048", "-ngl", "0", "-t", "3", "-v"];
         let check = |m: &crate::args::ModelFlags, c: &crate::args::ContextFlags| {
-            assert_eq!(m.threads, Some(3));
-            assert_eq!(m.n_gpu_layers, Some(0));
-            assert_eq!((c.cache_type_k, c.cache_type_v, c.ubatch_size, c.flash_attn, c.ctx_size), (CacheType::Q8_0, CacheType::Q8_0, 128, FaArg::On, Some(2048)));
+            assert_eq!(m.threads(), Some(3));
+            assert_eq!(m.ngl(), Some(0));
+            assert_eq!((c.cache_type_k, c.cache_type_v, c.ubatch_size.clone(), c.flash_attn, c.ctx_size), (CacheType::Q8_0, CacheType::Q8_0, vec![128], FaArg::On, Some(2048)));
         };
         for cmd in [&["eval", "--data", "x.jsonl"][..], &["calibrate", "--data", "x.jsonl", "--out", "p.json"], &["bench"], &["demo"], &[]] {
             let c = parse(&[cmd, &flags[..]].concat());

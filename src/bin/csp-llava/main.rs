@@ -97,8 +97,20 @@ fn init_tracing(verbose: u8) {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let v = cli.verbose;
+    let flags = match &cli.command {
+        None => Some((&cli.run.model, &cli.run.ctx, "a run")),
+        Some(Command::Chat(r)) => Some((&r.model, &r.ctx, "chat")),
+        Some(Command::Demo { run, .. }) => Some((&run.model, &run.ctx, "demo")),
+        Some(Command::Eval(e)) => Some((&e.model, &e.ctx, "eval")),
+        Some(Command::Calibrate(c)) => Some((&c.model, &c.ctx, "calibrate")),
+        _ => None,
+    };
+    if let Some(flag) = flags.and_then(|(m, c, what)| args::sweep_flag(m, c).map(|f| (f, what))) {
+        return Err(commands::Usage(csp_llava::Error::Config { field: flag.0, reason: format!("a comma-separated list is a bench sweep; {} takes one value", flag.1) }).into());
+    }
     match cli.command {
         Some(Command::GenTinyModel { dir, seed }) => commands::gen_tiny_model(&dir, seed),
+        Some(Command::GenModel { dir, shape, quant, layers, seed }) => commands::gen_model(&dir, shape, quant, layers, seed),
         Some(Command::Demo { dir, run }) => commands::demo::demo(dir, run, v),
         Some(Command::Bench(b)) => commands::bench::bench(&b, v),
         Some(Command::Eval(e)) => commands::eval::eval(&e, v),

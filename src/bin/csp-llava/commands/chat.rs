@@ -35,8 +35,7 @@ pub fn chat(a: &RunArgs, verbose: u8) -> Result<()> {
     usage(sampling.validate())?;
     let policy = a.policy().map_err(anyhow::Error::msg)?;
     usage(policy.validate())?;
-    let ctx = a.ctx.context();
-    usage(ctx.validate())?;
+    let mut ctx = a.ctx.context();
     let mcfg = model_config(&a.model, false)?;
     let first = match (&a.prompt.prompt, &a.prompt.file) {
         (Some(p), _) => Some(p.clone()),
@@ -44,6 +43,11 @@ pub fn chat(a: &RunArgs, verbose: u8) -> Result<()> {
         (None, None) => None,
     };
     let mut request = super::run::request_with(&a.prompt, String::new())?;
+    if a.ctx.kv_max_cells == Some(crate::args::CapArg::Auto) {
+        let planned = csp_llava::config::Request { prompt: first.clone().unwrap_or_default(), ..request.clone() };
+        super::plan::resolve_auto_cap(&mcfg, &mut ctx, &planned, sampling.n_predict, a.ctx.mem)?;
+    }
+    usage(ctx.validate())?;
     let images = std::mem::take(&mut request.images);
 
     let cancel = csp_llava::CancelHandle::new();

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod demo;
 pub mod eval;
 pub mod layout;
+pub mod plan;
 pub mod plot;
 pub mod run;
 
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use csp_llava::config::{default_threads, ModelConfig, ALL_LAYERS};
-use csp_llava::gguf::tiny;
+use csp_llava::gguf::{shapes, tiny};
 use csp_llava::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -95,7 +96,9 @@ fn hf_pair(hf: &args::HfArgs, mmproj: Option<&PathBuf>) -> Result<(PathBuf, Path
     let mmproj = match (mmproj, files.mmproj) {
         (Some(p), _) => p.clone(),
         (None, Some(p)) => p,
-        (None, None) => bail!("the repository {repo} has no mmproj*.gguf projector; give one with --mmproj"),
+        (None, None) => {
+            bail!("the repository {repo} has no mmproj*.gguf projector; give one with --mmproj")
+        }
     };
     Ok((files.model, mmproj))
 }
@@ -108,6 +111,24 @@ pub fn gen_tiny_model(dir: &Path, seed: u64) -> Result<()> {
     for i in 0..tiny::N_SAMPLE_IMAGES {
         println!("{}", dir.join(tiny::image_file(i)).display());
     }
+    Ok(())
+}
+
+/// `csp-llava gen-model DIR --shape S --quant Q`.
+pub fn gen_model(dir: &Path, shape: shapes::Shape, quant: shapes::Quant, layers: Option<u32>, seed: u64) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let w = shapes::write(dir, shape, quant, seed, layers).with_context(|| format!("cannot write the {} model into {}", shape.name(), dir.display()))?;
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    eprintln!(
+        "csp-llava: wrote {} ({:.2} GiB of weights) and {} ({:.2} GiB) in {:.1} s; random weights: speed and memory only",
+        w.text.display(),
+        gib(w.text_tensor_bytes),
+        w.mmproj.display(),
+        gib(w.mmproj_tensor_bytes),
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{}", w.text.display());
+    println!("{}", w.mmproj.display());
     Ok(())
 }
 
@@ -138,12 +159,7 @@ fn model_files(a: &ModelFlags, tiny_default: bool) -> Result<(PathBuf, PathBuf)>
 /// What `Engine::load` needs, from the model flags.
 fn model_config(a: &ModelFlags, tiny_default: bool) -> Result<ModelConfig> {
     let (model, mmproj) = model_files(a, tiny_default)?;
-    Ok(ModelConfig {
-        model,
-        mmproj,
-        n_gpu_layers: a.n_gpu_layers.unwrap_or(ALL_LAYERS),
-        threads: a.threads.unwrap_or_else(default_threads).max(1),
-    })
+    Ok(ModelConfig { model, mmproj, n_gpu_layers: a.ngl().unwrap_or(ALL_LAYERS), threads: a.threads().unwrap_or_else(default_threads).max(1) })
 }
 
 /// Loads the engine for bench/eval/calibrate (the tiny model without -m).

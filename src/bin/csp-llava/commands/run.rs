@@ -9,14 +9,16 @@ use csp_llava::engine::StopReason;
 use csp_llava::{Engine, Event};
 
 use super::{install_interrupt, model_config, out_err, progress, read_text_file, usage, Interrupted};
-use crate::args::{PromptFlags, RunArgs};
+use crate::args::{CapArg, PromptFlags, RunArgs};
 
 /// The request the prompt flags describe.
 fn request(p: &PromptFlags) -> Result<Request> {
     let prompt = match (&p.prompt, &p.file) {
         (Some(text), _) => text.clone(),
         (None, Some(f)) => read_text_file(f, "prompt file")?,
-        (None, None) => bail!("missing prompt: give one with -p TEXT or -f FILE (or chat with -cnv)"),
+        (None, None) => {
+            bail!("missing prompt: give one with -p TEXT or -f FILE (or chat with -cnv)")
+        }
     };
     request_with(p, prompt)
 }
@@ -46,10 +48,17 @@ pub fn run(a: &RunArgs, verbose: u8) -> Result<()> {
     usage(sampling.validate())?;
     let policy = a.policy().map_err(anyhow::Error::msg)?;
     usage(policy.validate())?;
-    let ctx = a.context();
-    usage(ctx.validate())?;
+    let mut ctx = a.context();
     let mcfg = model_config(&a.model, false)?;
     let req = request(&a.prompt)?;
+    let auto_cap = a.ctx.kv_max_cells == Some(CapArg::Auto);
+    if a.dry_run {
+        return super::plan::dry_run(&mcfg, &ctx, auto_cap, &req, sampling.n_predict, a.ctx.mem, a.json);
+    }
+    if auto_cap {
+        super::plan::resolve_auto_cap(&mcfg, &mut ctx, &req, sampling.n_predict, a.ctx.mem)?;
+    }
+    usage(ctx.validate())?;
     // written after the run: make sure it can be, first
     let retention_file = a.dump_retention.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))).transpose()?;
 
