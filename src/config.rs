@@ -18,6 +18,10 @@ pub struct ModelConfig {
     pub n_gpu_layers: u32,
     /// Threads for generation and prompt evaluation (`-t`).
     pub threads: u32,
+    /// Map the text model's file into memory (llama.cpp's default) rather than reading it into
+    /// buffers (`--no-mmap`). Mapped pages llama.cpp touches while repacking weights for the CPU
+    /// count in RSS although the kernel can drop them; `--no-mmap` keeps RSS to what must fit.
+    pub use_mmap: bool,
 }
 
 impl ModelConfig {
@@ -30,6 +34,7 @@ impl ModelConfig {
             mmproj: mmproj.into(),
             n_gpu_layers: ALL_LAYERS,
             threads: default_threads(),
+            use_mmap: true,
         }
     }
 }

@@ -154,7 +154,7 @@ fn the_plan_is_llama_cpps_and_auto_caps_fit_the_budget() {
 fn llama_cpp_runs_the_7b_width() {
     let (text, mmproj, _) = model();
     let img = support::image(1);
-    let out = csp(&["-m", text.to_str().unwrap(), "--mmproj", mmproj.to_str().unwrap(), "--image", img.to_str().unwrap(), "-p", "What is it?", "-n", "4", "-ngl", "0", "--json"]);
+    let out = csp(&["-m", text.to_str().unwrap(), "--mmproj", mmproj.to_str().unwrap(), "--image", img.to_str().unwrap(), "-p", "What is it?", "-n", "4", "-ngl", "0", "--no-mmap", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["n_prompt_tokens"].as_u64().unwrap() > 576, "{v}");

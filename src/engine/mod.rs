@@ -115,7 +115,7 @@ impl Engine {
         // a default Apple-silicon build has Metal, a CUDA build may run where no GPU is.
         let device = llama::Device::pick(cfg.n_gpu_layers);
         let gpu = device.gpu;
-        let model = Arc::new(llama::Model::load(&cfg.model, if gpu { cfg.n_gpu_layers } else { 0 })?);
+        let model = Arc::new(llama::Model::load(&cfg.model, if gpu { cfg.n_gpu_layers } else { 0 }, cfg.use_mmap)?);
         if model.is_recurrent_or_hybrid() {
             return Err(Error::Unsupported {
                 what: "model family",

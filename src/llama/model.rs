@@ -48,9 +48,9 @@ impl Model {
     ///
     /// # Errors
     /// [`Error::Load`] when llama.cpp cannot load the file; [`Error::Backend`].
-    pub fn load(path: &Path, n_gpu_layers: u32) -> Result<Self> {
+    pub fn load(path: &Path, n_gpu_layers: u32, use_mmap: bool) -> Result<Self> {
         let backend = super::backend()?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers);
+        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers).with_use_mmap(use_mmap);
         let inner = LlamaModel::load_from_file(backend, path, &params).map_err(|_| Error::Load { what: "model", path: path.to_path_buf() })?;
         Ok(Self { inner, create: Mutex::new(()) })
     }

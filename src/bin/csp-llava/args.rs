@@ -125,6 +125,10 @@ pub struct ModelFlags {
     /// when a GPU backend and device exist]; bench sweeps a comma-separated list.
     #[arg(long = "n-gpu-layers", value_name = "N[,N…]", value_delimiter = ',', value_parser = parse_ngl)]
     pub n_gpu_layers: Vec<u32>,
+    /// Read the model into memory instead of mapping the file (as llama.cpp's --no-mmap): RSS
+    /// then counts only what must stay resident.
+    #[arg(long = "no-mmap")]
+    pub no_mmap: bool,
 }
 
 impl ModelFlags {

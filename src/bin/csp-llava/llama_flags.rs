@@ -56,7 +56,6 @@ pub const UNSUPPORTED_LLAMA_FLAGS: &[(&str, bool)] = &[
     ("--n-cpu-moe", true),
     ("--numa", true),
     ("--mlock", false),
-    ("--no-mmap", false),
     // other model sources and formats
     ("-mu", true),
     ("--model-url", true),

@@ -159,7 +159,7 @@ fn model_files(a: &ModelFlags, tiny_default: bool) -> Result<(PathBuf, PathBuf)>
 /// What `Engine::load` needs, from the model flags.
 fn model_config(a: &ModelFlags, tiny_default: bool) -> Result<ModelConfig> {
     let (model, mmproj) = model_files(a, tiny_default)?;
-    Ok(ModelConfig { model, mmproj, n_gpu_layers: a.ngl().unwrap_or(ALL_LAYERS), threads: a.threads().unwrap_or_else(default_threads).max(1) })
+    Ok(ModelConfig { model, mmproj, n_gpu_layers: a.ngl().unwrap_or(ALL_LAYERS), threads: a.threads().unwrap_or_else(default_threads).max(1), use_mmap: !a.no_mmap })
 }
 
 /// Loads the engine for bench/eval/calibrate (the tiny model without -m).

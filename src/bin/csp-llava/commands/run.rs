@@ -51,6 +51,10 @@ pub fn run(a: &RunArgs, verbose: u8) -> Result<()> {
     let mut ctx = a.context();
     let mcfg = model_config(&a.model, false)?;
     let req = request(&a.prompt)?;
+    // a missing image is an error before a model that takes a minute to load is loaded
+    for image in &req.images {
+        csp_llava::input::open_regular(image, "image")?;
+    }
     let auto_cap = a.ctx.kv_max_cells == Some(CapArg::Auto);
     if a.dry_run {
         return super::plan::dry_run(&mcfg, &ctx, auto_cap, &req, sampling.n_predict, a.ctx.mem, a.json);
