@@ -64,6 +64,10 @@ fn bench_rows_and_formats() {
     }
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    // plotters: axis labels, a legend, the caption with the model and machine
+    for text in ["kept fraction of the prompt", "decode tok/s", "KV bytes", "reference (llama.cpp, full)", "csp", "streaming", "tiny-text.gguf", "2 image(s)"] {
+        assert!(svg.contains(text), "{text} in the plot");
+    }
 
     let out = csp(&["bench", "--images", "1", "-r", "1", "-n", "2", "--kv-policy", "random", "--kv-budget", "0.5", "-o", "jsonl"]);
     assert!(out.status.success());

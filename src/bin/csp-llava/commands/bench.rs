@@ -144,8 +144,9 @@ pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&serde_json::json!({ "provenance": first_prov, "rows": all_rows }))?)?;
     }
     out.flush()?;
-    if let (Some(mut f), Some(p)) = (plot, &a.plot) {
-        f.write_all(csp_llava::bench::svg(&all_rows).as_bytes()).with_context(|| format!("cannot write the plot {}", p.display()))?;
+    if let (Some(f), Some(p), Some(prov)) = (plot, &a.plot, &first_prov) {
+        drop(f);
+        super::bench_plot::write(p, prov, &all_rows)?;
     }
     if stop.is_cancelled() {
         // what was measured is written above; the exit status still says it was stopped

@@ -3,6 +3,7 @@
 //! interruption 130, a reader gone away 0).
 
 pub mod bench;
+mod bench_plot;
 pub mod calibrate;
 pub mod chat;
 pub mod demo;

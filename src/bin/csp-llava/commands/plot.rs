@@ -12,6 +12,20 @@ use serde::Deserialize;
 
 use crate::args::PlotArgs;
 
+/// Tableau 10: distinct on white and for the common colour-vision deficiencies.
+pub(super) const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
 /// The metrics `eval` summarises, with their axis labels.
 const METRICS: &[(&str, &str)] = &[
     ("accuracy", "exact match"),
@@ -107,19 +121,6 @@ pub fn plot(a: &PlotArgs) -> Result<()> {
     if policies.is_empty() {
         bail!("nothing to plot: the inputs have none of the metrics {}", a.metric.join(", "));
     }
-    // Tableau 10: distinct on white and for the common colour-vision deficiencies
-    const PALETTE: [RGBColor; 10] = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-        RGBColor(188, 189, 34),
-        RGBColor(23, 190, 207),
-    ];
     let others: Vec<&String> = policies.iter().filter(|p| *p != "full").collect();
     let index = |p: &str| others.iter().position(|q| *q == p).unwrap_or(0);
     let colour = |p: &str| -> RGBColor { if p == "full" { BLACK } else { PALETTE[index(p) % PALETTE.len()] } };
