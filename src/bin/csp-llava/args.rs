@@ -36,6 +36,9 @@ pub enum Command {
         /// Seed of the weights and images: same seed, same bytes.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The model family: llava15 (one fixed-size image) or llava16 (any-resolution tiles).
+        #[arg(long, default_value = "llava15", value_parser = parse_family)]
+        family: csp_llava::gguf::tiny::Family,
     },
     /// Write a random-weight model in a real model's shape (text model in --quant, F16 mmproj)
     /// into DIR, for speed and memory figures at the users' scale: never for quality.
@@ -811,6 +814,10 @@ pub enum FaArg {
     On,
     Off,
     Auto,
+}
+
+fn parse_family(s: &str) -> Result<csp_llava::gguf::tiny::Family, String> {
+    s.parse()
 }
 
 fn parse_shape(s: &str) -> Result<csp_llava::gguf::shapes::Shape, String> {

@@ -109,7 +109,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         return Err(commands::Usage(csp_llava::Error::Config { field: flag.0, reason: format!("a comma-separated list is a bench sweep; {} takes one value", flag.1) }).into());
     }
     match cli.command {
-        Some(Command::GenTinyModel { dir, seed }) => commands::gen_tiny_model(&dir, seed),
+        Some(Command::GenTinyModel { dir, seed, family }) => commands::gen_tiny_model(&dir, seed, family),
         Some(Command::GenModel { dir, shape, quant, layers, seed }) => commands::gen_model(&dir, shape, quant, layers, seed),
         Some(Command::Demo { dir, run }) => commands::demo::demo(dir, run, v),
         Some(Command::Bench(b)) => commands::bench::bench(&b, v),

@@ -105,8 +105,8 @@ fn hf_pair(hf: &args::HfArgs, mmproj: Option<&PathBuf>) -> Result<(PathBuf, Path
 }
 
 /// `csp-llava gen-tiny-model DIR`.
-pub fn gen_tiny_model(dir: &Path, seed: u64) -> Result<()> {
-    tiny::write_all(dir, seed).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
+pub fn gen_tiny_model(dir: &Path, seed: u64, family: tiny::Family) -> Result<()> {
+    tiny::write_family(dir, family, seed).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
     println!("{}", dir.join(tiny::TEXT_FILE).display());
     println!("{}", dir.join(tiny::MMPROJ_FILE).display());
     for i in 0..tiny::N_SAMPLE_IMAGES {

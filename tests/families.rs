@@ -1,0 +1,90 @@
+//! Model families beyond LLaVA-1.5, as tiny random-weight models (`gen-tiny-model --family`):
+//! every policy either works — observed, evicted, compacted, decodes, and budget 1.0 reproduces
+//! the full cache's greedy text — or is refused with one line.
+//!
+//! * LLaVA-1.6: the same llama text model; the mmproj has any-resolution pinpoints
+//!   (`clip.vision.image_grid_pinpoints`), `spatial_unpad` and `v.image_newline`, so a 128 px
+//!   image becomes an overview plus 2×2 tiles (320 tokens where LLaVA-1.5's projector makes 64).
+
+use csp_llava::config::{ContextConfig, FlashAttn, KvCap, Request, SamplingConfig};
+use csp_llava::gguf::tiny::{self, Family};
+use csp_llava::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
+use csp_llava::{Engine, ModelConfig, RunReport};
+
+/// The LLaVA-1.6 tiny model and two 128 px images, in a temporary directory.
+fn llava16() -> (Engine, Request, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_family(dir.path(), Family::Llava16, 0).unwrap();
+    let images: Vec<_> = (0..2)
+        .map(|i| {
+            let p = dir.path().join(format!("big-{i}.png"));
+            tiny::write_png(&p, 128, &tiny::sample_image_rgb(7, i, 128)).unwrap();
+            p
+        })
+        .collect();
+    let mut cfg = ModelConfig::new(dir.path().join(tiny::TEXT_FILE), dir.path().join(tiny::MMPROJ_FILE));
+    cfg.threads = 2;
+    let engine = Engine::load(&cfg).expect("the LLaVA-1.6 tiny model loads");
+    (engine, Request { images, prompt: "Which image shows a circle?".into(), ..Default::default() }, dir)
+}
+
+fn greedy() -> SamplingConfig {
+    SamplingConfig { n_predict: 12, temp: 0.0, ignore_eos: true, seed: Some(1), ..Default::default() }
+}
+
+fn run(e: &Engine, req: &Request, ctx: &ContextConfig, spec: &str, budget: f64) -> RunReport {
+    let spec: PolicySpec = spec.parse().unwrap();
+    let policy = spec.config(&PolicyConfig::default(), Budget::Fraction(budget));
+    e.run(req, ctx, &greedy(), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{spec} {budget}: {err}"))
+}
+
+const POLICIES: [PolicyKind; 9] =
+    [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random, PolicyKind::KNorm, PolicyKind::VNorm, PolicyKind::KeyDiff, PolicyKind::LookM];
+
+#[test]
+fn llava16_any_resolution_runs_and_every_policy_prunes() {
+    let (e, req, _dir) = llava16();
+    let ctx = ContextConfig { n_ctx: 2048, flash_attn: FlashAttn::Auto, ..Default::default() };
+    let full = run(&e, &req, &ctx, "full", 1.0);
+    assert_eq!(full.image_tokens, vec![320, 320], "an overview and 2×2 tiles of 64 tokens per image");
+    assert_eq!(full.n_generated, 12);
+    for kind in POLICIES {
+        let same = run(&e, &req, &ctx, kind.name(), 1.0);
+        assert_eq!(same.text, full.text, "{kind} at budget 1.0");
+        assert!(!same.pruned, "{kind}");
+        let r = run(&e, &req, &ctx, kind.name(), 0.2);
+        assert!(r.pruned, "{kind} at 0.2 prunes");
+        assert!(r.kv_cells_after < full.kv_cells_after / 2, "{kind}: {} of {} cells", r.kv_cells_after, full.kv_cells_after);
+        assert_eq!(r.n_generated, 12, "{kind} decodes after pruning");
+    }
+    // per layer and per head where the policy has those granularities
+    for spec in ["csp@layer", "csp@head", "h2o@head", "snapkv@head"] {
+        assert_eq!(run(&e, &req, &ctx, spec, 1.0).text, full.text, "{spec} at budget 1.0");
+        let r = run(&e, &req, &ctx, spec, 0.2);
+        assert!(r.pruned && r.n_generated == 12, "{spec}");
+    }
+}
+
+#[test]
+fn llava16_reads_tiles_under_a_cap() {
+    let (e, req, _dir) = llava16();
+    // 320-token images through a 480-cell cache: evictions while they are read
+    let ctx = ContextConfig { kv_max_cells: Some(KvCap::Cells(480)), kv_shift: true, ..Default::default() };
+    for spec in ["csp", "snapkv", "streaming"] {
+        let r = run(&e, &req, &ctx, spec, 0.2);
+        assert!(r.kv_cells_peak <= 480, "{spec}: peak {}", r.kv_cells_peak);
+        assert!(!r.evictions.is_empty(), "{spec} evicted while reading");
+        assert_eq!(r.n_generated, 12);
+    }
+    // the tiles are chunks of 64 tokens read one at a time: a cap below a whole image works …
+    let tight = ContextConfig { kv_max_cells: Some(KvCap::Cells(200)), ..Default::default() };
+    let r = run(&e, &req, &tight, "csp", 0.2);
+    assert!(r.kv_cells_peak <= 200 && r.n_generated == 12, "peak {}", r.kv_cells_peak);
+    // … but not below one tile, which is refused with the size needed
+    let small = ContextConfig { kv_max_cells: Some(KvCap::Cells(40)), ..Default::default() };
+    let spec: PolicySpec = "csp".parse().unwrap();
+    match e.run(&req, &small, &greedy(), &spec.config(&PolicyConfig::default(), Budget::Fraction(0.2)), &mut |_| {}) {
+        Ok(r) => panic!("a 40-cell cap ran: peak {}", r.kv_cells_peak),
+        Err(err) => assert!(err.to_string().contains("at least 65"), "{err}"),
+    }
+}
