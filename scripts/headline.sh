@@ -83,7 +83,7 @@ python3 "$ROOT/scripts/headline_table.py" "$OUT" > "$OUT/headline.md"
 plots=()
 for k in $KS; do
   for p in p2 p1; do
-    [[ -s "$OUT/K$k-$p.json" ]] && plots+=("K=$k $p=$OUT/K$k-$p.json")
+    [[ -s "$OUT/K$k-$p.json" ]] && plots+=("K$k $p=$OUT/K$k-$p.json")
   done
 done
 [[ ${#plots[@]} -gt 0 ]] && "$EXE" plot "${plots[@]}" --metric accuracy,per_image_accuracy,kl -o "$OUT/quality.svg"
