@@ -5,6 +5,7 @@
 //! * LLaVA-1.6: the same llama text model; the mmproj has any-resolution pinpoints
 //!   (`clip.vision.image_grid_pinpoints`), `spatial_unpad` and `v.image_newline`, so a 128 px
 //!   image becomes an overview plus 2×2 tiles (320 tokens where LLaVA-1.5's projector makes 64).
+//! * Gemma 3 and Qwen2.5-VL (`src/gguf/families.rs`): what prunes and what is refused, and why.
 
 use csp_llava::config::{ContextConfig, FlashAttn, KvCap, Request, SamplingConfig};
 use csp_llava::gguf::tiny::{self, Family};
@@ -87,4 +88,80 @@ fn llava16_reads_tiles_under_a_cap() {
         Ok(r) => panic!("a 40-cell cap ran: peak {}", r.kv_cells_peak),
         Err(err) => assert!(err.to_string().contains("at least 65"), "{err}"),
     }
+}
+
+/// A tiny model of `family` and three images (128 px, 128×64, 300×200) in a temporary directory.
+fn family(f: Family) -> (Engine, Request, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_family(dir.path(), f, 0).unwrap();
+    let images: Vec<_> = (0..3)
+        .map(|i| {
+            let p = dir.path().join(format!("img-{i}.png"));
+            tiny::write_png(&p, 128, &tiny::sample_image_rgb(11, i, 128)).unwrap();
+            p
+        })
+        .collect();
+    let mut cfg = ModelConfig::new(dir.path().join(tiny::TEXT_FILE), dir.path().join(tiny::MMPROJ_FILE));
+    cfg.threads = 2;
+    let engine = Engine::load(&cfg).unwrap_or_else(|e| panic!("the {} tiny model loads: {e}", f.name()));
+    (engine, Request { images, prompt: "Describe the images.".into(), ..Default::default() }, dir)
+}
+
+fn refusal(e: &Engine, req: &Request, ctx: &ContextConfig, spec: &str) -> String {
+    let spec: PolicySpec = spec.parse().unwrap();
+    match e.run(req, ctx, &greedy(), &spec.config(&PolicyConfig::default(), Budget::Fraction(0.3)), &mut |_| {}) {
+        Ok(r) => panic!("{spec} ran (kept {} cells) where it should be refused", r.kv_cells_after),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// Gemma 3: sliding-window layers (an iSWA cache) and image tokens that attend both ways. The
+/// attention-based policies are refused (the observer models causal attention), the KV scans
+/// too (iSWA); StreamingLLM and random prune, decode, reproduce the full cache at budget 1.0 and
+/// bound the prefill.
+#[test]
+fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
+    let (e, req, _dir) = family(Family::Gemma3);
+    let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
+    let full = run(&e, &req, &ctx, "full", 1.0);
+    assert_eq!(full.image_tokens, vec![16, 16, 16], "SigLIP 128 px, patch 8, pooled 4×4");
+    for spec in ["streaming", "random"] {
+        assert_eq!(run(&e, &req, &ctx, spec, 1.0).text, full.text, "{spec} at budget 1.0");
+        let r = run(&e, &req, &ctx, spec, 0.3);
+        assert!(r.pruned && r.kv_cells_after < full.kv_cells_after && r.n_generated == 12, "{spec}: {} of {} cells", r.kv_cells_after, full.kv_cells_after);
+        // under a cap: the full-attention cache never holds more than the cap
+        let capped = ContextConfig { kv_max_cells: Some(KvCap::Cells(80)), ..Default::default() };
+        let r = run(&e, &req, &capped, spec, 0.3);
+        assert!(r.kv_cells_peak <= 80 && !r.evictions.is_empty() && r.n_generated == 12, "{spec}: peak {}", r.kv_cells_peak);
+        let shifted = ContextConfig { kv_shift: true, ..capped };
+        let r = run(&e, &req, &shifted, spec, 0.3);
+        assert!(r.max_pos < 80 && r.n_generated == 12, "{spec} with --kv-shift: max_pos {}", r.max_pos);
+    }
+    for spec in ["csp", "h2o", "snapkv", "lookm", "aircache", "csp@head"] {
+        let err = refusal(&e, &req, &ctx, spec);
+        assert!(err.contains("attend bidirectionally"), "{spec}: {err}");
+    }
+    for spec in ["knorm", "vnorm", "keydiff"] {
+        let err = refusal(&e, &req, &ctx, spec);
+        assert!(err.contains("cannot scan this cache"), "{spec}: {err}");
+    }
+}
+
+/// Qwen2.5-VL: M-RoPE gives image tokens 2-D positions; it runs with the full cache and every
+/// pruning policy (and `--kv-shift`) is refused with the reason, as the README's matrix says.
+#[test]
+fn qwen25vl_runs_and_pruning_is_refused_with_the_reason() {
+    let (e, req, _dir) = family(Family::Qwen25Vl);
+    let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
+    let full = run(&e, &req, &ctx, "full", 1.0);
+    assert_eq!(full.image_tokens.len(), 3);
+    assert!(full.image_tokens.iter().all(|&n| n >= 8), "(w/28)·(h/28) tokens, at least 8: {:?}", full.image_tokens);
+    assert_eq!(full.n_generated, 12);
+    for kind in POLICIES {
+        let err = refusal(&e, &req, &ctx, kind.name());
+        assert!(err.contains("M-RoPE"), "{kind}: {err}");
+    }
+    let shifted = ContextConfig { kv_max_cells: Some(KvCap::Cells(64)), kv_shift: true, ..Default::default() };
+    let err = refusal(&e, &req, &shifted, "streaming");
+    assert!(err.contains("M-RoPE"), "{err}");
 }

@@ -126,7 +126,7 @@ pub(crate) fn render(
                 tools => Value::from(()),
             };
             let mut out = Bounded(Vec::new());
-            template.render_to_write(ctx, &mut out)?;
+            template.render_captured_to(ctx, &mut out)?;
             String::from_utf8(out.0).map_err(|_| minijinja::Error::new(ErrorKind::InvalidOperation, "the output is not UTF-8"))
         })
         .map_err(|e| Error::Prompt(format!("cannot render the chat template ({origin}): {e}")))?;

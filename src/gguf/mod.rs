@@ -7,6 +7,7 @@
 //! to `general.alignment` (32), tensor data. Little-endian throughout.
 
 mod reader;
+pub mod families;
 pub mod shapes;
 pub mod tiny;
 mod writer;

@@ -115,7 +115,7 @@ impl std::str::FromStr for Shape {
         let known: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
         Err(match s {
             "gemma3-4b" | "qwen2.5-vl-7b" | "qwen2-vl-7b" => {
-                format!("shape {s} needs its model family, which csp-llava does not write yet (known: {})", known.join(", "))
+                format!("shape {s} is not written yet (only the tiny model of its family: gen-tiny-model --family); known: {}", known.join(", "))
             }
             _ => format!("unknown shape '{s}' (known: {})", known.join(", ")),
         })

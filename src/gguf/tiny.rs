@@ -65,7 +65,7 @@ pub fn image_file(i: usize) -> String {
 }
 
 /// `n` values with standard deviation `std` (uniform distribution).
-fn random(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
+pub(crate) fn random(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
     let mut rng = Rng::new(seed, name);
     let a = std * 3f32.sqrt();
     (0..n).map(|_| rng.symmetric(a)).collect()
@@ -78,11 +78,11 @@ fn matrix(w: &mut GgufWriter, seed: u64, name: &str, n_in: u32, n_out: u32, ty: 
     w.tensor(name, &[n_in.into(), n_out.into()], ty, &data);
 }
 
-fn filled(w: &mut GgufWriter, name: &str, n: u32, v: f32) {
+pub(crate) fn filled(w: &mut GgufWriter, name: &str, n: u32, v: f32) {
     w.tensor(name, &[n.into()], TensorType::F32, &vec![v; n as usize]);
 }
 
-fn small(w: &mut GgufWriter, seed: u64, name: &str, n: u32, std: f32) {
+pub(crate) fn small(w: &mut GgufWriter, seed: u64, name: &str, n: u32, std: f32) {
     let data = random(seed, name, n as usize, std);
     w.tensor(name, &[n.into()], TensorType::F32, &data);
 }
@@ -279,11 +279,17 @@ pub enum Family {
     /// LLaVA-1.6: the same text model and encoder, any-resolution tiles (`image_grid_pinpoints`,
     /// `spatial_unpad`) with an image-newline embedding.
     Llava16,
+    /// Gemma 3: `gemma3` text with sliding-window layers (an iSWA cache), SigLIP + `gemma3`
+    /// projector, image tokens attending bidirectionally ([`super::families`]).
+    Gemma3,
+    /// Qwen2.5-VL: `qwen2vl` text with M-RoPE, the `qwen2.5vl_merger` encoder
+    /// ([`super::families`]).
+    Qwen25Vl,
 }
 
 impl Family {
     /// Every family, in `--help` order.
-    pub const ALL: [Family; 2] = [Family::Llava15, Family::Llava16];
+    pub const ALL: [Family; 4] = [Family::Llava15, Family::Llava16, Family::Gemma3, Family::Qwen25Vl];
 
     /// The name on the command line.
     #[must_use]
@@ -291,6 +297,8 @@ impl Family {
         match self {
             Family::Llava15 => "llava15",
             Family::Llava16 => "llava16",
+            Family::Gemma3 => "gemma3",
+            Family::Qwen25Vl => "qwen2.5-vl",
         }
     }
 }
@@ -303,16 +311,28 @@ impl std::str::FromStr for Family {
         }
         let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
         Err(match s {
-            "gemma3" | "qwen2.5-vl" | "qwen2vl" | "smolvlm" | "idefics3" => format!("family {s} is not written yet (known: {})", known.join(", ")),
+            "smolvlm" | "idefics3" => format!("family {s} is not written yet (known: {})", known.join(", ")),
             _ => format!("unknown family '{s}' (known: {})", known.join(", ")),
         })
     }
 }
 
-/// The tiny mmproj of `family` (the text model is the same for both LLaVA versions).
+/// The tiny text model of `family` (the same for both LLaVA versions).
+#[must_use]
+pub fn text_model_of(family: Family, seed: u64) -> GgufWriter {
+    match family {
+        Family::Llava15 | Family::Llava16 => text_model(seed),
+        Family::Gemma3 => super::families::gemma3_text(seed),
+        Family::Qwen25Vl => super::families::qwen25vl_text(seed),
+    }
+}
+
+/// The tiny mmproj of `family`.
 #[must_use]
 pub fn mmproj_of(family: Family, seed: u64) -> GgufWriter {
     match family {
+        Family::Gemma3 => super::families::gemma3_mmproj(seed),
+        Family::Qwen25Vl => super::families::qwen25vl_mmproj(seed),
         Family::Llava15 => mmproj(seed),
         Family::Llava16 => {
             // LLaVA-1.6's any-resolution grid at the tiny image size: 1×1, 1×2, 2×1 and 2×2 tiles
@@ -402,7 +422,7 @@ pub fn write_all(dir: &Path, seed: u64) -> io::Result<()> {
 /// I/O errors.
 pub fn write_family(dir: &Path, family: Family, seed: u64) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    text_model(seed).write_file(&dir.join(TEXT_FILE))?;
+    text_model_of(family, seed).write_file(&dir.join(TEXT_FILE))?;
     mmproj_of(family, seed).write_file(&dir.join(MMPROJ_FILE))?;
     for i in 0..N_SAMPLE_IMAGES {
         let side = vision::IMAGE;

@@ -36,7 +36,8 @@ pub enum Command {
         /// Seed of the weights and images: same seed, same bytes.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// The model family: llava15 (one fixed-size image) or llava16 (any-resolution tiles).
+        /// The model family: llava15 (one fixed-size image), llava16 (any-resolution tiles),
+        /// gemma3 (sliding-window text, bidirectional image attention) or qwen2.5-vl (M-RoPE).
         #[arg(long, default_value = "llava15", value_parser = parse_family)]
         family: csp_llava::gguf::tiny::Family,
     },
