@@ -34,7 +34,7 @@ quick=0
 # cache, CSP, H2O, StreamingLLM with and without --kv-shrink (a second context), a bounded
 # prefill (~60). merge — LOOK-M's K/V merge graphs (patch 0010). chat — a chat's continuation
 # turns, images from memory. capi — the C ABI in process (NULL and bad arguments, a chat from
-# RGB pixels). Left out: tests that only drive the CLI binary (valgrind would check the
+# RGB pixels); then examples/c/chat.c itself, compiled and run as an app would. Left out: tests that only drive the CLI binary (valgrind would check the
 # harness, not the child) and the slowest repeats of these paths.
 declare -A tests=(
     [engine]="spans_markers_and_report chunked_prefill_matches_eval_chunks"
@@ -94,6 +94,34 @@ for b in "${order[@]}"; do
         grep -vE '^==[0-9]+== *$' "$log" | sed -n '/Invalid\|uninitialised\|definitely lost in\|Process terminating/,+25p' | head -n 150 >&2
     fi
 done
+# examples/c/chat.c, the C ABI as an app uses it: compiled against the cdylib (built here with
+# `cargo build --release --lib`, a no-op after the tests) and run on the tiny model, two images,
+# two questions from standard input.
+t0=$(date +%s)
+cargo build --release --lib --quiet
+cdir=target/valgrind/c
+mkdir -p "$cdir"
+target/release/csp-llava gen-tiny-model "$cdir/tiny" >/dev/null
+"${CC:-cc}" -std=c99 -Wall -Wextra -Werror -Iinclude examples/c/chat.c -Ltarget/release -lcsp_llava \
+    -Wl,-rpath,"$PWD/target/release" -o "$cdir/chat"
+rc=0
+printf 'Which image is red?\nAnd the other?\n' | OMP_NUM_THREADS=1 valgrind --error-exitcode=99 --leak-check=full \
+    --errors-for-leak-kinds=definite --show-leak-kinds=definite --num-callers=40 \
+    --suppressions=scripts/valgrind.supp --log-file=target/valgrind/c-chat.log \
+    "$cdir/chat" "$cdir/tiny/tiny-text.gguf" "$cdir/tiny/tiny-mmproj.gguf" "$cdir/tiny/img-0.png" "$cdir/tiny/img-1.png" \
+    >target/valgrind/c-chat.out 2>&1 || rc=$?
+# both questions answered (32 tokens each: the tiny model never says end of generation)
+answers=$(grep -o '\[32 tokens\]' target/valgrind/c-chat.out | wc -l)
+(( rc == 0 && answers != 2 )) && { echo "valgrind.sh: examples/c/chat.c answered $answers of 2 questions" >&2; rc=1; }
+summary=$(grep -E 'ERROR SUMMARY' target/valgrind/c-chat.log | tail -n 1 | sed 's/^==[0-9]*== //')
+lost=$(grep -E 'definitely lost:' target/valgrind/c-chat.log | tail -n 1 | sed 's/^==[0-9]*== *//')
+echo "valgrind examples/c/chat.c (2 questions, $(( $(date +%s) - t0 )) s): ${summary:-no summary}; ${lost:-definitely lost: 0 bytes}"
+if (( rc != 0 )); then
+    failed+=("examples/c/chat.c")
+    echo "---- examples/c/chat.c: exit $rc; output:" >&2
+    tail -n 20 target/valgrind/c-chat.out >&2
+    grep -vE '^==[0-9]+== *$' target/valgrind/c-chat.log | sed -n '/Invalid\|uninitialised\|definitely lost in\|Process terminating/,+25p' | head -n 150 >&2
+fi
 echo "valgrind.sh: $(( $(date +%s) - start )) s in all"
 if (( ${#failed[@]} )); then
     echo "valgrind.sh: errors or definite leaks in: ${failed[*]} (logs in target/valgrind/)" >&2
