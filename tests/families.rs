@@ -8,14 +8,15 @@
 //! * Gemma 3 and Qwen2.5-VL (`src/gguf/families.rs`): what prunes and what is refused, and why.
 
 use csp_llava::config::{ContextConfig, FlashAttn, KvCap, Request, SamplingConfig};
-use csp_llava::gguf::tiny::{self, Family};
+use csp_llava::gguf::families::{write_family, Family};
+use csp_llava::gguf::tiny;
 use csp_llava::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
 use csp_llava::{Engine, ModelConfig, RunReport};
 
 /// The LLaVA-1.6 tiny model and two 128 px images, in a temporary directory.
 fn llava16() -> (Engine, Request, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    tiny::write_family(dir.path(), Family::Llava16, 0).unwrap();
+    write_family(dir.path(), Family::Llava16, 0).unwrap();
     let images: Vec<_> = (0..2)
         .map(|i| {
             let p = dir.path().join(format!("big-{i}.png"));
@@ -93,7 +94,7 @@ fn llava16_reads_tiles_under_a_cap() {
 /// A tiny model of `family` and three images (128 px, 128×64, 300×200) in a temporary directory.
 fn family(f: Family) -> (Engine, Request, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    tiny::write_family(dir.path(), f, 0).unwrap();
+    write_family(dir.path(), f, 0).unwrap();
     let images: Vec<_> = (0..3)
         .map(|i| {
             let p = dir.path().join(format!("img-{i}.png"));

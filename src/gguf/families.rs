@@ -1,4 +1,6 @@
-//! Tiny random-weight models of the families beyond LLaVA (`gen-tiny-model --family`), with the
+//! Tiny random-weight models of each family (`gen-tiny-model --family`): LLaVA-1.5 is
+//! [`tiny`]'s model; LLaVA-1.6 adds any-resolution tiles to its mmproj; the families beyond LLaVA
+//! are written here with the
 //! metadata and tensor names the bundled llama.cpp reads (`src/llama-model.cpp`,
 //! `src/models/gemma3.cpp`, `tools/mtmd/clip.cpp`): same sizes as the LLaVA tiny model where the
 //! family allows (text 64 wide, 2 layers, 4 query / 2 KV heads of 16, FFN 128; vision 32 wide, 2
@@ -19,8 +21,92 @@
 //! Key types matter: llama.cpp's clip loader asserts on a wrong integer type (so every integer
 //! here is a u32, the dimension sections an i32 array).
 
-use super::tiny::{filled, random, small, vocabulary, CHATML_TEMPLATE};
+use super::tiny::{self, filled, random, small, vocabulary, CHATML_TEMPLATE};
 use super::{GgufWriter, TensorType, Value};
+
+/// A model family the tiny writer makes (`gen-tiny-model --family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// LLaVA-1.5: CLIP + `mlp` projector, one fixed-size image.
+    Llava15,
+    /// LLaVA-1.6: the same text model and encoder, any-resolution tiles (`image_grid_pinpoints`,
+    /// `spatial_unpad`) with an image-newline embedding.
+    Llava16,
+    /// Gemma 3: `gemma3` text with sliding-window layers (an iSWA cache), SigLIP + `gemma3`
+    /// projector, image tokens attending bidirectionally .
+    Gemma3,
+    /// Qwen2.5-VL: `qwen2vl` text with M-RoPE, the `qwen2.5vl_merger` encoder
+    /// .
+    Qwen25Vl,
+}
+
+impl Family {
+    /// Every family, in `--help` order.
+    pub const ALL: [Family; 4] = [Family::Llava15, Family::Llava16, Family::Gemma3, Family::Qwen25Vl];
+
+    /// The name on the command line.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llava15 => "llava15",
+            Family::Llava16 => "llava16",
+            Family::Gemma3 => "gemma3",
+            Family::Qwen25Vl => "qwen2.5-vl",
+        }
+    }
+}
+
+impl std::str::FromStr for Family {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(f) = Family::ALL.into_iter().find(|f| f.name() == s) {
+            return Ok(f);
+        }
+        let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+        Err(match s {
+            "smolvlm" | "idefics3" => format!("family {s} is not written yet (known: {})", known.join(", ")),
+            _ => format!("unknown family '{s}' (known: {})", known.join(", ")),
+        })
+    }
+}
+
+/// The tiny text model of `family` (the same for both LLaVA versions).
+#[must_use]
+pub fn text_model_of(family: Family, seed: u64) -> GgufWriter {
+    match family {
+        Family::Llava15 | Family::Llava16 => tiny::text_model(seed),
+        Family::Gemma3 => gemma3_text(seed),
+        Family::Qwen25Vl => qwen25vl_text(seed),
+    }
+}
+
+/// The tiny mmproj of `family`.
+#[must_use]
+pub fn mmproj_of(family: Family, seed: u64) -> GgufWriter {
+    match family {
+        Family::Gemma3 => gemma3_mmproj(seed),
+        Family::Qwen25Vl => qwen25vl_mmproj(seed),
+        Family::Llava15 => tiny::mmproj(seed),
+        Family::Llava16 => {
+            // LLaVA-1.6's any-resolution grid at the tiny image size: 1×1, 1×2, 2×1 and 2×2 tiles
+            let mut w = tiny::mmproj(seed);
+            let side = tiny::vision::IMAGE;
+            let pins: Vec<Value> = [side, 2 * side, 2 * side, side, 2 * side, 2 * side, side, side].into_iter().map(|v| Value::I32(v as i32)).collect();
+            w.kv("clip.vision.image_grid_pinpoints", Value::Array(pins)).string("clip.vision.mm_patch_merge_type", "spatial_unpad");
+            small(&mut w, seed, "v.image_newline", tiny::text::N_EMBD, 0.5);
+            w
+        }
+    }
+}
+
+/// Writes the tiny model of `family` ([`tiny::TEXT_FILE`], [`tiny::MMPROJ_FILE`]) and the sample
+/// images into `dir`.
+///
+/// # Errors
+/// I/O errors.
+pub fn write_family(dir: &std::path::Path, family: Family, seed: u64) -> std::io::Result<()> {
+    tiny::write_model(dir, &text_model_of(family, seed), &mmproj_of(family, seed), seed)
+}
 
 /// A Gemma-style chat template (llama.cpp detects `<start_of_turn>`).
 pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' + message['content'] + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";

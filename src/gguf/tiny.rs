@@ -271,81 +271,6 @@ pub fn mmproj_with(seed: u64, d: u32, class_embedding: bool) -> GgufWriter {
     w
 }
 
-/// A model family the tiny writer makes (`gen-tiny-model --family`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// LLaVA-1.5: CLIP + `mlp` projector, one fixed-size image.
-    Llava15,
-    /// LLaVA-1.6: the same text model and encoder, any-resolution tiles (`image_grid_pinpoints`,
-    /// `spatial_unpad`) with an image-newline embedding.
-    Llava16,
-    /// Gemma 3: `gemma3` text with sliding-window layers (an iSWA cache), SigLIP + `gemma3`
-    /// projector, image tokens attending bidirectionally ([`super::families`]).
-    Gemma3,
-    /// Qwen2.5-VL: `qwen2vl` text with M-RoPE, the `qwen2.5vl_merger` encoder
-    /// ([`super::families`]).
-    Qwen25Vl,
-}
-
-impl Family {
-    /// Every family, in `--help` order.
-    pub const ALL: [Family; 4] = [Family::Llava15, Family::Llava16, Family::Gemma3, Family::Qwen25Vl];
-
-    /// The name on the command line.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Llava15 => "llava15",
-            Family::Llava16 => "llava16",
-            Family::Gemma3 => "gemma3",
-            Family::Qwen25Vl => "qwen2.5-vl",
-        }
-    }
-}
-
-impl std::str::FromStr for Family {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(f) = Family::ALL.into_iter().find(|f| f.name() == s) {
-            return Ok(f);
-        }
-        let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
-        Err(match s {
-            "smolvlm" | "idefics3" => format!("family {s} is not written yet (known: {})", known.join(", ")),
-            _ => format!("unknown family '{s}' (known: {})", known.join(", ")),
-        })
-    }
-}
-
-/// The tiny text model of `family` (the same for both LLaVA versions).
-#[must_use]
-pub fn text_model_of(family: Family, seed: u64) -> GgufWriter {
-    match family {
-        Family::Llava15 | Family::Llava16 => text_model(seed),
-        Family::Gemma3 => super::families::gemma3_text(seed),
-        Family::Qwen25Vl => super::families::qwen25vl_text(seed),
-    }
-}
-
-/// The tiny mmproj of `family`.
-#[must_use]
-pub fn mmproj_of(family: Family, seed: u64) -> GgufWriter {
-    match family {
-        Family::Gemma3 => super::families::gemma3_mmproj(seed),
-        Family::Qwen25Vl => super::families::qwen25vl_mmproj(seed),
-        Family::Llava15 => mmproj(seed),
-        Family::Llava16 => {
-            // LLaVA-1.6's any-resolution grid at the tiny image size: 1×1, 1×2, 2×1 and 2×2 tiles
-            let mut w = mmproj(seed);
-            let side = vision::IMAGE;
-            let pins: Vec<Value> = [side, 2 * side, 2 * side, side, 2 * side, 2 * side, side, side].into_iter().map(|v| Value::I32(v as i32)).collect();
-            w.kv("clip.vision.image_grid_pinpoints", Value::Array(pins)).string("clip.vision.mm_patch_merge_type", "spatial_unpad");
-            small(&mut w, seed, "v.image_newline", text::N_EMBD, 0.5);
-            w
-        }
-    }
-}
-
 /// RGB pixels (row-major, 3 bytes per pixel) of sample image `index`: a coloured shape
 /// (circle, square, triangle or stripes) on a tinted background with a little noise.
 #[must_use]
@@ -413,17 +338,18 @@ pub fn write_png(path: &Path, side: u32, rgb: &[u8]) -> io::Result<()> {
 /// # Errors
 /// I/O errors.
 pub fn write_all(dir: &Path, seed: u64) -> io::Result<()> {
-    write_family(dir, Family::Llava15, seed)
+    write_model(dir, &text_model(seed), &mmproj(seed), seed)
 }
 
-/// [`write_all`] with the mmproj of `family`.
+/// Writes `text` and `mmproj` as [`TEXT_FILE`] and [`MMPROJ_FILE`] into `dir` with the sample
+/// images (any family's tiny model).
 ///
 /// # Errors
 /// I/O errors.
-pub fn write_family(dir: &Path, family: Family, seed: u64) -> io::Result<()> {
+pub fn write_model(dir: &Path, text: &GgufWriter, mmproj: &GgufWriter, seed: u64) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    text_model_of(family, seed).write_file(&dir.join(TEXT_FILE))?;
-    mmproj_of(family, seed).write_file(&dir.join(MMPROJ_FILE))?;
+    text.write_file(&dir.join(TEXT_FILE))?;
+    mmproj.write_file(&dir.join(MMPROJ_FILE))?;
     for i in 0..N_SAMPLE_IMAGES {
         let side = vision::IMAGE;
         write_png(&dir.join(image_file(i)), side, &sample_image_rgb(seed, i, side))?;

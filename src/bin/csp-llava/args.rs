@@ -39,7 +39,7 @@ pub enum Command {
         /// The model family: llava15 (one fixed-size image), llava16 (any-resolution tiles),
         /// gemma3 (sliding-window text, bidirectional image attention) or qwen2.5-vl (M-RoPE).
         #[arg(long, default_value = "llava15", value_parser = parse_family)]
-        family: csp_llava::gguf::tiny::Family,
+        family: csp_llava::gguf::families::Family,
     },
     /// Write a random-weight model in a real model's shape (text model in --quant, F16 mmproj)
     /// into DIR, for speed and memory figures at the users' scale: never for quality.
@@ -817,7 +817,7 @@ pub enum FaArg {
     Auto,
 }
 
-fn parse_family(s: &str) -> Result<csp_llava::gguf::tiny::Family, String> {
+fn parse_family(s: &str) -> Result<csp_llava::gguf::families::Family, String> {
     s.parse()
 }
 

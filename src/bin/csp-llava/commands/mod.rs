@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use csp_llava::config::{default_threads, ModelConfig, ALL_LAYERS};
-use csp_llava::gguf::{shapes, tiny};
+use csp_llava::gguf::{families, shapes, tiny};
 use csp_llava::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -105,8 +105,8 @@ fn hf_pair(hf: &args::HfArgs, mmproj: Option<&PathBuf>) -> Result<(PathBuf, Path
 }
 
 /// `csp-llava gen-tiny-model DIR`.
-pub fn gen_tiny_model(dir: &Path, seed: u64, family: tiny::Family) -> Result<()> {
-    tiny::write_family(dir, family, seed).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
+pub fn gen_tiny_model(dir: &Path, seed: u64, family: families::Family) -> Result<()> {
+    families::write_family(dir, family, seed).with_context(|| format!("cannot write the tiny model into {}", dir.display()))?;
     println!("{}", dir.join(tiny::TEXT_FILE).display());
     println!("{}", dir.join(tiny::MMPROJ_FILE).display());
     for i in 0..tiny::N_SAMPLE_IMAGES {
