@@ -96,13 +96,7 @@ pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
                 }
             },
             &mut |r| {
-                let line = match a.output {
-                    BenchOutput::Md => csp_llava::bench::markdown_row(r),
-                    BenchOutput::Csv => csp_llava::bench::csv_row(r),
-                    BenchOutput::Jsonl => serde_json::to_string(r).map(|s| s + "\n").unwrap_or_default(),
-                    BenchOutput::Sql => csp_llava::bench::sql_row(&prov, r),
-                    BenchOutput::Json => return,
-                };
+                let Some(line) = row_line(a.output, &prov, r) else { return };
                 bar.suspend(|| {
                     if write_err.is_none() {
                         write_err = out.write_all(line.as_bytes()).and_then(|()| out.flush()).err();
@@ -125,14 +119,7 @@ pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
         };
         // rows measured but not streamed (stopped before their last repetition)
         if stop.is_cancelled() && a.output != BenchOutput::Json {
-            for r in rows.iter().filter(|r| r.reps < cfg.reps) {
-                let line = match a.output {
-                    BenchOutput::Md => csp_llava::bench::markdown_row(r),
-                    BenchOutput::Csv => csp_llava::bench::csv_row(r),
-                    BenchOutput::Jsonl => serde_json::to_string(r)? + "\n",
-                    BenchOutput::Sql => csp_llava::bench::sql_row(&prov, r),
-                    BenchOutput::Json => unreachable!(),
-                };
+            for line in rows.iter().filter(|r| r.reps < cfg.reps).filter_map(|r| row_line(a.output, &prov, r)) {
                 out.write_all(line.as_bytes())?;
             }
         }
@@ -153,4 +140,15 @@ pub fn bench(a: &BenchArgs, verbose: u8) -> Result<()> {
         return Err(super::Interrupted.into());
     }
     Ok(())
+}
+
+/// One row in a streamed output format (`None` for json, written whole at the end).
+fn row_line(output: BenchOutput, prov: &csp_llava::bench::Provenance, r: &csp_llava::bench::BenchRow) -> Option<String> {
+    Some(match output {
+        BenchOutput::Md => csp_llava::bench::markdown_row(r),
+        BenchOutput::Csv => csp_llava::bench::csv_row(r),
+        BenchOutput::Jsonl => serde_json::to_string(r).ok()? + "\n",
+        BenchOutput::Sql => csp_llava::bench::sql_row(prov, r),
+        BenchOutput::Json => return None,
+    })
 }
