@@ -15,19 +15,7 @@ use csp_llava::{Engine, ModelConfig, RunReport};
 
 /// The LLaVA-1.6 tiny model and two 128 px images, in a temporary directory.
 fn llava16() -> (Engine, Request, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    write_family(dir.path(), Family::Llava16, 0).unwrap();
-    let images: Vec<_> = (0..2)
-        .map(|i| {
-            let p = dir.path().join(format!("big-{i}.png"));
-            tiny::write_png(&p, 128, &tiny::sample_image_rgb(7, i, 128)).unwrap();
-            p
-        })
-        .collect();
-    let mut cfg = ModelConfig::new(dir.path().join(tiny::TEXT_FILE), dir.path().join(tiny::MMPROJ_FILE));
-    cfg.threads = 2;
-    let engine = Engine::load(&cfg).expect("the LLaVA-1.6 tiny model loads");
-    (engine, Request { images, prompt: "Which image shows a circle?".into(), ..Default::default() }, dir)
+    family(Family::Llava16, 2, 7, "Which image shows a circle?")
 }
 
 fn greedy() -> SamplingConfig {
@@ -91,21 +79,22 @@ fn llava16_reads_tiles_under_a_cap() {
     }
 }
 
-/// A tiny model of `family` and three images (128 px, 128×64, 300×200) in a temporary directory.
-fn family(f: Family) -> (Engine, Request, tempfile::TempDir) {
+/// The tiny model of `f` and `n` 128 px sample images (seed `seed`) in a temporary directory,
+/// loaded with 2 threads, and a request asking `prompt` about the images.
+fn family(f: Family, n: usize, seed: u64, prompt: &str) -> (Engine, Request, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_family(dir.path(), f, 0).unwrap();
-    let images: Vec<_> = (0..3)
+    let images: Vec<_> = (0..n)
         .map(|i| {
-            let p = dir.path().join(format!("img-{i}.png"));
-            tiny::write_png(&p, 128, &tiny::sample_image_rgb(11, i, 128)).unwrap();
+            let p = dir.path().join(format!("big-{i}.png"));
+            tiny::write_png(&p, 128, &tiny::sample_image_rgb(seed, i, 128)).unwrap();
             p
         })
         .collect();
     let mut cfg = ModelConfig::new(dir.path().join(tiny::TEXT_FILE), dir.path().join(tiny::MMPROJ_FILE));
     cfg.threads = 2;
     let engine = Engine::load(&cfg).unwrap_or_else(|e| panic!("the {} tiny model loads: {e}", f.name()));
-    (engine, Request { images, prompt: "Describe the images.".into(), ..Default::default() }, dir)
+    (engine, Request { images, prompt: prompt.into(), ..Default::default() }, dir)
 }
 
 fn refusal(e: &Engine, req: &Request, ctx: &ContextConfig, spec: &str) -> String {
@@ -122,7 +111,7 @@ fn refusal(e: &Engine, req: &Request, ctx: &ContextConfig, spec: &str) -> String
 /// bound the prefill.
 #[test]
 fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
-    let (e, req, _dir) = family(Family::Gemma3);
+    let (e, req, _dir) = family(Family::Gemma3, 3, 11, "Describe the images.");
     let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
     let full = run(&e, &req, &ctx, "full", 1.0);
     assert_eq!(full.image_tokens, vec![16, 16, 16], "SigLIP 128 px, patch 8, pooled 4×4");
@@ -152,7 +141,7 @@ fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
 /// pruning policy (and `--kv-shift`) is refused with the reason, as the README's matrix says.
 #[test]
 fn qwen25vl_runs_and_pruning_is_refused_with_the_reason() {
-    let (e, req, _dir) = family(Family::Qwen25Vl);
+    let (e, req, _dir) = family(Family::Qwen25Vl, 3, 11, "Describe the images.");
     let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
     let full = run(&e, &req, &ctx, "full", 1.0);
     assert_eq!(full.image_tokens.len(), 3);

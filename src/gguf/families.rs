@@ -21,7 +21,7 @@
 //! Key types matter: llama.cpp's clip loader asserts on a wrong integer type (so every integer
 //! here is a u32, the dimension sections an i32 array).
 
-use super::tiny::{self, filled, random, small, vocabulary, CHATML_TEMPLATE};
+use super::tiny::{self, filled, random, small, tokenizer, vocabulary, CHATML_TEMPLATE};
 use super::{GgufWriter, TensorType, Value};
 
 /// A model family the tiny writer makes (`gen-tiny-model --family`).
@@ -144,18 +144,20 @@ fn vocab_with(specials: &[&str], eos: &str) -> (Vec<(String, f32, i32)>, u32) {
     (v, eos)
 }
 
-fn tokenizer(w: &mut GgufWriter, v: &[(String, f32, i32)], eos: u32, template: &str) {
-    w.string("tokenizer.ggml.model", "llama")
-        .string("tokenizer.ggml.pre", "default")
-        .kv("tokenizer.ggml.tokens", Value::Array(v.iter().map(|(p, _, _)| Value::String(p.clone())).collect()))
-        .kv("tokenizer.ggml.scores", Value::Array(v.iter().map(|(_, s, _)| Value::F32(*s)).collect()))
-        .kv("tokenizer.ggml.token_type", Value::Array(v.iter().map(|(_, _, t)| Value::I32(*t)).collect()))
-        .u32("tokenizer.ggml.bos_token_id", 1)
-        .u32("tokenizer.ggml.eos_token_id", eos)
-        .u32("tokenizer.ggml.unknown_token_id", 0)
-        .bool("tokenizer.ggml.add_bos_token", true)
-        .bool("tokenizer.ggml.add_eos_token", false)
-        .string("tokenizer.chat_template", template);
+/// The metadata every tiny text model of arch `a` shares (shapes, norm epsilon, RoPE base).
+fn text_header(a: &str, name: &str, seed: u64) -> GgufWriter {
+    let mut w = GgufWriter::new();
+    w.string("general.architecture", a)
+        .string("general.name", &format!("csp-llava tiny {name} (seed {seed})"))
+        .u32(&format!("{a}.context_length"), 4096)
+        .u32(&format!("{a}.embedding_length"), E)
+        .u32(&format!("{a}.block_count"), N_LAYER)
+        .u32(&format!("{a}.feed_forward_length"), N_FF)
+        .u32(&format!("{a}.attention.head_count"), N_HEAD)
+        .u32(&format!("{a}.attention.head_count_kv"), N_HEAD_KV)
+        .f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-6)
+        .f32(&format!("{a}.rope.freq_base"), 1e6);
+    w
 }
 
 /// The Gemma 3 text model.
@@ -163,19 +165,9 @@ fn tokenizer(w: &mut GgufWriter, v: &[(String, f32, i32)], eos: u32, template: &
 pub fn gemma3_text(seed: u64) -> GgufWriter {
     let (v, eos) = vocab_with(&["<start_of_image>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>");
     let a = "gemma3";
-    let mut w = GgufWriter::new();
-    w.string("general.architecture", a)
-        .string("general.name", &format!("csp-llava tiny gemma3 (seed {seed})"))
-        .u32(&format!("{a}.context_length"), 4096)
-        .u32(&format!("{a}.embedding_length"), E)
-        .u32(&format!("{a}.block_count"), N_LAYER)
-        .u32(&format!("{a}.feed_forward_length"), N_FF)
-        .u32(&format!("{a}.attention.head_count"), N_HEAD)
-        .u32(&format!("{a}.attention.head_count_kv"), N_HEAD_KV)
-        .u32(&format!("{a}.attention.key_length"), HEAD_DIM)
+    let mut w = text_header(a, "gemma3", seed);
+    w.u32(&format!("{a}.attention.key_length"), HEAD_DIM)
         .u32(&format!("{a}.attention.value_length"), HEAD_DIM)
-        .f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-6)
-        .f32(&format!("{a}.rope.freq_base"), 1e6)
         .u32(&format!("{a}.attention.sliding_window"), 64)
         .u32(&format!("{a}.attention.sliding_window_pattern"), 2)
         .f32(&format!("{a}.rope.freq_base_swa"), 10000.0);
@@ -262,18 +254,8 @@ pub fn qwen25vl_text(seed: u64) -> GgufWriter {
     let (v, eos) = vocab_with(&["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"], "<|im_end|>");
     let a = "qwen2vl";
     let kv = N_HEAD_KV * HEAD_DIM;
-    let mut w = GgufWriter::new();
-    w.string("general.architecture", a)
-        .string("general.name", &format!("csp-llava tiny qwen2.5-vl (seed {seed})"))
-        .u32(&format!("{a}.context_length"), 4096)
-        .u32(&format!("{a}.embedding_length"), E)
-        .u32(&format!("{a}.block_count"), N_LAYER)
-        .u32(&format!("{a}.feed_forward_length"), N_FF)
-        .u32(&format!("{a}.attention.head_count"), N_HEAD)
-        .u32(&format!("{a}.attention.head_count_kv"), N_HEAD_KV)
-        .f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-6)
-        .f32(&format!("{a}.rope.freq_base"), 1e6)
-        .kv(&format!("{a}.rope.dimension_sections"), Value::Array([2, 3, 3, 0].map(Value::I32).to_vec()));
+    let mut w = text_header(a, "qwen2.5-vl", seed);
+    w.kv(&format!("{a}.rope.dimension_sections"), Value::Array([2, 3, 3, 0].map(Value::I32).to_vec()));
     tokenizer(&mut w, &v, eos, CHATML_TEMPLATE);
     let n_vocab = v.len() as u32;
     let emb = random(seed, "token_embd.weight", (n_vocab * E) as usize, 1.0 / (E as f32).sqrt());

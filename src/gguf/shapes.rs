@@ -204,18 +204,8 @@ pub fn text_model(name: &str, shape: &TextShape, quant: Quant, seed: u64) -> Ggu
         .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
         .u32("llama.rope.dimension_count", head_dim)
         .f32("llama.rope.freq_base", 10000.0)
-        .u32("llama.vocab_size", n_vocab)
-        .string("tokenizer.ggml.model", "llama")
-        .string("tokenizer.ggml.pre", "default")
-        .kv("tokenizer.ggml.tokens", Value::Array(vocab.iter().map(|(p, _, _)| Value::String(p.clone())).collect()))
-        .kv("tokenizer.ggml.scores", Value::Array(vocab.iter().map(|(_, s, _)| Value::F32(*s)).collect()))
-        .kv("tokenizer.ggml.token_type", Value::Array(vocab.iter().map(|(_, _, t)| Value::I32(*t)).collect()))
-        .u32("tokenizer.ggml.bos_token_id", 1)
-        .u32("tokenizer.ggml.eos_token_id", tiny::EOS_ID)
-        .u32("tokenizer.ggml.unknown_token_id", 0)
-        .bool("tokenizer.ggml.add_bos_token", true)
-        .bool("tokenizer.ggml.add_eos_token", false)
-        .string("tokenizer.chat_template", tiny::CHATML_TEMPLATE);
+        .u32("llama.vocab_size", n_vocab);
+    tiny::tokenizer(&mut w, &vocab, tiny::EOS_ID, tiny::CHATML_TEMPLATE);
     let (e, v, f) = (u64::from(n_embd), u64::from(n_vocab), u64::from(n_ff));
     let (q, kv) = (u64::from(n_head * head_dim), u64::from(n_head_kv * head_dim));
     let std = |n_in: u64| 1.0 / (n_in as f32).sqrt();

@@ -87,6 +87,21 @@ pub(crate) fn small(w: &mut GgufWriter, seed: u64, name: &str, n: u32, std: f32)
     w.tensor(name, &[n.into()], TensorType::F32, &data);
 }
 
+/// The tokenizer metadata of a SentencePiece-style vocabulary `v` (as `llama` tokenizers read it).
+pub(crate) fn tokenizer(w: &mut GgufWriter, v: &[(String, f32, i32)], eos: u32, template: &str) {
+    w.string("tokenizer.ggml.model", "llama")
+        .string("tokenizer.ggml.pre", "default")
+        .kv("tokenizer.ggml.tokens", Value::Array(v.iter().map(|(p, _, _)| Value::String(p.clone())).collect()))
+        .kv("tokenizer.ggml.scores", Value::Array(v.iter().map(|(_, s, _)| Value::F32(*s)).collect()))
+        .kv("tokenizer.ggml.token_type", Value::Array(v.iter().map(|(_, _, t)| Value::I32(*t)).collect()))
+        .u32("tokenizer.ggml.bos_token_id", 1)
+        .u32("tokenizer.ggml.eos_token_id", eos)
+        .u32("tokenizer.ggml.unknown_token_id", 0)
+        .bool("tokenizer.ggml.add_bos_token", true)
+        .bool("tokenizer.ggml.add_eos_token", false)
+        .string("tokenizer.chat_template", template);
+}
+
 /// ChatML, which llama.cpp's template detector recognises.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -140,27 +155,8 @@ pub fn text_model(seed: u64) -> GgufWriter {
         .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
         .u32("llama.rope.dimension_count", head_dim)
         .f32("llama.rope.freq_base", 10000.0)
-        .u32("llama.vocab_size", n_vocab)
-        .string("tokenizer.ggml.model", "llama")
-        .string("tokenizer.ggml.pre", "default")
-        .kv(
-            "tokenizer.ggml.tokens",
-            Value::Array(vocab.iter().map(|(p, _, _)| Value::String(p.clone())).collect()),
-        )
-        .kv(
-            "tokenizer.ggml.scores",
-            Value::Array(vocab.iter().map(|(_, s, _)| Value::F32(*s)).collect()),
-        )
-        .kv(
-            "tokenizer.ggml.token_type",
-            Value::Array(vocab.iter().map(|(_, _, t)| Value::I32(*t)).collect()),
-        )
-        .u32("tokenizer.ggml.bos_token_id", 1)
-        .u32("tokenizer.ggml.eos_token_id", EOS_ID)
-        .u32("tokenizer.ggml.unknown_token_id", 0)
-        .bool("tokenizer.ggml.add_bos_token", true)
-        .bool("tokenizer.ggml.add_eos_token", false)
-        .string("tokenizer.chat_template", CHATML_TEMPLATE);
+        .u32("llama.vocab_size", n_vocab);
+    tokenizer(&mut w, &vocab, EOS_ID, CHATML_TEMPLATE);
 
     let emb = random(seed, "token_embd.weight", (n_vocab * N_EMBD) as usize, 1.0);
     w.tensor("token_embd.weight", &[N_EMBD.into(), n_vocab.into()], f32t, &emb);
