@@ -4,8 +4,8 @@
   1. at 20 % of the cache (and under the 25 % cap): the share of the full cache's accuracy each
      policy keeps, per protocol and K, with the paired difference against CSP;
   2. per protocol: every policy x budget, per K: accuracy (share of full), KL(full || policy),
-     the paired difference against the full cache and against CSP (95 % paired-bootstrap
-     interval, cases won/lost).
+     top-1 agreement with the full cache's tokens, and the paired differences in accuracy and
+     KL against random and against CSP (95 % paired-bootstrap interval, cases won/lost).
 
 p1 (enumeration, question in the prompt) is scored by per-image accuracy, the others by exact
 match. Usage: python3 scripts/headline_table.py OUT_DIR > OUT_DIR/headline.md
@@ -22,7 +22,7 @@ NAMES = {
     "p3": "(3) three questions of one pruned cache, exact match",
     "cap": "(4) question after pruning under a 25 % cap (`--kv-max-cells 0.25 --kv-budget 1.0`), exact match",
 }
-ORDER = ["full", "csp", "h2o", "snapkv", "aircache", "prefixkv", "streaming", "random"]
+ORDER = ["full", "csp", "h2o", "snapkv", "aircache", "prefixkv", "lookm", "streaming", "random", "knorm", "vnorm", "keydiff", "expected"]
 
 
 def metric(p):
@@ -122,8 +122,9 @@ def main():
             f = full_value(runs, k, p)
             print(f"K = {k}: {n} cases, full cache {m.replace('_', ' ')} {'–' if f is None else f'{f:.3f}'}"
                   f"{' (the p2 run, same cases)' if p == 'cap' else ''}\n")
-            print(f"| policy | budget | {m.replace('_', ' ')} [95% CI] | share of full | KL(full‖policy) | vs full: Δ{m.split('_')[-1]} [CI] a/b | vs csp: Δ{m.split('_')[-1]} [CI] a/b | vs csp: ΔKL [CI] a/b |")
-            print("|---|---|---|---|---|---|---|---|")
+            dm = "Δ" + m.split("_")[-1]
+            print(f"| policy | budget | {m.replace('_', ' ')} [95% CI] | share of full | KL(full‖policy) | top-1 agreement | vs random: {dm} [CI] a/b | vs random: ΔKL [CI] a/b | vs csp: {dm} [CI] a/b | vs csp: ΔKL [CI] a/b |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for r in sorted(v["summary"], key=lambda r: (r["budget"] or "", ORDER.index(r["policy"]) if r["policy"] in ORDER else 99)):
                 if r["policy"] == "full":
                     continue
@@ -133,10 +134,9 @@ def main():
                 acc = "–" if a is None else f"{a:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
                 share = f"{100 * a / f:.0f}%" if a is not None and f else "–"
                 kl = "–" if r.get("kl") is None else f"{r['kl']:.3f}"
-                vs_full = fmt_pair(pair(v, pol, "full", b, m))
-                vs_csp = "–" if pol == "csp" else fmt_pair(pair(v, pol, "csp", b, m))
-                kl_csp = "–" if pol == "csp" else fmt_pair(pair(v, pol, "csp", b, "kl"))
-                print(f"| {pol} | {b} | {acc} | {share} | {kl} | {vs_full} | {vs_csp} | {kl_csp} |")
+                top1 = "–" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.3f}"
+                vs = lambda other, met: "–" if pol == other else fmt_pair(pair(v, pol, other, b, met))
+                print(f"| {pol} | {b} | {acc} | {share} | {kl} | {top1} | {vs('random', m)} | {vs('random', 'kl')} | {vs('csp', m)} | {vs('csp', 'kl')} |")
             print()
 
 

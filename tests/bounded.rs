@@ -56,7 +56,7 @@ fn sixteen_images_through_a_quarter_size_cache_with_every_policy() {
     let full = run(&e, &req, &ContextConfig { n_ctx: 1280, ..Default::default() }, &policy, 8);
     assert!(full.n_prompt_tokens >= 4 * cap as usize, "{} prompt tokens", full.n_prompt_tokens);
     assert!(full.kv_cells_peak as usize >= full.n_prompt_tokens, "the uncapped cache held the whole prompt");
-    let specs: [(PolicyKind, Option<Granularity>); 14] = [
+    let specs: [(PolicyKind, Option<Granularity>); 16] = [
         (PolicyKind::Csp, None),
         (PolicyKind::Csp, Some(Granularity::Head)),
         (PolicyKind::H2o, None),
@@ -71,6 +71,8 @@ fn sixteen_images_through_a_quarter_size_cache_with_every_policy() {
         (PolicyKind::KeyDiff, None),
         (PolicyKind::LookM, None),
         (PolicyKind::LookM, Some(Granularity::Head)),
+        (PolicyKind::Expected, None),
+        (PolicyKind::Expected, Some(Granularity::Head)),
     ];
     for (kind, granularity) in specs {
         let policy = PolicyConfig { kind, granularity, ..Default::default() };

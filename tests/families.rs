@@ -28,8 +28,18 @@ fn run(e: &Engine, req: &Request, ctx: &ContextConfig, spec: &str, budget: f64) 
     e.run(req, ctx, &greedy(), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{spec} {budget}: {err}"))
 }
 
-const POLICIES: [PolicyKind; 9] =
-    [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random, PolicyKind::KNorm, PolicyKind::VNorm, PolicyKind::KeyDiff, PolicyKind::LookM];
+const POLICIES: [PolicyKind; 10] = [
+    PolicyKind::Csp,
+    PolicyKind::H2o,
+    PolicyKind::SnapKv,
+    PolicyKind::Streaming,
+    PolicyKind::Random,
+    PolicyKind::KNorm,
+    PolicyKind::VNorm,
+    PolicyKind::KeyDiff,
+    PolicyKind::LookM,
+    PolicyKind::Expected,
+];
 
 #[test]
 fn llava16_any_resolution_runs_and_every_policy_prunes() {
@@ -127,7 +137,7 @@ fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
         let r = run(&e, &req, &shifted, spec, 0.3);
         assert!(r.max_pos < 80 && r.n_generated == 12, "{spec} with --kv-shift: max_pos {}", r.max_pos);
     }
-    for spec in ["csp", "h2o", "snapkv", "lookm", "aircache", "csp@head"] {
+    for spec in ["csp", "h2o", "snapkv", "lookm", "aircache", "expected", "csp@head"] {
         let err = refusal(&e, &req, &ctx, spec);
         assert!(err.contains("attend bidirectionally"), "{spec}: {err}");
     }

@@ -11,7 +11,7 @@ use csp_llava::engine::PrefillMode;
 use csp_llava::gguf::tiny;
 use csp_llava::stats::{keydiff_cosines, KvRequest, Rows, StatRequest};
 
-const ALL: KvRequest = KvRequest { knorm: true, vnorm: true, keydiff: true };
+const ALL: KvRequest = KvRequest { knorm: true, vnorm: true, keydiff: true, expected: None };
 
 #[test]
 fn scan_matches_recomputation_f32_flash_attention_off() {
@@ -65,7 +65,7 @@ fn scan(fa: FlashAttn, cache: CacheType, tol: f64) {
         }
         let tokens = session.cached_tokens();
         assert_eq!(tokens.len(), if round == 0 { l } else { keep.iter().filter(|&&k| k).count() });
-        let s = session.kv_stats(ALL, &tokens).unwrap();
+        let s = session.kv_stats(ALL, &tokens, None).unwrap();
         assert_eq!((s.n_layer, s.n_head_kv, s.n_tokens), (n_layer, n_head_kv, tokens.len()));
         let mut max_err = [0f64; 3];
         for il in 0..n_layer {
@@ -109,7 +109,7 @@ fn quantized_cache_scan_agrees_with_f16_on_the_real_model() {
         let mut session = engine.session(&prompt, &ctx, Vec::new()).unwrap();
         session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
         let tokens = session.cached_tokens();
-        session.kv_stats(ALL, &tokens).unwrap()
+        session.kv_stats(ALL, &tokens, None).unwrap()
     };
     let (f16, q8) = (scan(CacheType::F16), scan(CacheType::Q8_0));
     let mut max_err = [0f64; 3];

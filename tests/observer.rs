@@ -67,7 +67,7 @@ fn recomputation(observer: ObserverMode, fa: FlashAttn) {
         let first_row = match rows {
             Rows::Last(w) => l - w,
             Rows::All => 0,
-            Rows::Elite { .. } => unreachable!("not requested here"),
+            Rows::Elite { .. } | Rows::Moments { .. } => unreachable!("not requested here"),
         };
         let mut max_err = 0f64;
         for il in 0..n_layer {

@@ -25,7 +25,7 @@ fn run(e: &Engine, req: &Request, fa: FlashAttn, kind: PolicyKind, budget: Budge
     e.run(req, &ctx, &greedy(12), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{kind} {budget}: {err}"))
 }
 
-const PRUNING: [PolicyKind; 9] = [
+const PRUNING: [PolicyKind; 10] = [
     PolicyKind::Csp,
     PolicyKind::H2o,
     PolicyKind::SnapKv,
@@ -35,6 +35,7 @@ const PRUNING: [PolicyKind; 9] = [
     PolicyKind::VNorm,
     PolicyKind::KeyDiff,
     PolicyKind::LookM,
+    PolicyKind::Expected,
 ];
 
 #[test]

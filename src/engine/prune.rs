@@ -112,7 +112,7 @@ impl Plan {
         let whole = cached.len() == prompt.n_tokens() && !over;
         let (retention, decode_eviction) = if let (true, Some(split)) = (whole, split) {
             let modality = prompt.token_modalities();
-            let kv = self.kv_request.map(|r| session.kv_stats(r, &cached)).transpose()?;
+            let kv = self.kv_request.map(|r| session.kv_stats(r, &cached, stats.and_then(|s| s.moments.as_ref()))).transpose()?;
             let input = policy::Input { modality: &modality, split, stats, protect: self.protect, kv: kv.as_ref() };
             let retention = policy::retain(self.policy.as_ref(), &input, self.granularity)?;
             let de = self.policy.decode_eviction(&input, &retention)?;
@@ -122,7 +122,7 @@ impl Plan {
             let b = split.map_or(cached.len(), |s| s.b).min(cached.len()).min(limit.unwrap_or(usize::MAX));
             let granularity = if split.is_some() { self.granularity } else { Some(policy::Granularity::Global) };
             let gathered = stats.map(|s| s.gather(&cached));
-            let kv = self.kv_request.map(|r| session.kv_stats(r, &cached)).transpose()?;
+            let kv = self.kv_request.map(|r| session.kv_stats(r, &cached, stats.and_then(|s| s.moments.as_ref()))).transpose()?;
             let view = stream::View::new(prompt, cached, gathered, kv);
             let sel = view.retain(self, b, granularity)?;
             let de = self.policy.decode_eviction(&view.input(sel.split, self.protect), &sel.sub)?;

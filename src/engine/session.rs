@@ -10,7 +10,7 @@ use crate::config::{ContextConfig, FlashAttn, ObserverMode};
 use crate::error::{Error, Result};
 use crate::llama::observer::Observer;
 use crate::llama::{self, Context, ContextParams, KvInfo, Logits};
-use crate::stats::{AttentionStats, Collector, KvRequest, KvStats, Reducer, StatRequest};
+use crate::stats::{AttentionStats, Collector, KvRequest, KvStats, QueryMoments, Reducer, Rope, StatRequest};
 use crate::policy::DecodeEviction;
 use crate::policy::HeadKeep;
 use crate::span::Modality;
@@ -515,11 +515,37 @@ impl<'e> Session<'e> {
     ///
     /// # Errors
     /// Caches the scan does not cover; a token the cache does not hold.
-    pub fn kv_stats(&mut self, req: KvRequest, tokens: &[usize]) -> Result<KvStats> {
-        let scan = self.lctx.kv_scan(llama::KvScanStats { knorm: req.knorm, vnorm: req.vnorm, kdiff: req.keydiff })?;
+    ///
+    /// Expected Attention's `z` ([`KvRequest::expected`]) needs the query moments the prefill
+    /// observed (`moments`); the future queries are placed from the next position on.
+    pub fn kv_stats(&mut self, req: KvRequest, tokens: &[usize], moments: Option<&QueryMoments>) -> Result<KvStats> {
+        let mut scan = self.lctx.kv_scan(llama::KvScanStats { knorm: req.knorm, vnorm: req.vnorm, kdiff: req.keydiff })?;
+        if let Some(e) = req.expected {
+            let refuse = |reason: String| Error::Unsupported { what: "Expected Attention", reason };
+            let moments = moments.filter(|m| m.rows.iter().all(|&r| r > 0)).ok_or_else(|| {
+                refuse("no query statistics were observed (they come from the in-graph observer: not with --kv-observer host, nor for models it does not cover)".into())
+            })?;
+            let rope = self.rope().ok_or_else(|| refuse("the model's RoPE is not 1-D NORM/NEOX (M-RoPE, vision RoPE or none)".into()))?;
+            let next = usize::try_from(self.n_past()).unwrap_or(0);
+            let (mu, cov) = moments.future(&rope, next, e.n_future, e.cov);
+            scan.extend(self.lctx.kv_expected(&mu, cov.as_deref())?);
+        }
         let positions: Vec<i32> = tokens.iter().map(|&t| self.token_pos.get(t).copied().unwrap_or(-1)).collect();
         let n_layer = self.lctx.model().n_layer() as usize;
         KvStats::from_scan(&scan, n_layer, &positions, req).map_err(|reason| Error::Unsupported { what: "KV statistics", reason })
+    }
+
+    /// The model's RoPE, for rotating query statistics to future positions; `None` unless it is
+    /// plain 1-D RoPE (NORM or NEOX).
+    fn rope(&self) -> Option<Rope> {
+        let m = self.lctx.model();
+        let neox = m.rope_neox()?;
+        let arch = m.meta("general.architecture")?;
+        let d = m.meta(&format!("{arch}.attention.key_length")).and_then(|v| v.parse().ok());
+        let d = d.or_else(|| Some(usize::try_from(m.n_embd()).ok()? / usize::try_from(m.n_head()).ok().filter(|&h| h > 0)?))?;
+        let n_rot = m.meta(&format!("{arch}.rope.dimension_count")).and_then(|v| v.parse().ok()).unwrap_or(d);
+        let freq_base = m.meta(&format!("{arch}.rope.freq_base")).and_then(|v| v.parse().ok()).unwrap_or(10_000.0);
+        Some(Rope { n_rot, freq_base, freq_scale: f64::from(m.rope_freq_scale_train()), neox })
     }
 
     /// LOOK-M's merge ([`crate::policy::LookM`]): for each (layer, KV head), every cached prompt

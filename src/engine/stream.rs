@@ -154,7 +154,7 @@ impl Session<'_> {
     /// (a physical cap); returns the keep flags over the whole prompt.
     fn select(&mut self, prompt: &Prompt, plan: &Plan, cached: &[usize], keep: usize) -> Result<Vec<bool>> {
         let stats = self.collector().and_then(|c| c.gather(cached));
-        let kv = plan.kv_request.map(|r| self.kv_stats(r, cached)).transpose()?;
+        let kv = plan.kv_request.map(|r| self.kv_stats(r, cached, stats.as_ref().and_then(|s| s.moments.as_ref()))).transpose()?;
         let view = View::new(prompt, cached.to_vec(), stats, kv);
         let retention = view.retain(plan, keep, Some(Granularity::Global))?.full;
         if let Some(merge) = plan.policy.merge() {

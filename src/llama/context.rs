@@ -228,6 +228,9 @@ impl Context {
         if elite && (plan.elite_alpha.len() != plan.n.len() || plan.key_of_pos.len() != plan.cols_of_pos.len()) {
             return Err(refuse("an elite plan needs one alpha per variant and one key class per position".into()));
         }
+        if !plan.moments.is_empty() && plan.moments.len() != plan.n.len() {
+            return Err(refuse("a moments plan needs one flag per variant".into()));
+        }
         let params = sys::llama_attn_obs_params {
             seq: 0,
             n_var,
@@ -244,6 +247,7 @@ impl Context {
             var_elite_alpha: if elite { plan.elite_alpha.as_ptr() } else { std::ptr::null() },
             key_of_pos: if elite { plan.key_of_pos.as_ptr() } else { std::ptr::null() },
             elite_last: plan.elite_last,
+            var_moments: if plan.moments.is_empty() { std::ptr::null() } else { plan.moments.as_ptr() },
         };
         // SAFETY: a live context; the tables are valid for the lengths given and llama.cpp
         // copies them; `user_data` is the boxed observer this struct owns and drops after the
@@ -349,6 +353,35 @@ impl Context {
             n if n >= 0 => Ok(out),
             -1 if out.is_empty() => Err(Error::Unsupported { what: "KV statistics (knorm, vnorm, keydiff)", reason: "llama.cpp cannot scan this cache (iSWA/hybrid memory, or quantized head rows that are not whole blocks)".into() }),
             code => Err(Error::Llama { op: "scan the KV cache", code }),
+        }
+    }
+
+    /// Expected Attention's score of every cached key of sequence 0 (patch 0013), one
+    /// [`KvScanLayer`] per layer with `z` (`[query head][cell]`): `μ′·k/√d + kᵀΣ′k/(2d)` for the
+    /// query distribution `mu` (`[layer][head][d]`) and `cov` (`[layer][head][d][d]`, or `None`
+    /// for the mean only), computed by graphs on the context's backend.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for caches or models the scan does not cover (iSWA/hybrid, layers
+    /// of different head counts, `mu`/`cov` of the wrong size); [`Error::Llama`] when a graph failed.
+    pub fn kv_expected(&mut self, mu: &[f32], cov: Option<&[f32]>) -> Result<Vec<KvScanLayer>> {
+        let m = self.model();
+        let (n_layer, n_head) = (m.n_layer() as usize, usize::try_from(m.n_head()).unwrap_or(0));
+        let d = mu.len().checked_div(n_layer * n_head).unwrap_or(0);
+        if d == 0 || mu.len() != n_layer * n_head * d || cov.is_some_and(|c| c.len() != mu.len() * d) {
+            return Err(Error::Unsupported { what: "Expected Attention", reason: format!("{} means and {} covariances for {n_layer} layers x {n_head} heads", mu.len(), cov.map_or(0, <[f32]>::len)) });
+        }
+        let mut out: Vec<KvScanLayer> = Vec::new();
+        // SAFETY: a live context borrowed mutably; mu and cov hold n_layer·n_head·d (·d) floats
+        // as checked above and outlive the call; the callback runs synchronously inside it and
+        // receives `out` (alive for the call) as its user data.
+        let n = unsafe {
+            sys::llama_memory_seq_kv_expected(self.ctx.as_raw(), 0, mu.as_ptr(), cov.map_or(std::ptr::null(), <[f32]>::as_ptr), Some(kv_scan_trampoline), (&raw mut out).cast())
+        };
+        match n {
+            n if n >= 0 => Ok(out),
+            -1 if out.is_empty() => Err(Error::Unsupported { what: "Expected Attention", reason: "llama.cpp cannot scan this cache (iSWA/hybrid memory, layers of different head counts, or quantized head rows that are not whole blocks)".into() }),
+            code => Err(Error::Llama { op: "score the KV cache (Expected Attention)", code }),
         }
     }
 
@@ -644,20 +677,25 @@ pub struct KvScanLayer {
     pub vnorm: Option<Vec<f32>>,
     /// `cos(k, ā)`.
     pub kdiff: Option<Vec<f32>>,
+    /// Query heads of `z`.
+    pub n_head: usize,
+    /// Expected Attention's `z`, `[query head][cell]` ([`Context::kv_expected`]).
+    pub z: Option<Vec<f32>>,
 }
 
 /// `llama_kv_stats_cb`: copies one layer into the `Vec<KvScanLayer>` behind `ud`.
 unsafe extern "C" fn kv_scan_trampoline(ud: *mut c_void, r: *const sys::llama_kv_stats_result) -> bool {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: `ud` is the `Vec` `kv_scan` passed, alive and not otherwise borrowed during the
-        // call; `r` is valid during this callback and its arrays hold n_cells (·n_head_kv)
-        // values, each null-checked before a slice is made.
+        // SAFETY: `ud` is the `Vec` `kv_scan`/`kv_expected` passed, alive and not otherwise
+        // borrowed during the call; `r` is valid during this callback and its arrays hold
+        // n_cells (·n_head_kv, or ·n_head for z) values, each null-checked before a slice is made.
         unsafe {
             let out = &mut *ud.cast::<Vec<KvScanLayer>>();
             let r = &*r;
             let (n, h) = (usize::try_from(r.n_cells).unwrap_or(0), usize::try_from(r.n_head_kv).unwrap_or(0));
             let copy = |p: *const f32| (!p.is_null()).then(|| std::slice::from_raw_parts(p, n * h).to_vec());
             let cell_pos = if r.cell_pos.is_null() || n == 0 { Vec::new() } else { std::slice::from_raw_parts(r.cell_pos, n).to_vec() };
+            let nh = usize::try_from(r.n_head).unwrap_or(0);
             out.push(KvScanLayer {
                 layer: usize::try_from(r.il).unwrap_or(0),
                 n_head_kv: h,
@@ -665,6 +703,8 @@ unsafe extern "C" fn kv_scan_trampoline(ud: *mut c_void, r: *const sys::llama_kv
                 knorm: copy(r.knorm),
                 vnorm: copy(r.vnorm),
                 kdiff: copy(r.kdiff),
+                n_head: nh,
+                z: (!r.z.is_null() && nh > 0).then(|| std::slice::from_raw_parts(r.z, n * nh).to_vec()),
             });
         }
         true

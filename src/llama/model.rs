@@ -128,6 +128,25 @@ impl Model {
         self.inner.is_recurrent() || self.inner.is_hybrid()
     }
 
+    /// Whether the model's RoPE is 1-D, and in which layout: `Some(false)` NORM (pairs `(2i,
+    /// 2i+1)`), `Some(true)` NEOX (pairs `(i, i + n_rot/2)`); `None` for none, M-RoPE or vision RoPE.
+    #[must_use]
+    pub fn rope_neox(&self) -> Option<bool> {
+        use llama_cpp_2::model::RopeType;
+        match self.inner.rope_type()? {
+            RopeType::Norm => Some(false),
+            RopeType::NeoX => Some(true),
+            _ => None,
+        }
+    }
+
+    /// The frequency scale the model was trained with (1 without RoPE scaling).
+    #[must_use]
+    pub fn rope_freq_scale_train(&self) -> f32 {
+        // SAFETY: a live model pointer owned by `inner`; the call only reads its hparams.
+        unsafe { llama_cpp_sys_2::llama_model_rope_freq_scale_train(self.inner.as_raw()) }
+    }
+
     /// A metadata value as text (`general.architecture`, `{arch}.attention.scale`, …).
     #[must_use]
     pub fn meta(&self, key: &str) -> Option<String> {

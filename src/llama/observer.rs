@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use llama_cpp_sys_2 as sys;
 
-use super::sink::{AttentionSink, GraphSums, KqShape, SharedSink};
+use super::sink::{AttentionSink, GraphSums, KqShape, QueryMomentSums, SharedSink};
 
 /// A tensor captured by name (tests): shape `ne` and F32 data.
 #[derive(Debug, Clone)]
@@ -111,6 +111,17 @@ impl Observer {
         s.active = true;
         for il in 0..layers {
             s.capture.push((format!("Qcur-{il}"), sys::GGML_OP_ROPE));
+            s.capture.push((format!("Kcur-{il}"), sys::GGML_OP_ROPE));
+        }
+    }
+
+    /// Captures the pre-RoPE `Qcur-<il>` and the RoPE'd `Kcur-<il>` of `layers` (tests of
+    /// Expected Attention's query moments and scores, patch 0013).
+    pub fn capture_q_pre_k(&self, layers: usize) {
+        let mut s = self.lock();
+        s.active = true;
+        for il in 0..layers {
+            s.capture.push((format!("Qcur-{il}"), sys::GGML_OP_RESHAPE));
             s.capture.push((format!("Kcur-{il}"), sys::GGML_OP_ROPE));
         }
     }
@@ -346,7 +357,8 @@ pub(super) unsafe extern "C" fn graph_trampoline(ud: *mut c_void, r: *const sys:
     let obs = unsafe { &*(ud as *const Observer) };
     let res = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: llama.cpp passes a valid result whose arrays hold the lengths its fields
-        // state (n_cols, n_head_kv·n_cols·n_kv, n_kv, n_rows), valid during this call; each is
+        // state (n_cols, n_head_kv·n_cols·n_kv, n_kv, n_rows; q_moments n_head·(1+d)·d),
+        // valid during this call; each is
         // null-checked (or its length 0) before a slice is made.
         let sums = unsafe {
             let r = &*r;
@@ -364,9 +376,10 @@ pub(super) unsafe extern "C" fn graph_trampoline(ud: *mut c_void, r: *const sys:
                 cell_pos: islice(r.cell_pos, n_kv),
                 row_pos: islice(r.row_pos, n_rows),
                 n_elite_rows: len(r.n_elite_rows),
+                q_moments: (!r.q_moments.is_null()).then(|| QueryMomentSums { n_head: len(r.n_head), d: len(r.d), data: slice(r.q_moments, len(r.n_head) * (1 + len(r.d)) * len(r.d)) }),
             }
         };
-        if sums.sums.len() != sums.n_head_kv * sums.cols.len() * sums.n_kv || sums.cell_pos.len() != sums.n_kv {
+        if sums.q_moments.is_none() && (sums.sums.len() != sums.n_head_kv * sums.cols.len() * sums.n_kv || sums.cell_pos.len() != sums.n_kv) {
             return Err("attention sums: missing arrays".to_owned());
         }
         obs.on_sums(&sums)

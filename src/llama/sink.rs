@@ -82,6 +82,9 @@ pub struct GraphPlan {
     pub key_of_pos: Vec<u8>,
     /// Position of the prompt's last token (the elite window's anchor).
     pub elite_last: i32,
+    /// Per variant: nonzero makes it a query-moments variant (patch 0013): the pre-RoPE query
+    /// rows of its columns are summed (once each) instead of attention; empty = none.
+    pub moments: Vec<u8>,
 }
 
 impl GraphPlan {
@@ -115,6 +118,20 @@ pub struct GraphSums<'a> {
     /// An elite variant: how many candidate rows were elite in this layer (the sums are already
     /// their mean); 0 otherwise.
     pub n_elite_rows: usize,
+    /// A query-moments variant: its sums instead of attention (then `sums` and `cell_pos` are
+    /// empty and `n_kv` is 0).
+    pub q_moments: Option<QueryMomentSums<'a>>,
+}
+
+/// One layer's query moments over the rows of one ubatch (patch 0013).
+#[derive(Debug, Clone, Copy)]
+pub struct QueryMomentSums<'a> {
+    /// Query heads.
+    pub n_head: usize,
+    /// Head size.
+    pub d: usize,
+    /// `[n_head][1 + d][d]`: per head Σ q over the rows, then Σ q qᵀ.
+    pub data: &'a [f32],
 }
 
 /// A sink shared between the observer, which feeds it from llama.cpp's callback (locking it

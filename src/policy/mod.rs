@@ -35,6 +35,7 @@
 //! | `knorm` | `knorm.rs` | no: key norms of the cache | [`KNorm`] |
 //! | `vnorm` | `vnorm.rs` | no: value norms of the cache | [`VNorm`] |
 //! | `keydiff` | `keydiff.rs` | no: keys' cosine with the mean key | [`KeyDiff`] |
+//! | `expected` | `expected.rs` | no attention: moments of the prompt's queries (in the graph) | [`Expected`] |
 //! | `random` | `random.rs` | no | [`Random`] |
 //!
 //! Adding one: its file, and one line in the table of [`registry`].
@@ -42,6 +43,7 @@
 pub mod aircache;
 pub mod budget;
 mod csp;
+pub mod expected;
 mod full;
 mod h2o;
 mod keydiff;
@@ -65,6 +67,7 @@ use serde::Serialize;
 pub use aircache::AirCache;
 pub use budget::{Budget, Granularity, Split, Target};
 pub use csp::{preset as csp_preset, Csp, CSP_PRESETS};
+pub use expected::Expected;
 pub use full::Full;
 pub use h2o::H2o;
 pub use keydiff::KeyDiff;

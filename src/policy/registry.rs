@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{aircache, csp, full, h2o, keydiff, knorm, lookm, prefixkv, random, snapkv, streaming, vnorm};
+use super::{aircache, csp, expected, full, h2o, keydiff, knorm, lookm, prefixkv, random, snapkv, streaming, vnorm};
 use super::{Budget, Build, Granularity, Policy, PolicyParams};
 use crate::error::{Error, Result};
 
@@ -102,6 +102,8 @@ registry! {
     VNorm "vnorm" => vnorm::VNorm { vnorm: vnorm::VNorm };
     /// KeyDiff: keys least similar to the mean key (no attention).
     KeyDiff "keydiff" => keydiff::KeyDiff { keydiff: keydiff::KeyDiff };
+    /// Expected Attention: attention expected from the statistics of future queries.
+    Expected "expected" => expected::Expected { expected: expected::Expected };
 }
 
 /// Pruning settings. Errors name fields by their path here (`budget`, `recent_bias`,

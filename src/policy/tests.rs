@@ -197,16 +197,18 @@ fn budget_invariants_hold_for_random_cases() {
             recent_bias: bias,
             ..Default::default()
         };
-        let mut kv = KvStats::new(n_layer, n_head, l, KvRequest { knorm: true, vnorm: true, keydiff: true });
+        let expected = Some(crate::stats::ExpectedRequest { n_future: 8, cov: true });
+        let mut kv = KvStats::new(n_layer, n_head, l, KvRequest { knorm: true, vnorm: true, keydiff: true, expected });
         for layer in 0..n_layer {
             for h in 0..n_head {
+                kv.z_mut(layer, h).unwrap().iter_mut().for_each(|v| *v = rng.below(5) as f32 - 2.0);
                 kv.knorm_mut(layer, h).unwrap().iter_mut().for_each(|v| *v = rng.below(5) as f32);
                 kv.vnorm_mut(layer, h).unwrap().iter_mut().for_each(|v| *v = rng.below(5) as f32);
                 kv.keydiff_mut(layer, h).unwrap().iter_mut().for_each(|v| *v = rng.below(5) as f32 / 2.0 - 1.0);
             }
         }
         let protect = if case % 2 == 0 { Protect::default() } else { Protect { first: rng.below(4) as usize, per_image: rng.below(3) as usize } };
-        let kinds = [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random, PolicyKind::KNorm, PolicyKind::VNorm, PolicyKind::KeyDiff, PolicyKind::LookM];
+        let kinds = [PolicyKind::Csp, PolicyKind::H2o, PolicyKind::SnapKv, PolicyKind::Streaming, PolicyKind::Random, PolicyKind::KNorm, PolicyKind::VNorm, PolicyKind::KeyDiff, PolicyKind::LookM, PolicyKind::Expected];
         for kind in kinds {
             let p = kind.build(&cfg).unwrap();
             // the cache scorers resolve their own split (the last token as recent window)
@@ -302,7 +304,7 @@ fn budget_cells(b: Budget, l: usize) -> usize {
 
 /// One layer, one KV head of cache statistics over [`MODALITY`]'s 10 tokens.
 fn kv_stats(knorm: [f32; 10], vnorm: [f32; 10], cos: [f32; 10]) -> KvStats {
-    let mut kv = KvStats::new(1, 1, 10, KvRequest { knorm: true, vnorm: true, keydiff: true });
+    let mut kv = KvStats::new(1, 1, 10, KvRequest { knorm: true, vnorm: true, keydiff: true, expected: None });
     kv.knorm_mut(0, 0).unwrap().copy_from_slice(&knorm);
     kv.vnorm_mut(0, 0).unwrap().copy_from_slice(&vnorm);
     kv.keydiff_mut(0, 0).unwrap().copy_from_slice(&cos);

@@ -48,7 +48,17 @@ impl Reducer {
             token_of_pos[p] = t as i64;
         }
         let mut elite_alpha = Vec::new();
+        let mut moments = Vec::new();
         for (k, req) in self.reqs.iter().enumerate() {
+            if let Rows::Moments { skip } = req.rows {
+                // every row still to be read from `skip` on, once (column 2k)
+                for t in skip.max(n_read)..self.horizon {
+                    cols_of_pos[future(t) as usize] |= 1u64 << (2 * k);
+                }
+                moments.resize(self.reqs.len(), 0);
+                moments[k] = 1;
+                continue;
+            }
             if let Rows::Elite { alpha, .. } = req.rows {
                 if self.horizon <= n_read {
                     // the anchor was read already: a variant without rows observes nothing
@@ -94,6 +104,7 @@ impl Reducer {
             elite_alpha,
             key_of_pos,
             elite_last,
+            moments,
         })
     }
 
@@ -104,8 +115,24 @@ impl Reducer {
     pub fn add_sums(&mut self, s: &GraphSums<'_>) -> Result<(), String> {
         let t0 = std::time::Instant::now();
         let Some(st) = self.stats.get_mut(s.var) else { return Err(format!("attention sums of variant {} (no such request)", s.var)) };
-        if s.layer >= st.n_layer || s.n_head_kv != st.n_head_kv {
+        if s.layer >= st.n_layer || (s.q_moments.is_none() && s.n_head_kv != st.n_head_kv) {
             return Err(format!("attention sums of layer {} with {} KV heads (expected < {} layers, {} heads)", s.layer, s.n_head_kv, st.n_layer, st.n_head_kv));
+        }
+        if let Some(q) = s.q_moments {
+            // Expected Attention's query moments (the same rows in every layer)
+            if !matches!(self.reqs.get(s.var).map(|r| r.rows), Some(Rows::Moments { .. })) {
+                return Err(format!("query moments of variant {} (not a moments request)", s.var));
+            }
+            for &p in s.row_pos {
+                if let Some(u) = usize::try_from(p).ok().and_then(|p| self.token_of_pos.get(p)).and_then(|&u| usize::try_from(u).ok()) {
+                    self.graph_seen = self.graph_seen.max(u + 1);
+                }
+            }
+            let n_layer = st.n_layer;
+            let m = st.moments.get_or_insert_with(|| super::QueryMoments::new(n_layer, q.n_head, q.d));
+            m.add(s.layer, s.row_pos.len(), q.n_head, q.d, q.data)?;
+            self.ms += t0.elapsed().as_secs_f64() * 1e3;
+            return Ok(());
         }
         let token = |p: i32| usize::try_from(p).ok().and_then(|p| self.token_of_pos.get(p)).and_then(|&u| usize::try_from(u).ok());
         let cells: Vec<(usize, usize)> = s.cell_pos.iter().enumerate().filter_map(|(j, &p)| token(p).filter(|&u| u < st.n_tokens).map(|u| (j, u))).collect();
@@ -193,7 +220,7 @@ mod tests {
         r.graph_plan(0, &[], 0).unwrap();
         // cells 0..4 hold positions 2, 0, (empty), 1; two local columns (text, media)
         let sums = [1.0, 2.0, 9.0, 3.0, /* media */ 10.0, 20.0, 90.0, 30.0];
-        let s = super::GraphSums { layer: 1, var: 0, n_kv: 4, n_head_kv: 1, cols: &[0, 1], sums: &sums, cell_pos: &[2, 0, -1, 1], row_pos: &[0, 1, 2], n_elite_rows: 0 };
+        let s = super::GraphSums { layer: 1, var: 0, n_kv: 4, n_head_kv: 1, cols: &[0, 1], sums: &sums, cell_pos: &[2, 0, -1, 1], row_pos: &[0, 1, 2], n_elite_rows: 0, q_moments: None };
         r.add_sums(&s).unwrap();
         let st = &r.stats()[0];
         assert_eq!(st.column(super::Bucket::Text, 1, 0), &[2.0, 3.0, 1.0]);

@@ -19,13 +19,25 @@ pub struct KvRequest {
     pub vnorm: bool,
     /// `cos(k, ā)`, `ā` the mean unit key of the KV head over every cached token (KeyDiff).
     pub keydiff: bool,
+    /// Expected Attention's `z` per token and query head, from the query moments the policy
+    /// observed ([`super::Rows::Moments`]).
+    pub expected: Option<ExpectedRequest>,
+}
+
+/// How Expected Attention's query distribution is formed from the observed moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpectedRequest {
+    /// Future query positions the mean rotation averages over (from the next position on).
+    pub n_future: usize,
+    /// Use the covariance (else the mean only).
+    pub cov: bool,
 }
 
 impl KvRequest {
     /// The union of two requests.
     #[must_use]
     pub fn union(self, o: Self) -> Self {
-        Self { knorm: self.knorm || o.knorm, vnorm: self.vnorm || o.vnorm, keydiff: self.keydiff || o.keydiff }
+        Self { knorm: self.knorm || o.knorm, vnorm: self.vnorm || o.vnorm, keydiff: self.keydiff || o.keydiff, expected: self.expected.or(o.expected) }
     }
 }
 
@@ -47,14 +59,33 @@ pub struct KvStats {
     knorm: Option<Table>,
     vnorm: Option<Table>,
     keydiff: Option<Table>,
+    /// Query heads of `z`.
+    pub n_head: usize,
+    /// Expected Attention's `z`, `[layer][query head][token]`.
+    z: Option<Table>,
 }
 
 impl KvStats {
     /// Zeros for what `req` asks (tests and hand-built statistics fill them in).
     #[must_use]
     pub fn new(n_layer: usize, n_head_kv: usize, n_tokens: usize, req: KvRequest) -> Self {
-        let table = |on: bool| on.then(|| Table { data: vec![0.0; n_layer * n_head_kv * n_tokens] });
-        Self { n_layer, n_head_kv, n_tokens, knorm: table(req.knorm), vnorm: table(req.vnorm), keydiff: table(req.keydiff) }
+        Self::with_heads(n_layer, n_head_kv, n_head_kv, n_tokens, req)
+    }
+
+    /// Zeros, with `n_head` query heads for Expected Attention's `z`.
+    #[must_use]
+    pub fn with_heads(n_layer: usize, n_head_kv: usize, n_head: usize, n_tokens: usize, req: KvRequest) -> Self {
+        let table = |on: bool, heads: usize| on.then(|| Table { data: vec![0.0; n_layer * heads * n_tokens] });
+        Self {
+            n_layer,
+            n_head_kv,
+            n_tokens,
+            knorm: table(req.knorm, n_head_kv),
+            vnorm: table(req.vnorm, n_head_kv),
+            keydiff: table(req.keydiff, n_head_kv),
+            n_head,
+            z: table(req.expected.is_some(), n_head),
+        }
     }
 
     /// From a scan of the cache: column `i` is the cell at position `positions[i]`. Cells at
@@ -64,11 +95,31 @@ impl KvStats {
     /// # Errors
     /// A one-line reason.
     pub fn from_scan(scan: &[KvScanLayer], n_layer: usize, positions: &[i32], req: KvRequest) -> Result<Self, String> {
-        let n_head_kv = scan.first().map_or(0, |l| l.n_head_kv);
-        let mut out = Self::new(n_layer, n_head_kv, positions.len(), req);
+        let n_head_kv = scan.iter().map(|l| l.n_head_kv).max().unwrap_or(0);
+        let n_head = scan.iter().map(|l| l.n_head).max().unwrap_or(0);
+        let mut out = Self::with_heads(n_layer, n_head_kv, n_head, positions.len(), req);
         let column: HashMap<i32, usize> = positions.iter().enumerate().map(|(i, &p)| (p, i)).collect();
         let mut seen = vec![false; n_layer];
         for l in scan {
+            if let (Some(z), Some(table)) = (&l.z, &mut out.z) {
+                // Expected Attention's scan: `z` only, `[query head][cell]`
+                if l.layer >= n_layer || l.n_head != n_head || z.len() != n_head * l.cell_pos.len() {
+                    return Err(format!("the Expected Attention scan returned layer {} with {} heads", l.layer, l.n_head));
+                }
+                seen[l.layer] = true;
+                let mut found = 0;
+                for (c, &pos) in l.cell_pos.iter().enumerate() {
+                    let Some(&t) = column.get(&pos) else { continue };
+                    found += 1;
+                    for h in 0..n_head {
+                        table.data[(l.layer * n_head + h) * positions.len() + t] = z[h * l.cell_pos.len() + c];
+                    }
+                }
+                if found != positions.len() {
+                    return Err(format!("the Expected Attention scan found {found} of {} tokens in layer {}", positions.len(), l.layer));
+                }
+                continue;
+            }
             if l.layer >= n_layer || l.n_head_kv != n_head_kv {
                 return Err(format!("the KV scan returned layer {} with {} KV heads (expected < {n_layer} layers of {n_head_kv})", l.layer, l.n_head_kv));
             }
@@ -123,6 +174,19 @@ impl KvStats {
         self.row(&self.keydiff, layer, head)
     }
 
+    /// Expected Attention's `z` of every token for one (layer, query head), when scanned.
+    #[must_use]
+    pub fn z(&self, layer: usize, head: usize) -> Option<&[f32]> {
+        let o = (layer * self.n_head + head) * self.n_tokens;
+        self.z.as_ref().map(|t| &t.data[o..o + self.n_tokens])
+    }
+
+    /// Mutable `z` (tests).
+    pub fn z_mut(&mut self, layer: usize, head: usize) -> Option<&mut [f32]> {
+        let o = (layer * self.n_head + head) * self.n_tokens;
+        self.z.as_mut().map(|t| &mut t.data[o..o + self.n_tokens])
+    }
+
     /// Mutable `‖k‖₂` (tests).
     pub fn knorm_mut(&mut self, layer: usize, head: usize) -> Option<&mut [f32]> {
         Self::row_mut(self.n_head_kv, self.n_tokens, &mut self.knorm, layer, head)
@@ -175,7 +239,7 @@ mod tests {
 
     #[test]
     fn scan_cells_map_to_tokens_by_position() {
-        let req = KvRequest { knorm: true, vnorm: false, keydiff: false };
+        let req = KvRequest { knorm: true, ..KvRequest::default() };
         // two layers, one head; cells hold positions 7, 3, 5 (holes and order do not matter)
         let layer = |i: usize, base: f32| KvScanLayer {
             layer: i,
@@ -184,6 +248,7 @@ mod tests {
             knorm: Some(vec![base + 7.0, base + 3.0, base + 9.0, base + 5.0]),
             vnorm: None,
             kdiff: None,
+            ..KvScanLayer::default()
         };
         let s = KvStats::from_scan(&[layer(0, 0.0), layer(1, 100.0)], 2, &[3, 5, 7], req).unwrap();
         assert_eq!(s.knorm(0, 0).unwrap(), &[3.0, 5.0, 7.0]);

@@ -36,19 +36,22 @@
 //! | `graph.rs` | the graph path: requests → [`GraphPlan`], in-graph sums → statistics |
 //! | `collector.rs` | [`Collector`]: the engine's handle on the reducer the observer feeds |
 //! | `kv.rs` | statistics of the cached keys and values (no attention): [`KvStats`] |
+//! | `moments.rs` | moments of the pre-RoPE queries (Expected Attention): [`QueryMoments`], [`Rope`] |
 
 mod cells;
 mod collector;
 mod elite;
 mod graph;
 mod kv;
+mod moments;
 mod reducer;
 mod softmax;
 mod window;
 
 pub use crate::llama::sink::{AttentionSink, GraphPlan, GraphSums, KqShape, SharedSink};
 pub use collector::Collector;
-pub use kv::{keydiff_cosines, KvRequest, KvStats};
+pub use kv::{keydiff_cosines, ExpectedRequest, KvRequest, KvStats};
+pub use moments::{QueryMoments, Rope};
 pub use reducer::Reducer;
 pub use softmax::exp_neg;
 
@@ -72,6 +75,14 @@ pub enum Rows {
         alpha: f32,
         /// Whether the first prompt token (the attention sink) may be elite.
         keep_sink: bool,
+    },
+    /// No attention: the sum and the sum of outer products of the pre-RoPE query vectors of
+    /// every prompt row from index `skip` on, per (layer, query head) — Expected Attention's
+    /// query statistics ([`QueryMoments`], in [`AttentionStats::moments`]). In-graph observer
+    /// only (patch 0013); they accumulate across the evictions of a bounded prefill.
+    Moments {
+        /// Rows before this prompt index are left out (the attention sinks).
+        skip: usize,
     },
 }
 
@@ -117,13 +128,15 @@ pub struct AttentionStats {
     /// Query rows that contributed, per bucket.
     pub n_rows: [usize; 2],
     data: Vec<f32>,
+    /// [`Rows::Moments`] requests: the query moments (`None` until the observer sent some).
+    pub moments: Option<QueryMoments>,
 }
 
 impl AttentionStats {
     /// All zeros.
     #[must_use]
     pub fn new(n_layer: usize, n_head_kv: usize, n_tokens: usize) -> Self {
-        Self { n_layer, n_head_kv, n_tokens, n_rows: [0; 2], data: vec![0.0; 2 * n_layer * n_head_kv * n_tokens] }
+        Self { n_layer, n_head_kv, n_tokens, n_rows: [0; 2], data: vec![0.0; 2 * n_layer * n_head_kv * n_tokens], moments: None }
     }
 
     fn offset(&self, b: Bucket, layer: usize, head: usize) -> usize {
@@ -157,6 +170,7 @@ impl AttentionStats {
     pub fn gather(&self, tokens: &[usize]) -> Self {
         let mut out = Self::new(self.n_layer, self.n_head_kv, tokens.len());
         out.n_rows = self.n_rows;
+        out.moments.clone_from(&self.moments);
         for b in [Bucket::Text, Bucket::Media] {
             for layer in 0..self.n_layer {
                 for head in 0..self.n_head_kv {

@@ -109,7 +109,8 @@ impl Reducer {
     /// `start..end` row indices.
     #[must_use]
     pub fn wanted_rows(&self) -> Range<usize> {
-        let from = (0..self.reqs.len()).map(|k| self.first_row(k)).min().unwrap_or(self.horizon);
+        // query moments come from the graph only: they want no logits
+        let from = (0..self.reqs.len()).filter(|&k| !matches!(self.reqs[k].rows, Rows::Moments { .. })).map(|k| self.first_row(k)).min().unwrap_or(self.horizon);
         window::wanted(self.cells.ubatch(), self.horizon, from)
     }
 
@@ -130,7 +131,8 @@ impl Reducer {
         let row_tokens: Vec<u32> = rows.clone().map(|r| first + r as u32).collect();
         let firsts: Vec<usize> = (0..self.reqs.len()).map(|k| self.first_row(k)).collect();
         let ns: Vec<f64> = self.reqs.iter().map(|r| f64::from(r.n)).collect();
-        let is_elite: Vec<bool> = self.reqs.iter().map(|r| matches!(r.rows, Rows::Elite { .. })).collect();
+        // AirCache's elite window is reduced apart; query moments are not computed on the host
+        let is_elite: Vec<bool> = self.reqs.iter().map(|r| matches!(r.rows, Rows::Elite { .. } | Rows::Moments { .. })).collect();
         if shape.layer == 0 {
             for &t in &row_tokens {
                 for (k, st) in self.stats.iter_mut().enumerate() {

@@ -12,6 +12,7 @@ use super::Rows;
 pub(super) fn first_row(rows: Rows, horizon: usize, ubatch: (u32, usize)) -> usize {
     match rows {
         Rows::All => 0,
+        Rows::Moments { skip } => skip,
         Rows::Last(w) => horizon.saturating_sub(w),
         Rows::Elite { .. } => {
             let (first, n) = (ubatch.0 as usize, ubatch.1);
@@ -35,8 +36,8 @@ pub(super) fn wanted(ubatch: (u32, usize), horizon: usize, from: usize) -> Range
     start..end
 }
 
-/// Whether a request's sums restart after an eviction (windows do; `Rows::All` keeps its
-/// running sums).
+/// Whether a request's sums restart after an eviction (windows do; `Rows::All` and the query
+/// moments keep their running sums).
 pub(super) fn restarts(rows: Rows) -> bool {
-    rows != Rows::All
+    !matches!(rows, Rows::All | Rows::Moments { .. })
 }

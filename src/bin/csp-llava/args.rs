@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use csp_llava::config::{self, CacheType, ContextConfig, FlashAttn, KvCap, SamplingConfig};
-use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Granularity, KNorm, KeyDiff, LookM, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Protect, Random, VNorm, CSP_PRESETS};
+use csp_llava::policy::{csp_preset, AirCache, Budget, Csp, Expected, Granularity, KNorm, KeyDiff, LookM, Params, PolicyConfig, PolicyKind, PolicySpec, PrefixKvParams, Profile, Protect, Random, VNorm, CSP_PRESETS};
 use csp_llava::policy::lookm::Merge;
 
 /// Run 4-bit GGUF vision-language models through llama.cpp and prune their KV cache.
@@ -380,7 +380,7 @@ pub struct TuningFlags {
     /// AirCache: lowest per-layer visual retention, as a fraction of the budget.
     #[arg(long = "aircache-r-min", value_name = "F", default_value_t = 0.1)]
     pub aircache_r_min: f64,
-    /// knorm, vnorm, keydiff: keep the recent window (B/2, scaled by --csp-recent-bias) instead
+    /// knorm, vnorm, keydiff, expected: keep the recent window (B/2, scaled by --csp-recent-bias) instead
     /// of only the last prompt token (kvpress ranks every other token).
     #[arg(long = "kv-score-recent")]
     pub kv_score_recent: bool,
@@ -388,6 +388,12 @@ pub struct TuningFlags {
     /// default), avg (the paper's Eq. 10) or none (text-prior selection only)
     #[arg(long = "lookm-merge", value_name = "pivot|avg|none", default_value = "pivot", value_parser = parse_merge)]
     pub lookm_merge: Merge,
+    /// expected: future query positions the RoPE rotation of the query statistics is averaged over
+    #[arg(long = "expected-future", value_name = "N", default_value_t = 512)]
+    pub expected_future: usize,
+    /// expected: use the queries' mean only (no covariance term)
+    #[arg(long = "expected-no-cov")]
+    pub expected_no_cov: bool,
 }
 
 fn parse_merge(s: &str) -> Result<Merge, String> {
@@ -431,6 +437,7 @@ impl TuningFlags {
                 vnorm: VNorm { recent: self.kv_score_recent, ..VNorm::default() },
                 keydiff: KeyDiff { recent: self.kv_score_recent },
                 lookm: LookM { merge: self.lookm_merge },
+                expected: Expected { recent: self.kv_score_recent, n_future: self.expected_future, cov: !self.expected_no_cov, ..Expected::default() },
                 ..d.params
             },
         })
@@ -453,6 +460,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         "knorm.recent" | "vnorm.recent" | "keydiff.recent" => "--kv-score-recent",
         "prefixkv.profile" => "--prefixkv-profile",
         "lookm.merge" => "--lookm-merge",
+        "expected.n_future" => "--expected-future",
         "mmproj" => "--mmproj",
         "n_ctx" => "-c/--ctx-size",
         "n_batch" => "-b/--batch-size",
