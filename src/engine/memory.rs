@@ -78,16 +78,22 @@ impl std::fmt::Debug for Planner {
 }
 
 /// Tokens one image becomes, from the mmproj's header, for the projectors whose count is the
-/// patch grid (LLaVA-1.5's `mlp`, `mlp_norm`); `None` for others (any-resolution, pixel
-/// shuffle, merger…), whose count depends on the image.
+/// patch grid (LLaVA-1.5's `mlp`, `mlp_norm`) or the grid pooled by a fixed factor (Gemma 3:
+/// `clip.vision.projector.scale_factor`, 4 when absent, as clip.cpp reads it); `None` for others
+/// (any-resolution, pixel shuffle, merger…), whose count depends on the image.
 fn tokens_per_image(h: &GgufHeader) -> Option<u32> {
     let ty = h.get_str("clip.projector_type").unwrap_or("mlp");
-    if !matches!(ty, "mlp" | "mlp_norm") || h.get_str("clip.vision.mm_patch_merge_type").is_some_and(|m| m != "flat") {
+    let pool = match ty {
+        "mlp" | "mlp_norm" => 1,
+        "gemma3" => h.get_u64("clip.vision.projector.scale_factor").unwrap_or(4).max(1),
+        _ => return None,
+    };
+    if h.get_str("clip.vision.mm_patch_merge_type").is_some_and(|m| m != "flat") {
         return None;
     }
     let image = h.get_u64("clip.vision.image_size")?;
     let patch = h.get_u64("clip.vision.patch_size").filter(|&p| p > 0)?;
-    u32::try_from((image / patch).pow(2)).ok()
+    u32::try_from((image / patch / pool).pow(2)).ok()
 }
 
 impl Planner {
@@ -143,7 +149,7 @@ impl Planner {
     pub fn plan(&self, n_ctx: u32, ctx: &ContextConfig) -> Result<MemoryPlan> {
         let n_ctx = n_ctx.max(1);
         let n_batch = ctx.n_batch.min(n_ctx).max(1);
-        let params = ContextParams { n_ctx, n_batch, n_ubatch: ctx.n_ubatch.min(n_batch).max(1), threads: self.threads, flash_attn: ctx.flash_attn, type_k: ctx.type_k, type_v: ctx.type_v };
+        let params = ContextParams { n_ctx, n_batch, n_ubatch: ctx.n_ubatch.min(n_batch).max(1), threads: self.threads, flash_attn: ctx.flash_attn, type_k: ctx.type_k, type_v: ctx.type_v, swa_full: ctx.swa_full };
         let c = llama::Context::new(&self.model, params, None, None)?;
         Ok(MemoryPlan { n_ctx, llama: c.memory_totals(), mmproj_weights: self.mmproj_weights, on_device: self.on_device })
     }

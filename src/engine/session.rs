@@ -195,7 +195,7 @@ impl<'e> Session<'e> {
         let n_batch = cfg.n_batch.min(n_ctx);
         let n_ubatch = cfg.n_ubatch.min(n_batch);
         let threads = engine.config().threads;
-        let params = ContextParams { n_ctx, n_batch, n_ubatch, threads, flash_attn: cfg.flash_attn, type_k: cfg.type_k, type_v: cfg.type_v };
+        let params = ContextParams { n_ctx, n_batch, n_ubatch, threads, flash_attn: cfg.flash_attn, type_k: cfg.type_k, type_v: cfg.type_v, swa_full: cfg.swa_full };
         let observer = collector.as_ref().map(|c| if graph { Observer::graph(c.sink()) } else { Observer::new(Some(c.sink())) });
         let mut lctx = Context::new(&engine.model, params, observer, Some(engine.cancel.flag()))?;
         let flash_attn = lctx.flash_attn();

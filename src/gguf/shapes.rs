@@ -8,6 +8,20 @@
 //!   hold 23), class embedding, the `mlp` projector 1024 → 4096 → 4096.
 //! * `llava-1.5-13b`: Vicuna-13B's shape — 40 layers, hidden 5120, 40 heads, FFN 13824; the same
 //!   encoder with the projector into 5120.
+//! * `gemma3-4b`: Gemma 3 4B's shape — `gemma3`, 34 layers, hidden 2560, 8 query / 4 KV heads of
+//!   256, FFN 10240, vocabulary 262144, trained context 131072, sliding window 1024 with every
+//!   6th layer global (an iSWA cache: only 6 of 34 layers hold the whole context); SigLIP-so400m
+//!   mmproj — 896 px, patch 14, width 1152, 16 heads, FFN 4304, 27 layers, pooled 4×4 into 256
+//!   tokens per image. (Gemma 3's linear RoPE scaling of the global layers is left out: it changes
+//!   no size.)
+//! * `qwen2.5-vl-7b`: Qwen2.5-VL-7B's shape — `qwen2vl` with M-RoPE (sections 16/24/24), 28
+//!   layers, hidden 3584, 28 query / 4 KV heads of 128, FFN 18944, vocabulary 152064, trained
+//!   context 128000, output not tied; vision 32 blocks of width 1280, 16 heads, FFN 3420, full
+//!   attention every 8th block, the 2×2 merger into 3584 (an image of w×h px becomes about
+//!   (w/28)·(h/28) tokens).
+//!
+//! Gemma 3 and Qwen2.5-VL are written by the family writers of [`super::families`] at these
+//! sizes.
 //!
 //! The text model is written in the requested type the way llama.cpp's quantizer lays out a
 //! file of that type: the matrices and the token embedding in the type, `output.weight` in
@@ -20,6 +34,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::families::{self, Sizes, Weights};
 use super::{tiny, GgufWriter, TensorType, Value};
 
 /// The text model's shape.
@@ -73,13 +88,59 @@ pub enum Shape {
     Llava15_7b,
     /// LLaVA-1.5-13B.
     Llava15_13b,
+    /// Gemma 3 4B.
+    Gemma3_4b,
+    /// Qwen2.5-VL-7B.
+    Qwen25Vl7b,
 }
+
+/// Gemma 3 4B's sizes.
+const GEMMA3_4B: Sizes = Sizes {
+    n_embd: 2560,
+    n_layer: 34,
+    n_head: 8,
+    n_head_kv: 4,
+    head_dim: 256,
+    n_ff: 10240,
+    n_vocab: 262_144,
+    n_ctx_train: 131_072,
+    swa: (1024, 6),
+    mrope: [0; 4],
+    image: 896,
+    patch: 14,
+    v_embd: 1152,
+    v_head: 16,
+    v_ff: 4304,
+    v_layer: 27,
+    wa_pattern: 0,
+};
+
+/// Qwen2.5-VL-7B's sizes.
+const QWEN25VL_7B: Sizes = Sizes {
+    n_embd: 3584,
+    n_layer: 28,
+    n_head: 28,
+    n_head_kv: 4,
+    head_dim: 128,
+    n_ff: 18944,
+    n_vocab: 152_064,
+    n_ctx_train: 128_000,
+    swa: (0, 0),
+    mrope: [16, 24, 24, 0],
+    image: 560,
+    patch: 14,
+    v_embd: 1280,
+    v_head: 16,
+    v_ff: 3420,
+    v_layer: 32,
+    wa_pattern: 8,
+};
 
 const CLIP_L_336: VisionShape = VisionShape { image: 336, patch: 14, n_embd: 1024, n_head: 16, n_ff: 4096, n_layer: 23 };
 
 impl Shape {
     /// Every shape, in the order `--help` lists them.
-    pub const ALL: [Shape; 2] = [Shape::Llava15_7b, Shape::Llava15_13b];
+    pub const ALL: [Shape; 4] = [Shape::Llava15_7b, Shape::Llava15_13b, Shape::Gemma3_4b, Shape::Qwen25Vl7b];
 
     /// The name on the command line and in file names.
     #[must_use]
@@ -87,22 +148,45 @@ impl Shape {
         match self {
             Shape::Llava15_7b => "llava-1.5-7b",
             Shape::Llava15_13b => "llava-1.5-13b",
+            Shape::Gemma3_4b => "gemma3-4b",
+            Shape::Qwen25Vl7b => "qwen2.5-vl-7b",
         }
     }
 
-    /// The text model's shape.
+    /// The family writer's sizes (Gemma 3, Qwen2.5-VL); `None` for the LLaVA shapes.
+    #[must_use]
+    pub fn sizes(self) -> Option<Sizes> {
+        match self {
+            Shape::Gemma3_4b => Some(GEMMA3_4B),
+            Shape::Qwen25Vl7b => Some(QWEN25VL_7B),
+            Shape::Llava15_7b | Shape::Llava15_13b => None,
+        }
+    }
+
+    /// The text model's shape (for the family shapes, what [`Shape::sizes`] says of it).
     #[must_use]
     pub fn text(self) -> TextShape {
         match self {
             Shape::Llava15_7b => TextShape { n_layer: 32, n_embd: 4096, n_head: 32, n_head_kv: 32, n_ff: 11008, n_vocab: 32000, n_ctx_train: 4096 },
             Shape::Llava15_13b => TextShape { n_layer: 40, n_embd: 5120, n_head: 40, n_head_kv: 40, n_ff: 13824, n_vocab: 32000, n_ctx_train: 4096 },
+            Shape::Gemma3_4b | Shape::Qwen25Vl7b => {
+                let z = self.sizes().unwrap_or(Sizes::TINY);
+                TextShape { n_layer: z.n_layer, n_embd: z.n_embd, n_head: z.n_head, n_head_kv: z.n_head_kv, n_ff: z.n_ff, n_vocab: z.n_vocab, n_ctx_train: z.n_ctx_train }
+            }
         }
     }
 
-    /// The vision encoder's shape.
+    /// The vision encoder's shape (LLaVA's CLIP; for the family shapes, what [`Shape::sizes`]
+    /// says of it, tokens per image as their projectors pool: Gemma 3 4×4, Qwen 2×2 at `image` px).
     #[must_use]
     pub fn vision(self) -> VisionShape {
-        CLIP_L_336
+        match self.sizes() {
+            None => CLIP_L_336,
+            Some(z) => {
+                let pool = if self == Shape::Gemma3_4b { 4 } else { 2 };
+                VisionShape { image: z.image, patch: z.patch * pool, n_embd: z.v_embd, n_head: z.v_head, n_ff: z.v_ff, n_layer: z.v_layer }
+            }
+        }
     }
 }
 
@@ -113,12 +197,7 @@ impl std::str::FromStr for Shape {
             return Ok(sh);
         }
         let known: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
-        Err(match s {
-            "gemma3-4b" | "qwen2.5-vl-7b" | "qwen2-vl-7b" => {
-                format!("shape {s} is not written yet (only the tiny model of its family: gen-tiny-model --family); known: {}", known.join(", "))
-            }
-            _ => format!("unknown shape '{s}' (known: {})", known.join(", ")),
-        })
+        Err(format!("unknown shape '{s}' (known: {})", known.join(", ")))
     }
 }
 
@@ -316,8 +395,17 @@ pub fn write(dir: &Path, shape: Shape, quant: Quant, seed: u64, n_layer: Option<
         Some(n) => format!("{}-{n}l", shape.name()),
         None => shape.name().to_owned(),
     };
-    let t = text_model(&name, &text, quant, seed);
-    let m = mmproj(shape.name(), &shape.vision(), text.n_embd, seed);
+    let (t, m) = match shape.sizes() {
+        None => (text_model(&name, &text, quant, seed), mmproj(shape.name(), &shape.vision(), text.n_embd, seed)),
+        Some(mut z) => {
+            z.n_layer = text.n_layer;
+            let (wt, label) = (Weights::Random(quant.tensor_type()), format!("random {name}"));
+            let mut t = if shape == Shape::Gemma3_4b { families::gemma3_text_sized(&label, &z, wt, seed) } else { families::qwen25vl_text_sized(&label, &z, wt, seed) };
+            t.u32("general.file_type", quant.file_type());
+            let m = if shape == Shape::Gemma3_4b { families::gemma3_mmproj_sized(&z, wt, seed) } else { families::qwen25vl_mmproj_sized(&z, wt, seed) };
+            (t, m)
+        }
+    };
     let written = Written {
         text: dir.join(format!("{name}-{}-text.gguf", quant.name())),
         mmproj: dir.join(format!("{}-mmproj-f16.gguf", shape.name())),
@@ -345,7 +433,8 @@ mod tests {
     #[test]
     fn names_parse_and_unknown_ones_say_what_is_known() {
         assert_eq!("llava-1.5-7b".parse::<Shape>(), Ok(Shape::Llava15_7b));
-        assert!("gemma3-4b".parse::<Shape>().unwrap_err().contains("family"));
+        assert_eq!("gemma3-4b".parse::<Shape>(), Ok(Shape::Gemma3_4b));
+        assert_eq!("qwen2.5-vl-7b".parse::<Shape>(), Ok(Shape::Qwen25Vl7b));
         assert!("llava-9b".parse::<Shape>().unwrap_err().contains("llava-1.5-13b"));
         assert_eq!("Q4_0".parse::<Quant>(), Ok(Quant::Q4_0));
         assert!("q3_k".parse::<Quant>().is_err());
@@ -360,5 +449,24 @@ mod tests {
         assert_eq!(t.tensor_bytes(), want);
         assert!((3.7e9..3.95e9).contains(&(want as f64)), "{want}");
         assert_eq!(Shape::Llava15_7b.vision().tokens_per_image(), 576);
+    }
+
+    #[test]
+    fn the_family_shapes_have_their_models_sizes() {
+        // Gemma 3 4B: 3.88e9 weights (text 3.88e9 incl. the 262144 × 2560 embedding; vision 0.42e9)
+        let z = Shape::Gemma3_4b.sizes().unwrap();
+        let layer: u64 = 2560 * 2048 * 2 + 2560 * 1024 * 2 + 3 * 2560 * 10240;
+        let text = 34 * layer + 262_144 * 2560;
+        assert!((3.8e9..3.95e9).contains(&(text as f64)), "{text}");
+        let t = families::gemma3_text_sized("x", &z, Weights::Random(TensorType::Q4_0), 0);
+        assert_eq!(t.tensor_bytes(), text / 32 * 18 + 34 * (4 * 2560 + 2 * 256) * 4 + 2560 * 4);
+        assert_eq!(Shape::Gemma3_4b.vision().tokens_per_image(), 256);
+        // Qwen2.5-VL-7B: 7.6e9 text weights (embedding and output 152064 × 3584 each)
+        let q = Shape::Qwen25Vl7b.sizes().unwrap();
+        assert_eq!(q.mrope.iter().sum::<i32>() as u32, q.head_dim / 2);
+        let layer: u64 = 3584 * 3584 * 2 + 3584 * 512 * 2 + 3 * 3584 * 18944;
+        let text = 28 * layer + 2 * 152_064 * 3584;
+        assert!((7.5e9..7.7e9).contains(&(text as f64)), "{text}");
+        assert_eq!(Shape::Qwen25Vl7b.vision().tokens_per_image(), 400, "560 px / 28");
     }
 }

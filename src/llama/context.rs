@@ -42,6 +42,8 @@ pub struct ContextParams {
     pub type_k: CacheType,
     /// V cache type.
     pub type_v: CacheType,
+    /// Sliding-window layers cache the whole context (llama.cpp's `swa_full`).
+    pub swa_full: bool,
 }
 
 fn kv_type(t: CacheType) -> KvCacheType {
@@ -75,6 +77,7 @@ impl ContextParams {
             .with_flash_attention_policy(fa)
             .with_type_k(kv_type(self.type_k))
             .with_type_v(kv_type(self.type_v))
+            .with_swa_full(self.swa_full)
     }
 }
 

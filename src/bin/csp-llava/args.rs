@@ -226,6 +226,10 @@ pub struct ContextFlags {
     /// through host memory.
     #[arg(long = "kv-compact", value_enum, value_name = "device|state", default_value = "device", help_heading = "KV cache pruning")]
     pub kv_compact: CompactArg,
+    /// Sliding-window models (Gemma 3): cache the whole context in the window layers too
+    /// (llama.cpp's --swa-full; off: they hold the window plus one ubatch).
+    #[arg(long = "swa-full")]
+    pub swa_full: bool,
 }
 
 /// `--kv-max-cells`: a cap, or `auto`.
@@ -322,6 +326,7 @@ impl ContextFlags {
                 ObserverArg::Host => config::ObserverMode::Host,
             },
             kv_compact_on_device: self.kv_compact == CompactArg::Device,
+            swa_full: self.swa_full,
         }
     }
 }

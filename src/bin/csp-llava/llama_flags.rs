@@ -94,7 +94,6 @@ pub const UNSUPPORTED_LLAMA_FLAGS: &[(&str, bool)] = &[
     ("--rope-scale", true),
     ("--rope-freq-base", true),
     ("--yarn-orig-ctx", true),
-    ("--swa-full", false),
     ("-dt", true),
     ("--defrag-thold", true),
     ("-np", true),

@@ -42,7 +42,7 @@ fn need(planner: &Planner, req: &Request, n_predict: i32) -> Result<Need> {
     let tokens_per_image = match (planner.tokens_per_image(), n_images) {
         (_, 0) => 0,
         (Some(t), _) => t,
-        (None, _) => bail!("this projector's image token count depends on the image (any-resolution, pixel shuffle, merger): the memory plan knows fixed-grid projectors (LLaVA-1.5's mlp) only"),
+        (None, _) => bail!("this projector's image token count depends on the image (any-resolution, pixel shuffle, merger): the memory plan knows fixed-grid projectors (LLaVA-1.5's mlp, Gemma 3) only"),
     };
     let text = format!("{}\n{}", req.system.as_deref().unwrap_or(""), req.prompt);
     // chat-template markers (~16 tokens) and an "Image k: " label (~5) per image
@@ -191,7 +191,13 @@ fn table(d: &DryRun) -> String {
             s += &format!(", the capped one {}", fits(c));
         }
         match (d.largest_cap, d.full_cache_images) {
-            (Some(cells), Some(images)) => s += &format!("; at most {cells} cells fit (a full cache of {images} image(s) of {} tokens)\n", n.tokens_per_image),
+            (Some(cells), Some(images)) => {
+                s += &format!("; at most {cells} cells fit (a full cache of {images} image(s) of {} tokens", n.tokens_per_image);
+                if cells > d.n_ctx_train {
+                    s += &format!(", past the model's trained context of {} cells", d.n_ctx_train);
+                }
+                s += ")\n";
+            }
             _ => s += "; not even 256 cells fit\n",
         }
     }
