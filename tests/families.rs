@@ -125,6 +125,12 @@ fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
     let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
     let full = run(&e, &req, &ctx, "full", 1.0);
     assert_eq!(full.image_tokens, vec![16, 16, 16], "SigLIP 128 px, patch 8, pooled 4×4");
+    // the window layers hold the window + a ubatch by default (llama.cpp's tools); --swa-full
+    // sizes them to the whole context: more bytes, the same text
+    let whole = run(&e, &req, &ContextConfig { swa_full: true, n_ctx: 4096, ..ctx }, "full", 1.0);
+    let windowed = run(&e, &req, &ContextConfig { n_ctx: 4096, ..ctx }, "full", 1.0);
+    assert_eq!(whole.text, windowed.text);
+    assert!(windowed.kv_bytes_allocated * 3 < whole.kv_bytes_allocated * 2, "{} vs {}", windowed.kv_bytes_allocated, whole.kv_bytes_allocated);
     for spec in ["streaming", "random"] {
         assert_eq!(run(&e, &req, &ctx, spec, 1.0).text, full.text, "{spec} at budget 1.0");
         let r = run(&e, &req, &ctx, spec, 0.3);
