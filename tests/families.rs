@@ -28,18 +28,7 @@ fn run(e: &Engine, req: &Request, ctx: &ContextConfig, spec: &str, budget: f64) 
     e.run(req, ctx, &greedy(), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{spec} {budget}: {err}"))
 }
 
-const POLICIES: [PolicyKind; 10] = [
-    PolicyKind::Csp,
-    PolicyKind::H2o,
-    PolicyKind::SnapKv,
-    PolicyKind::Streaming,
-    PolicyKind::Random,
-    PolicyKind::KNorm,
-    PolicyKind::VNorm,
-    PolicyKind::KeyDiff,
-    PolicyKind::LookM,
-    PolicyKind::Expected,
-];
+use support::PRUNING as POLICIES;
 
 #[test]
 fn llava16_any_resolution_runs_and_every_policy_prunes() {

@@ -25,18 +25,7 @@ fn run(e: &Engine, req: &Request, fa: FlashAttn, kind: PolicyKind, budget: Budge
     e.run(req, &ctx, &greedy(12), &policy, &mut |_| {}).unwrap_or_else(|err| panic!("{kind} {budget}: {err}"))
 }
 
-const PRUNING: [PolicyKind; 10] = [
-    PolicyKind::Csp,
-    PolicyKind::H2o,
-    PolicyKind::SnapKv,
-    PolicyKind::Streaming,
-    PolicyKind::Random,
-    PolicyKind::KNorm,
-    PolicyKind::VNorm,
-    PolicyKind::KeyDiff,
-    PolicyKind::LookM,
-    PolicyKind::Expected,
-];
+use support::PRUNING;
 
 #[test]
 fn budget_one_reproduces_the_full_cache() {

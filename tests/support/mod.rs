@@ -43,3 +43,10 @@ pub fn scratch() -> &'static Path {
     DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
         .path()
 }
+
+/// Every policy that prunes a whole prompt at every granularity on the LLaVA families (PrefixKV
+/// and AirCache, whose budgets are per layer, are tested apart).
+pub const PRUNING: [csp_llava::policy::PolicyKind; 10] = {
+    use csp_llava::policy::PolicyKind as K;
+    [K::Csp, K::H2o, K::SnapKv, K::Streaming, K::Random, K::KNorm, K::VNorm, K::KeyDiff, K::LookM, K::Expected]
+};
