@@ -7,10 +7,12 @@
 //!   image becomes an overview plus 2×2 tiles (320 tokens where LLaVA-1.5's projector makes 64).
 //! * Gemma 3 and Qwen2.5-VL (`src/gguf/families.rs`): what prunes and what is refused, and why.
 
+mod support;
+
 use csp_llava::config::{ContextConfig, FlashAttn, KvCap, Request, SamplingConfig};
 use csp_llava::gguf::families::{write_family, Family};
 use csp_llava::gguf::tiny;
-use csp_llava::policy::{Budget, PolicyConfig, PolicyKind, PolicySpec};
+use csp_llava::policy::{Budget, PolicyConfig, PolicySpec};
 use csp_llava::{Engine, ModelConfig, RunReport};
 
 /// The LLaVA-1.6 tiny model and two 128 px images, in a temporary directory.
