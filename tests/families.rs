@@ -56,6 +56,33 @@ fn llava16_any_resolution_runs_and_every_policy_prunes() {
     }
 }
 
+/// SmolVLM (Idefics3): a llama text model, so every policy works as on LLaVA; the images are
+/// tiles + an overview, pixel-shuffled to 4 tokens each.
+#[test]
+fn smolvlm_tiles_run_and_every_policy_prunes() {
+    let (e, req, _dir) = family(Family::SmolVlm, 2, 13, "Which image shows a circle?");
+    let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
+    let full = run(&e, &req, &ctx, "full", 1.0);
+    assert_eq!(full.image_tokens, vec![20, 20], "an overview and 2×2 tiles of 4 tokens per 64 px image");
+    assert_eq!(full.n_generated, 12);
+    for kind in POLICIES {
+        assert_eq!(run(&e, &req, &ctx, kind.name(), 1.0).text, full.text, "{kind} at budget 1.0");
+        let r = run(&e, &req, &ctx, kind.name(), 0.3);
+        assert!(r.pruned && r.kv_cells_after < full.kv_cells_after / 2 && r.n_generated == 12, "{kind}: {} of {} cells", r.kv_cells_after, full.kv_cells_after);
+    }
+    for spec in ["csp@head", "h2o@layer"] {
+        assert_eq!(run(&e, &req, &ctx, spec, 1.0).text, full.text, "{spec} at budget 1.0");
+        assert!(run(&e, &req, &ctx, spec, 0.3).pruned, "{spec}");
+    }
+    // 136 prompt tokens through 64 cells (the reserve, a quarter of the cap, holds the 12
+    // generated tokens)
+    let capped = ContextConfig { kv_max_cells: Some(KvCap::Cells(64)), kv_shift: true, ..Default::default() };
+    for spec in ["csp", "expected", "streaming"] {
+        let r = run(&e, &req, &capped, spec, 0.3);
+        assert!(r.kv_cells_peak <= 64 && !r.evictions.is_empty() && r.n_generated == 12, "{spec}: peak {}", r.kv_cells_peak);
+    }
+}
+
 #[test]
 fn llava16_reads_tiles_under_a_cap() {
     let (e, req, _dir) = llava16();

@@ -17,6 +17,12 @@
 //!   temporal halves (`v.patch_embd.weight` and `.weight.1`), window attention every 2nd block,
 //!   gated FFN, 2×2 merger into the text width; an image becomes (w/28)·(h/28) tokens.
 //!   `<|vision_start|>` / `<|vision_end|>` are control tokens.
+//! * **SmolVLM** (Idefics3): text arch `llama`; mmproj `idefics3`: SigLIP tiles of 32 px (patch
+//!   8: 16 patches), pixel shuffle by 2 (`clip.vision.projector.scale_factor`) into 4 tokens,
+//!   `mm.model.fc.weight` `[4·n_embd_vision, n_embd_text]`; the preprocessor resizes an image's
+//!   longest edge to `clip.vision.preproc_image_size` (64) and cuts 32 px tiles plus an overview:
+//!   a 64 px image is 2×2 tiles + overview = 20 tokens, framed by `<fake_token_around_image>`,
+//!   `<row_r_col_c>`, `<global-img>` and newline pieces, which mtmd looks up by text.
 //!
 //! Key types matter: llama.cpp's clip loader asserts on a wrong integer type (so every integer
 //! here is a u32, the dimension sections an i32 array).
@@ -33,16 +39,18 @@ pub enum Family {
     /// `spatial_unpad`) with an image-newline embedding.
     Llava16,
     /// Gemma 3: `gemma3` text with sliding-window layers (an iSWA cache), SigLIP + `gemma3`
-    /// projector, image tokens attending bidirectionally .
+    /// projector, image tokens attending bidirectionally.
     Gemma3,
-    /// Qwen2.5-VL: `qwen2vl` text with M-RoPE, the `qwen2.5vl_merger` encoder
-    /// .
+    /// Qwen2.5-VL: `qwen2vl` text with M-RoPE, the `qwen2.5vl_merger` encoder.
     Qwen25Vl,
+    /// SmolVLM (Idefics3): `llama` text, SigLIP + pixel-shuffle `idefics3` projector, each image
+    /// split into tiles plus an overview.
+    SmolVlm,
 }
 
 impl Family {
     /// Every family, in `--help` order.
-    pub const ALL: [Family; 4] = [Family::Llava15, Family::Llava16, Family::Gemma3, Family::Qwen25Vl];
+    pub const ALL: [Family; 5] = [Family::Llava15, Family::Llava16, Family::Gemma3, Family::Qwen25Vl, Family::SmolVlm];
 
     /// The name on the command line.
     #[must_use]
@@ -52,6 +60,7 @@ impl Family {
             Family::Llava16 => "llava16",
             Family::Gemma3 => "gemma3",
             Family::Qwen25Vl => "qwen2.5-vl",
+            Family::SmolVlm => "smolvlm",
         }
     }
 }
@@ -62,11 +71,11 @@ impl std::str::FromStr for Family {
         if let Some(f) = Family::ALL.into_iter().find(|f| f.name() == s) {
             return Ok(f);
         }
+        if s == "idefics3" {
+            return Ok(Family::SmolVlm);
+        }
         let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
-        Err(match s {
-            "smolvlm" | "idefics3" => format!("family {s} is not written yet (known: {})", known.join(", ")),
-            _ => format!("unknown family '{s}' (known: {})", known.join(", ")),
-        })
+        Err(format!("unknown family '{s}' (known: {})", known.join(", ")))
     }
 }
 
@@ -77,6 +86,7 @@ pub fn text_model_of(family: Family, seed: u64) -> GgufWriter {
         Family::Llava15 | Family::Llava16 => tiny::text_model(seed),
         Family::Gemma3 => gemma3_text(seed),
         Family::Qwen25Vl => qwen25vl_text(seed),
+        Family::SmolVlm => smolvlm_text(seed),
     }
 }
 
@@ -86,6 +96,7 @@ pub fn mmproj_of(family: Family, seed: u64) -> GgufWriter {
     match family {
         Family::Gemma3 => gemma3_mmproj(seed),
         Family::Qwen25Vl => qwen25vl_mmproj(seed),
+        Family::SmolVlm => smolvlm_mmproj(seed),
         Family::Llava15 => tiny::mmproj(seed),
         Family::Llava16 => {
             // LLaVA-1.6's any-resolution grid at the tiny image size: 1×1, 1×2, 2×1 and 2×2 tiles
@@ -446,5 +457,77 @@ pub fn qwen25vl_mmproj_sized(z: &Sizes, wt: Weights, seed: u64) -> GgufWriter {
     wt.small(&mut w, seed, "mm.0.bias", 4 * dv, 0.02);
     wt.mat(&mut w, seed, "mm.2.weight", 4 * dv, z.n_embd, true);
     wt.small(&mut w, seed, "mm.2.bias", z.n_embd, 0.02);
+    w
+}
+
+/// The tiny SmolVLM (Idefics3) text model: the LLaVA tiny model's llama layout with the pieces
+/// Idefics3's image framing looks up.
+#[must_use]
+pub fn smolvlm_text(seed: u64) -> GgufWriter {
+    let z = Sizes::TINY;
+    let specials = ["<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>", "<row_2_col_2>", "\n", "\n\n"];
+    let (v, eos) = vocab_with(&specials, "<|im_end|>", 0);
+    let a = "llama";
+    let (e, hd) = (z.n_embd, z.head_dim);
+    let mut w = text_header(a, "tiny smolvlm", &z, seed);
+    w.u32(&format!("{a}.rope.dimension_count"), hd);
+    tokenizer(&mut w, &v, eos, CHATML_TEMPLATE);
+    let n_vocab = v.len() as u32;
+    let wt = Weights::Tiny;
+    wt.any(&mut w, seed, "token_embd.weight", &[e.into(), n_vocab.into()], 1.0, None);
+    filled(&mut w, "output_norm.weight", e, 1.0);
+    wt.mat(&mut w, seed, "output.weight", e, n_vocab, false);
+    for i in 0..z.n_layer {
+        let b = |n: &str| format!("blk.{i}.{n}.weight");
+        filled(&mut w, &b("attn_norm"), e, 1.0);
+        // a larger Q/K scale, as the LLaVA tiny model's: sharper attention for the pruning tests
+        wt.any(&mut w, seed, &b("attn_q"), &[e.into(), (z.n_head * hd).into()], 0.5, None);
+        wt.any(&mut w, seed, &b("attn_k"), &[e.into(), (z.n_head_kv * hd).into()], 0.5, None);
+        wt.mat(&mut w, seed, &b("attn_v"), e, z.n_head_kv * hd, false);
+        wt.mat(&mut w, seed, &b("attn_output"), z.n_head * hd, e, false);
+        filled(&mut w, &b("ffn_norm"), e, 1.0);
+        wt.mat(&mut w, seed, &b("ffn_gate"), e, z.n_ff, false);
+        wt.mat(&mut w, seed, &b("ffn_up"), e, z.n_ff, false);
+        wt.mat(&mut w, seed, &b("ffn_down"), z.n_ff, e, false);
+    }
+    w
+}
+
+/// The tiny SmolVLM (Idefics3) mmproj: SigLIP on 32 px tiles, pixel shuffle 2, one linear map.
+#[must_use]
+pub fn smolvlm_mmproj(seed: u64) -> GgufWriter {
+    let z = Sizes { image: 32, patch: 8, ..Sizes::TINY };
+    let (patch, dv, fv, scale) = (z.patch, z.v_embd, z.v_ff, 2u32);
+    let wt = Weights::Tiny;
+    let mut w = GgufWriter::new();
+    clip_common(&mut w, "idefics3", &z, wt, seed);
+    w.bool("clip.use_gelu", true)
+        .u32("clip.vision.projector.scale_factor", scale)
+        .u32("clip.vision.preproc_image_size", 2 * z.image)
+        .kv("clip.vision.image_mean", Value::Array([0.5f32; 3].map(Value::F32).to_vec()))
+        .kv("clip.vision.image_std", Value::Array([0.5f32; 3].map(Value::F32).to_vec()));
+    let n_pos = (z.image / patch).pow(2);
+    let k = 3 * patch * patch;
+    wt.any(&mut w, seed, "v.patch_embd.weight", &[patch.into(), patch.into(), 3, dv.into()], 1.0 / (k as f32).sqrt(), None);
+    wt.small(&mut w, seed, "v.patch_embd.bias", dv, 0.02);
+    wt.any(&mut w, seed, "v.position_embd.weight", &[dv.into(), n_pos.into()], 0.02, None);
+    for i in 0..z.v_layer {
+        let p = |n: &str| format!("v.blk.{i}.{n}");
+        for n in ["attn_q", "attn_k", "attn_v", "attn_out"] {
+            wt.mat(&mut w, seed, &p(&format!("{n}.weight")), dv, dv, true);
+            wt.small(&mut w, seed, &p(&format!("{n}.bias")), dv, 0.02);
+        }
+        for n in ["ln1", "ln2"] {
+            filled(&mut w, &p(&format!("{n}.weight")), dv, 1.0);
+            filled(&mut w, &p(&format!("{n}.bias")), dv, 0.0);
+        }
+        wt.mat(&mut w, seed, &p("ffn_up.weight"), dv, fv, true);
+        wt.small(&mut w, seed, &p("ffn_up.bias"), fv, 0.02);
+        wt.mat(&mut w, seed, &p("ffn_down.weight"), fv, dv, true);
+        wt.small(&mut w, seed, &p("ffn_down.bias"), dv, 0.02);
+    }
+    filled(&mut w, "v.post_ln.weight", dv, 1.0);
+    filled(&mut w, "v.post_ln.bias", dv, 0.0);
+    wt.mat(&mut w, seed, "mm.model.fc.weight", scale * scale * dv, z.n_embd, true);
     w
 }

@@ -37,7 +37,8 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// The model family: llava15 (one fixed-size image), llava16 (any-resolution tiles),
-        /// gemma3 (sliding-window text, bidirectional image attention) or qwen2.5-vl (M-RoPE).
+        /// gemma3 (sliding-window text, bidirectional image attention), qwen2.5-vl (M-RoPE) or
+        /// smolvlm (Idefics3: image tiles, pixel shuffle).
         #[arg(long, default_value = "llava15", value_parser = parse_family)]
         family: csp_llava::gguf::families::Family,
     },
