@@ -30,15 +30,32 @@ def metric(p):
 
 
 def load(out):
-    runs = {}
-    for f in glob.glob(os.path.join(out, "K*-*.json")):
-        m = re.match(r"K(\d+)-(p1|p2|p3|cap)\.json$", os.path.basename(f))   # tagged variants apart
+    """K{k}-{protocol}.json per (k, protocol); a run tagged `-more-<name>` (TAG=more-<name>: more
+    policies on the same cases, e.g. one added later) is merged in: its policies that the base
+    run lacks, with their paired rows. Other tagged variants (EXTRA flags) stay apart."""
+    runs, extra = {}, []
+    for f in sorted(glob.glob(os.path.join(out, "K*-*.json"))):
+        m = re.match(r"K(\d+)-(p1|p2|p3|cap)(-more-[\w.]+)?\.json$", os.path.basename(f))
         if not m:
             continue
         try:
-            runs[(int(m.group(1)), m.group(2))] = json.load(open(f))
+            v = json.load(open(f))
         except (json.JSONDecodeError, OSError):
             continue   # a run that did not finish
+        key = (int(m.group(1)), m.group(2))
+        if m.group(3):
+            extra.append((key, v))
+        else:
+            runs[key] = v
+    for key, v in extra:
+        base = runs.get(key)
+        if base is None:
+            runs[key] = v
+            continue
+        have = {r["policy"] for r in base["summary"]}
+        new = {r["policy"] for r in v["summary"]} - have
+        base["summary"] += [r for r in v["summary"] if r["policy"] in new]
+        base["paired"] += [p for p in v["paired"] if p["a"] in new or p["b"] in new]
     return runs
 
 
