@@ -46,8 +46,9 @@ declare -A tests=(
     [merge]="pivot_merge_matches_reference_per_head"
     [chat]="images_are_pruned_once_and_later_turns_read_only_their_text images_in_memory_answer_like_files"
     [capi]="null_and_bad_arguments_are_errors"
+    [expected]="moments_and_scores_match_recomputation_flash_attention_on"
 )
-order=(engine pruning observer granularity bounded soak merge chat capi)
+order=(engine pruning observer granularity bounded soak merge chat capi expected)
 
 args=()
 for b in "${order[@]}"; do args+=(--test "$b"); done
