@@ -219,7 +219,8 @@ impl Weights {
         }
     }
 
-    /// A tensor of any shape (embeddings, convolutions) with this scale; `vision`: F16 when random.
+    /// A tensor of any shape (embeddings, convolutions) with this scale; when random, of type
+    /// `ty` (else the text type).
     fn any(self, w: &mut GgufWriter, seed: u64, name: &str, ne: &[u64], std: f32, ty: Option<TensorType>) {
         match self {
             Weights::Tiny => {
@@ -326,6 +327,36 @@ fn clip_common(w: &mut GgufWriter, projector: &str, z: &Sizes, wt: Weights, seed
         .u32("clip.vision.projection_dim", z.n_embd);
 }
 
+/// A SigLIP encoder's tensors (patch embedding with bias, learned positions, pre-norm blocks with
+/// GELU FFN, post-norm), as Gemma 3's and Idefics3's mmproj files hold them.
+fn siglip_tower(w: &mut GgufWriter, z: &Sizes, wt: Weights, seed: u64) {
+    let (patch, dv, fv) = (z.patch, z.v_embd, z.v_ff);
+    let n_pos = (z.image / patch).pow(2);
+    let k = 3 * patch * patch;
+    wt.any(w, seed, "v.patch_embd.weight", &[patch.into(), patch.into(), 3, dv.into()], 1.0 / (k as f32).sqrt(), Some(TensorType::F16));
+    wt.small(w, seed, "v.patch_embd.bias", dv, 0.02);
+    // F32: the graph adds it to the patch embeddings directly (an F16 operand aborts the CPU
+    // backend's add), as converted Gemma 3 and Idefics3 mmproj files store it
+    wt.any(w, seed, "v.position_embd.weight", &[dv.into(), n_pos.into()], 0.02, Some(TensorType::F32));
+    for i in 0..z.v_layer {
+        let p = |n: &str| format!("v.blk.{i}.{n}");
+        for n in ["attn_q", "attn_k", "attn_v", "attn_out"] {
+            wt.mat(w, seed, &p(&format!("{n}.weight")), dv, dv, true);
+            wt.small(w, seed, &p(&format!("{n}.bias")), dv, 0.02);
+        }
+        for n in ["ln1", "ln2"] {
+            filled(w, &p(&format!("{n}.weight")), dv, 1.0);
+            filled(w, &p(&format!("{n}.bias")), dv, 0.0);
+        }
+        wt.mat(w, seed, &p("ffn_up.weight"), dv, fv, true);
+        wt.small(w, seed, &p("ffn_up.bias"), fv, 0.02);
+        wt.mat(w, seed, &p("ffn_down.weight"), fv, dv, true);
+        wt.small(w, seed, &p("ffn_down.bias"), dv, 0.02);
+    }
+    filled(w, "v.post_ln.weight", dv, 1.0);
+    filled(w, "v.post_ln.bias", dv, 0.0);
+}
+
 /// The tiny Gemma 3 mmproj (SigLIP, 128 px, patch 8, pooled to 16 tokens).
 #[must_use]
 pub fn gemma3_mmproj(seed: u64) -> GgufWriter {
@@ -335,41 +366,17 @@ pub fn gemma3_mmproj(seed: u64) -> GgufWriter {
 /// A Gemma 3 mmproj of sizes `z` (SigLIP; the projector pools 4×4 patches into one token).
 #[must_use]
 pub fn gemma3_mmproj_sized(z: &Sizes, wt: Weights, seed: u64) -> GgufWriter {
-    let (image, patch, dv, fv) = (z.image, z.patch, z.v_embd, z.v_ff);
+    let dv = z.v_embd;
     let mut w = GgufWriter::new();
     clip_common(&mut w, "gemma3", z, wt, seed);
     if wt != Weights::Tiny {
         w.u32("general.file_type", 1);
     }
     w.bool("clip.use_gelu", true).kv("clip.vision.image_mean", Value::Array([0.5f32; 3].map(Value::F32).to_vec())).kv("clip.vision.image_std", Value::Array([0.5f32; 3].map(Value::F32).to_vec()));
-    let n_pos = (image / patch).pow(2);
-    let k = 3 * patch * patch;
-    let f16 = Some(TensorType::F16);
-    wt.any(&mut w, seed, "v.patch_embd.weight", &[patch.into(), patch.into(), 3, dv.into()], 1.0 / (k as f32).sqrt(), f16);
-    wt.small(&mut w, seed, "v.patch_embd.bias", dv, 0.02);
-    // F32: the gemma3 graph adds it to the patch embeddings directly (an F16 operand aborts the
-    // CPU backend's add), as the converted Gemma 3 mmproj files store it
-    wt.any(&mut w, seed, "v.position_embd.weight", &[dv.into(), n_pos.into()], 0.02, Some(TensorType::F32));
-    for i in 0..z.v_layer {
-        let p = |n: &str| format!("v.blk.{i}.{n}");
-        for n in ["attn_q", "attn_k", "attn_v", "attn_out"] {
-            wt.mat(&mut w, seed, &p(&format!("{n}.weight")), dv, dv, true);
-            wt.small(&mut w, seed, &p(&format!("{n}.bias")), dv, 0.02);
-        }
-        for n in ["ln1", "ln2"] {
-            filled(&mut w, &p(&format!("{n}.weight")), dv, 1.0);
-            filled(&mut w, &p(&format!("{n}.bias")), dv, 0.0);
-        }
-        wt.mat(&mut w, seed, &p("ffn_up.weight"), dv, fv, true);
-        wt.small(&mut w, seed, &p("ffn_up.bias"), fv, 0.02);
-        wt.mat(&mut w, seed, &p("ffn_down.weight"), fv, dv, true);
-        wt.small(&mut w, seed, &p("ffn_down.bias"), dv, 0.02);
-    }
-    filled(&mut w, "v.post_ln.weight", dv, 1.0);
-    filled(&mut w, "v.post_ln.bias", dv, 0.0);
+    siglip_tower(&mut w, z, wt, seed);
     filled(&mut w, "mm.soft_emb_norm.weight", dv, 1.0);
     // text width first: [n_embd_text, n_embd_vision] in ggml order
-    wt.any(&mut w, seed, "mm.input_projection.weight", &[z.n_embd.into(), dv.into()], 1.0 / (dv as f32).sqrt(), f16);
+    wt.any(&mut w, seed, "mm.input_projection.weight", &[z.n_embd.into(), dv.into()], 1.0 / (dv as f32).sqrt(), Some(TensorType::F16));
     w
 }
 
@@ -497,7 +504,7 @@ pub fn smolvlm_text(seed: u64) -> GgufWriter {
 #[must_use]
 pub fn smolvlm_mmproj(seed: u64) -> GgufWriter {
     let z = Sizes { image: 32, patch: 8, ..Sizes::TINY };
-    let (patch, dv, fv, scale) = (z.patch, z.v_embd, z.v_ff, 2u32);
+    let (dv, scale) = (z.v_embd, 2u32);
     let wt = Weights::Tiny;
     let mut w = GgufWriter::new();
     clip_common(&mut w, "idefics3", &z, wt, seed);
@@ -506,28 +513,7 @@ pub fn smolvlm_mmproj(seed: u64) -> GgufWriter {
         .u32("clip.vision.preproc_image_size", 2 * z.image)
         .kv("clip.vision.image_mean", Value::Array([0.5f32; 3].map(Value::F32).to_vec()))
         .kv("clip.vision.image_std", Value::Array([0.5f32; 3].map(Value::F32).to_vec()));
-    let n_pos = (z.image / patch).pow(2);
-    let k = 3 * patch * patch;
-    wt.any(&mut w, seed, "v.patch_embd.weight", &[patch.into(), patch.into(), 3, dv.into()], 1.0 / (k as f32).sqrt(), None);
-    wt.small(&mut w, seed, "v.patch_embd.bias", dv, 0.02);
-    wt.any(&mut w, seed, "v.position_embd.weight", &[dv.into(), n_pos.into()], 0.02, None);
-    for i in 0..z.v_layer {
-        let p = |n: &str| format!("v.blk.{i}.{n}");
-        for n in ["attn_q", "attn_k", "attn_v", "attn_out"] {
-            wt.mat(&mut w, seed, &p(&format!("{n}.weight")), dv, dv, true);
-            wt.small(&mut w, seed, &p(&format!("{n}.bias")), dv, 0.02);
-        }
-        for n in ["ln1", "ln2"] {
-            filled(&mut w, &p(&format!("{n}.weight")), dv, 1.0);
-            filled(&mut w, &p(&format!("{n}.bias")), dv, 0.0);
-        }
-        wt.mat(&mut w, seed, &p("ffn_up.weight"), dv, fv, true);
-        wt.small(&mut w, seed, &p("ffn_up.bias"), fv, 0.02);
-        wt.mat(&mut w, seed, &p("ffn_down.weight"), fv, dv, true);
-        wt.small(&mut w, seed, &p("ffn_down.bias"), dv, 0.02);
-    }
-    filled(&mut w, "v.post_ln.weight", dv, 1.0);
-    filled(&mut w, "v.post_ln.bias", dv, 0.0);
+    siglip_tower(&mut w, &z, wt, seed);
     wt.mat(&mut w, seed, "mm.model.fc.weight", scale * scale * dv, z.n_embd, true);
     w
 }
