@@ -171,21 +171,107 @@ fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
     }
 }
 
-/// Qwen2.5-VL: M-RoPE gives image tokens 2-D positions; it runs with the full cache and every
-/// pruning policy (and `--kv-shift`) is refused with the reason, as the README's matrix says.
+/// Qwen2.5-VL: M-RoPE gives an image's tokens one position (they differ in 2-D), so cells are
+/// removed and named by rank (patch 0014). Every policy prunes — observed in the graph, evicted,
+/// compacted, decodes, budget 1.0 reproduces the full cache — per layer and head too, and under
+/// a cap; Expected Attention (1-D RoPE only) and `--kv-shift` are refused with the reason.
 #[test]
-fn qwen25vl_runs_and_pruning_is_refused_with_the_reason() {
+fn qwen25vl_every_policy_prunes_by_cell() {
     let (e, req, _dir) = family(Family::Qwen25Vl, 3, 11, "Describe the images.");
     let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
     let full = run(&e, &req, &ctx, "full", 1.0);
     assert_eq!(full.image_tokens.len(), 3);
     assert!(full.image_tokens.iter().all(|&n| n >= 8), "(w/28)·(h/28) tokens, at least 8: {:?}", full.image_tokens);
     assert_eq!(full.n_generated, 12);
+    let n_image: usize = full.image_tokens.iter().sum();
     for kind in POLICIES {
-        let err = refusal(&e, &req, &ctx, kind.name());
-        assert!(err.contains("M-RoPE"), "{kind}: {err}");
+        if kind == csp_llava::policy::PolicyKind::Expected {
+            let err = refusal(&e, &req, &ctx, kind.name());
+            assert!(err.contains("RoPE is not 1-D"), "{kind}: {err}");
+            continue;
+        }
+        let same = run(&e, &req, &ctx, kind.name(), 1.0);
+        assert_eq!(same.text, full.text, "{kind} at budget 1.0");
+        let r = run(&e, &req, &ctx, kind.name(), 0.2);
+        assert!(r.pruned && r.n_generated == 12, "{kind} prunes and decodes");
+        assert!(r.kv_cells_after < full.kv_cells_after / 2, "{kind}: {} of {} cells", r.kv_cells_after, full.kv_cells_after);
+        // single tokens of an image went, not whole images (one position each)
+        let kept = r.kept_per_modality.image;
+        assert!(kept < n_image, "{kind}: {kept} of {n_image} image tokens kept");
+        if matches!(kind.name(), "csp" | "random" | "knorm") {
+            assert!(kept > 0, "{kind}: some image tokens kept");
+        }
+        // llama.cpp holds exactly the cells the policy kept
+        assert_eq!(r.kv_cells_after as usize, r.kv_cells_physical, "{kind}");
     }
-    let shifted = ContextConfig { kv_max_cells: Some(KvCap::Cells(64)), kv_shift: true, ..Default::default() };
+    // the in-graph observer names rows and cells by rank: it agrees with the host observer,
+    // which reads the cells each ubatch was written to
+    let host = ContextConfig { observer: csp_llava::config::ObserverMode::Host, ..ctx };
+    for spec in ["csp", "h2o", "snapkv", "aircache"] {
+        let (g, h) = (run(&e, &req, &ctx, spec, 0.2), run(&e, &req, &host, spec, 0.2));
+        let kept = |r: &RunReport| r.retention.iter().map(|t| t.kept).collect::<Vec<_>>();
+        assert_eq!((g.observer, h.observer, g.retention.len()), (Some("graph"), Some("host"), full.n_prompt_tokens), "{spec}");
+        assert_eq!(kept(&g), kept(&h), "{spec}: graph and host observers keep the same tokens");
+        assert_eq!(g.text, h.text, "{spec}");
+    }
+    for spec in ["csp@layer", "csp@head", "h2o@head", "snapkv@head", "aircache"] {
+        assert_eq!(run(&e, &req, &ctx, spec, 1.0).text, full.text, "{spec} at budget 1.0");
+        let r = run(&e, &req, &ctx, spec, 0.2);
+        assert!(r.pruned && r.n_generated == 12, "{spec}");
+    }
+    // a bounded prefill: images are read whole, evictions between them
+    let capped = ContextConfig { kv_max_cells: Some(KvCap::Cells(96)), ..Default::default() };
+    for spec in ["csp", "h2o", "streaming", "knorm"] {
+        let r = run(&e, &req, &capped, spec, 0.3);
+        assert!(r.kv_cells_peak <= 96 && !r.evictions.is_empty() && r.n_generated == 12, "{spec}: peak {}", r.kv_cells_peak);
+    }
+    let shifted = ContextConfig { kv_max_cells: Some(KvCap::Cells(96)), kv_shift: true, ..Default::default() };
     let err = refusal(&e, &req, &shifted, "streaming");
     assert!(err.contains("M-RoPE"), "{err}");
+}
+
+/// Under M-RoPE llama.cpp names cells by rank (patch 0014): after evicting every third prompt
+/// token (single tokens of each image among them), the cells the cache still holds are exactly
+/// the kept tokens, in order — each cell's key norm and value norm (the KV scan, by rank) equal
+/// those of the kept token's key and value captured while the prompt was read.
+#[test]
+fn qwen25vl_eviction_by_key_keeps_exactly_the_kept_tokens() {
+    use csp_llava::config::{CacheType, ObserverMode};
+    use csp_llava::engine::PrefillMode;
+    use csp_llava::stats::{KvRequest, Rows, StatRequest};
+    let (e, req, _dir) = family(Family::Qwen25Vl, 2, 5, "Which image is red?");
+    let prompt = e.prepare(&req).unwrap();
+    let l = prompt.n_tokens();
+    let m = e.model();
+    let (n_layer, n_head_kv) = (m.n_layer() as usize, m.n_head_kv() as usize);
+    let d = m.n_embd() as usize / m.n_head() as usize;
+    let ctx = ContextConfig { n_ctx: 512, n_ubatch: 32, type_k: CacheType::F32, type_v: CacheType::F32, observer: ObserverMode::Graph, ..Default::default() };
+    let mut session = e.session(&prompt, &ctx, vec![StatRequest { rows: Rows::Last(1), n: 0.0 }]).unwrap();
+    session.observer().unwrap().capture_kv(n_layer);
+    session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+    let captured = session.observer().unwrap().take_captured();
+    let rows = |name: &str| -> Vec<f32> {
+        let v: Vec<f32> = captured.iter().filter(|c| c.name == name).flat_map(|c| c.data.iter().copied()).collect();
+        assert_eq!(v.len(), l * n_head_kv * d, "{name}: every prompt token captured once");
+        v
+    };
+    let norm = |x: &[f32], t: usize, h: usize| x[(t * n_head_kv + h) * d..][..d].iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+    let keep: Vec<bool> = (0..l).map(|t| t % 3 != 1 || t == l - 1).collect();
+    let media = prompt.token_modalities();
+    assert!((0..l).any(|t| !keep[t] && media[t] != csp_llava::span::Modality::Text), "image tokens among the evicted");
+    let ev = session.evict(&keep).unwrap();
+    assert_eq!(ev.removed, keep.iter().filter(|&&k| !k).count());
+    let tokens = session.cached_tokens();
+    assert_eq!(tokens, (0..l).filter(|&t| keep[t]).collect::<Vec<_>>());
+    let s = session.kv_stats(KvRequest { knorm: true, vnorm: true, ..KvRequest::default() }, &tokens, None).unwrap();
+    for il in 0..n_layer {
+        let (k, v) = (rows(&format!("Kcur-{il}")), rows(&format!("Vcur-{il}")));
+        for h in 0..n_head_kv {
+            for (i, &t) in tokens.iter().enumerate() {
+                let (gk, gv) = (f64::from(s.knorm(il, h).unwrap()[i]), f64::from(s.vnorm(il, h).unwrap()[i]));
+                let (wk, wv) = (norm(&k, t, h), norm(&v, t, h));
+                assert!((gk - wk).abs() <= 1e-4 * wk.max(1e-3) && (gv - wv).abs() <= 1e-4 * wv.max(1e-3), "layer {il} head {h} token {t}: ‖k‖ {gk} vs {wk}, ‖v‖ {gv} vs {wv}");
+            }
+        }
+    }
 }

@@ -84,8 +84,8 @@ pub struct Engine {
 /// What the loaded model can do, computed once at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
-    /// Image tokens get 2-D positions (M-RoPE, Qwen2-VL family): pruning single tokens needs
-    /// cell-level removal, and positions cannot be shifted.
+    /// Image tokens get 2-D positions (M-RoPE, Qwen2-VL family): cells are named and removed by
+    /// rank (patch 0014), and positions cannot be shifted.
     pub mrope: bool,
     /// Image tokens attend to each other both ways (Gemma 3): the observer assumes causal
     /// attention.

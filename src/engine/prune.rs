@@ -44,14 +44,8 @@ impl Engine {
         })
     }
 
-    /// Pruning needs one position per token; observing needs causal attention.
-    pub(super) fn check_prunable(&self, prompt: &Prompt, observes: bool) -> Result<()> {
-        if prompt.positions().is_none() || self.caps.mrope {
-            return Err(Error::Unsupported {
-                what: "model for pruning",
-                reason: "it uses M-RoPE (2-D image positions); removing single tokens needs cell-level removal, not available yet — use --kv-policy full".into(),
-            });
-        }
+    /// Observing needs causal attention. (M-RoPE models prune by cell key: patch 0014.)
+    pub(super) fn check_prunable(&self, _prompt: &Prompt, observes: bool) -> Result<()> {
         if observes && self.caps.non_causal_media {
             return Err(Error::Unsupported {
                 what: "model for attention-based pruning",
@@ -155,7 +149,7 @@ impl Plan {
             session.set_decode_sinks(n)?;
         }
         session.decode_eviction = decode_eviction.map(|(mut fp, view)| {
-            // entries are prompt (or view) indices; the cache knows positions
+            // entries are prompt (or view) indices; the cache knows keys (positions, or ranks)
             let pos = session.token_pos.clone();
             match view {
                 Some(tokens) => fp.remap(&|i| pos[tokens[i]] as usize),

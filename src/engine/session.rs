@@ -80,8 +80,12 @@ pub struct Session<'e> {
     /// Eviction while decoding (PrefixKV's fixed-point FIFO); entries are positions.
     pub(super) decode_eviction: Option<Box<dyn DecodeEviction>>,
     decode_evicted: usize,
-    /// Current position of every prompt token read, −1 once evicted (empty under M-RoPE).
+    /// Current key of every prompt token read, −1 once evicted: its position, or where llama.cpp
+    /// names cells by rank ([`Session::ranked`], M-RoPE) its rank among the cached cells.
     pub(super) token_pos: Vec<i32>,
+    /// llama.cpp names this cache's cells by rank (patch 0014: 2-D positions, M-RoPE): keys are
+    /// ranks `0..n`, renumbered after every eviction, not positions.
+    ranked: bool,
     /// Prompt tokens read so far.
     pub(super) n_read: usize,
     /// The bounded prefill (`--kv-max-cells`), when the session has a cap.
@@ -199,6 +203,7 @@ impl<'e> Session<'e> {
         let observer = collector.as_ref().map(|c| if graph { Observer::graph(c.sink()) } else { Observer::new(Some(c.sink())) });
         let mut lctx = Context::new(&engine.model, params, observer, Some(engine.cancel.flag()))?;
         let flash_attn = lctx.flash_attn();
+        let ranked = lctx.keys_ranked();
         let resume_flash_attn = observes && !graph && flash_attn;
         if resume_flash_attn {
             lctx.set_flash_attn(false);
@@ -232,6 +237,7 @@ impl<'e> Session<'e> {
             decode_eviction: None,
             decode_evicted: 0,
             token_pos: Vec::new(),
+            ranked,
             n_read: 0,
             bounded,
             evictions: Vec::new(),
@@ -265,6 +271,16 @@ impl<'e> Session<'e> {
     #[must_use]
     pub fn n_ctx_train(&self) -> u32 {
         self.engine.model().n_ctx_train()
+    }
+
+    /// The key the next token written gets: its position, or with ranked keys the number of
+    /// cells the sequence holds.
+    pub(super) fn next_key(&self) -> i32 {
+        if self.ranked {
+            i32::try_from(self.kv_info().n_used).unwrap_or(i32::MAX)
+        } else {
+            self.n_past
+        }
     }
 
     pub(super) fn note_pos(&mut self) {
@@ -307,7 +323,8 @@ impl<'e> Session<'e> {
         if !self.lctx.observer().is_some_and(|o| o.is_graph() && o.has_sink()) {
             return Ok(());
         }
-        let plan = self.collector.as_ref().and_then(|c| c.graph_plan(self.n_read, &self.token_pos, self.n_past));
+        let next = self.next_key();
+        let plan = self.collector.as_ref().and_then(|c| c.graph_plan(self.n_read, &self.token_pos, next));
         self.lctx.set_graph_plan(plan.as_ref())
     }
 
@@ -375,9 +392,10 @@ impl<'e> Session<'e> {
                 reason: "this prompt needs evictions while it is read: use Engine::prefill_pruned or Session::prefill_bounded".into(),
             });
         }
+        let base = self.next_key();
         let res = self.prefill_inner(prompt, mode, on_event);
         if res.is_ok() {
-            self.token_pos = prompt.positions().unwrap_or_default();
+            self.token_pos = if self.ranked { (0..prompt.n_tokens()).map(|t| base + t as i32).collect() } else { prompt.positions().unwrap_or_default() };
             self.n_read = prompt.n_tokens();
             self.note_pos();
         }
@@ -592,22 +610,31 @@ impl<'e> Session<'e> {
 
     /// Removes the cached prompt tokens not in `keep` (one flag per prompt token) and compacts
     /// the survivors into cells `0..kept`, so attention spans only them. Positions are kept, or
-    /// renumbered `0..kept` with `--kv-shift`.
+    /// renumbered `0..kept` with `--kv-shift`. Under M-RoPE (an image's tokens share a position)
+    /// cells are removed by key (patch 0014), and the keys renumbered `0..kept` after.
     ///
     /// # Errors
-    /// Models whose positions are not one per token (M-RoPE), llama.cpp refusals.
+    /// llama.cpp refusals.
     pub fn evict(&mut self, keep: &[bool]) -> Result<EvictStats> {
         let t = Instant::now();
         if self.token_pos.len() < self.n_read {
-            return Err(Error::Unsupported {
-                what: "pruning",
-                reason: "this model gives image tokens 2-D positions (M-RoPE); removing single tokens needs cell-level removal, which csp-llava does not have yet".into(),
-            });
+            return Err(Error::Unsupported { what: "pruning", reason: "the cache's tokens are not known (a state loaded from bytes)".into() });
         }
         let cached = self.cached_tokens();
         let dropped = |t: usize| !keep.get(t).copied().unwrap_or(true);
         let mut removed = 0;
-        let mut i = 0;
+        if self.ranked {
+            let keys: Vec<i32> = cached.iter().filter(|&&t| dropped(t)).map(|&t| self.token_pos[t]).collect();
+            let n = self.lctx.remove_keys(&keys)?;
+            if n != keys.len() {
+                return Err(Error::Llama { op: "remove KV cells by key", code: -1 });
+            }
+            for &u in cached.iter().filter(|&&t| dropped(t)) {
+                self.token_pos[u] = -1;
+            }
+            removed = n;
+        }
+        let mut i = if self.ranked { cached.len() } else { 0 };
         while i < cached.len() {
             if !dropped(cached[i]) {
                 i += 1;
@@ -631,7 +658,11 @@ impl<'e> Session<'e> {
                 let pos = &self.token_pos;
                 c.on_compact(&|u| pos.get(u).is_some_and(|&p| p >= 0));
             }
-            if self.bounded.as_ref().is_some_and(|b| b.shift) {
+            if self.ranked {
+                for (rank, u) in self.cached_tokens().into_iter().enumerate() {
+                    self.token_pos[u] = rank as i32;
+                }
+            } else if self.bounded.as_ref().is_some_and(|b| b.shift) {
                 self.shift_positions()?;
             }
         }
@@ -743,7 +774,7 @@ impl<'e> Session<'e> {
     /// Models or caches the mask patch does not cover.
     pub fn apply_masks(&mut self, heads: &HeadKeep) -> Result<()> {
         if self.token_pos.len() < heads.l {
-            return Err(Error::Unsupported { what: "per-head masks", reason: "M-RoPE positions".into() });
+            return Err(Error::Unsupported { what: "per-head masks", reason: "the cache's tokens are not known (a state loaded from bytes)".into() });
         }
         let positions = self.token_pos.clone();
         let n_head = self.engine.model().n_head() as usize;
@@ -785,12 +816,17 @@ impl<'e> Session<'e> {
         self.decode_evicted
     }
 
-    /// After a token was decoded at `pos`: the decode-time policy's evictions, as masks.
+    /// After a token was decoded at `pos`: the decode-time policy's evictions, as masks (by
+    /// key: with ranked keys, the token's rank is the last cell's).
     pub(super) fn after_decode(&mut self, pos: i32) -> Result<()> {
+        if self.decode_eviction.is_none() {
+            return Ok(());
+        }
+        let key = if self.ranked { self.next_key() - 1 } else { pos };
         let Some(fp) = self.decode_eviction.as_mut() else {
             return Ok(());
         };
-        let dropped = fp.step(pos as usize);
+        let dropped = fp.step(key as usize);
         self.decode_evicted += dropped.len();
         for (layer, p) in dropped {
             self.lctx.mask_layer(layer, &[p as i32], u64::MAX)?;

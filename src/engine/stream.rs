@@ -106,7 +106,7 @@ impl Session<'_> {
             }
             let last = i + 1 == b.pieces.len();
             let chunk = prompt.chunks.get(piece.span).expect("one span per chunk");
-            let n_past = self.n_past;
+            let key = self.next_key();
             if piece.text {
                 let start = prompt.spans[piece.span].tokens.start;
                 let tokens = chunk.text_tokens().ok_or(Error::Llama { op: "read text chunk", code: -1 })?;
@@ -118,7 +118,7 @@ impl Session<'_> {
                 self.read_media(&chunk, &mut stats)?;
             }
             for (k, tok) in piece.tokens.clone().enumerate() {
-                self.token_pos[tok] = n_past + k as i32;
+                self.token_pos[tok] = key + k as i32;
             }
             self.n_read = piece.tokens.end;
             self.note_pos();

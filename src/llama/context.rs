@@ -307,6 +307,27 @@ impl Context {
         Ok(())
     }
 
+    /// Whether llama.cpp names this cache's cells by rank rather than position (patch 0014: 2-D
+    /// positions, M-RoPE): then every position csp-llava's patches take or return is the cell's
+    /// rank in the sequence, `0..n`.
+    #[must_use]
+    pub fn keys_ranked(&self) -> bool {
+        // SAFETY: a live llama_context; the call only reads the model's parameters.
+        unsafe { sys::llama_memory_keys_ranked(sys::llama_get_memory(self.ctx.as_raw())) == 1 }
+    }
+
+    /// Removes sequence 0's cells whose keys are in `keys` (patch 0014: ranks under 2-D positions,
+    /// all taken before the removal). Returns the cells removed.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for memory other than a plain KV cache.
+    pub fn remove_keys(&mut self, keys: &[i32]) -> Result<usize> {
+        // SAFETY: a live llama_context borrowed mutably; `keys` is a valid slice for the duration
+        // of the call (the callee copies it).
+        let n = unsafe { sys::llama_memory_seq_rm_keys(sys::llama_get_memory(self.ctx.as_raw()), 0, keys.as_ptr(), keys.len()) };
+        usize::try_from(n).map_err(|_| Error::Unsupported { what: "cell removal", reason: "llama.cpp removes single cells from a plain KV cache only".into() })
+    }
+
     /// Adds `delta` to the positions `p0..p1` of sequence 0 (the keys are re-rotated at the
     /// next evaluation, or by [`Context::apply_kv_updates`]).
     ///
