@@ -101,6 +101,17 @@ fn gen_tiny_model_is_deterministic() {
     }
 }
 
+/// PrefixKV without its calibrated profile runs, with one warning line that says what to do.
+#[test]
+fn prefixkv_without_a_profile_warns() {
+    let img = s(&support::image(0));
+    let out = run_tiny(&["--image", &img, "-p", "What is this?", "--kv-policy", "prefixkv", "-n", "2", "-c", "512"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("without --prefixkv-profile").count(), 1, "{err}");
+    assert!(err.contains("csp-llava calibrate"), "{err}");
+}
+
 #[test]
 fn missing_model() {
     let p = s(&support::mmproj());

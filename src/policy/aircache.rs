@@ -163,6 +163,11 @@ impl Policy for AirCache {
         true
     }
 
+    /// Every text token.
+    fn kept_by_rule(&self, input: &Input<'_>) -> Vec<usize> {
+        (0..input.split.l).filter(|&t| input.modality[t] == Modality::Text).collect()
+    }
+
     /// `B` = every text token + `r` of the visual tokens (`r` = the fraction, or cells / N_v);
     /// a number of cells (a bounded cache's room) as it is. No recent window: all text is kept.
     fn split(&self, target: Target, modality: &[Modality], _recent_bias: f64) -> Result<Split> {

@@ -167,6 +167,14 @@ pub trait Policy: fmt::Debug + Send + Sync {
         false
     }
 
+    /// Tokens the policy keeps by rule in every layer (AirCache: every text token). The global
+    /// vote ranks them with the recent window and the protected sinks: a token kept by rule has
+    /// no score of its own, and a zero score casts no vote, so without this scored tokens would
+    /// outvote them (AirCache at global granularity and under a cap dropped the prompt's text).
+    fn kept_by_rule(&self, _input: &Input<'_>) -> Vec<usize> {
+        Vec::new()
+    }
+
     /// Whether the policy ever evicts — `full` does not, so a cache cap is refused with it.
     fn prunes(&self) -> bool {
         true

@@ -116,10 +116,12 @@ fn protected(policy: &(impl Policy + ?Sized), input: &Input<'_>) -> Vec<usize> {
     p
 }
 
-/// Tokens every choice keeps by rule: the recent window and the protected sinks.
+/// Tokens every choice keeps by rule: the recent window, the protected sinks and the policy's
+/// own ([`Policy::kept_by_rule`]).
 fn fixed_tokens(policy: &dyn Policy, input: &Input<'_>) -> Vec<usize> {
     let mut f = protected(policy, input);
     f.extend(input.split.recent_window());
+    f.extend(policy.kept_by_rule(input));
     f
 }
 

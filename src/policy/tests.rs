@@ -295,6 +295,37 @@ fn layer_policies_keep_protected_sinks_within_the_budget() {
     }
 }
 
+/// AirCache keeps every text token at global granularity too, as under a cap: its statistics
+/// are media columns only (text keys score 0 and cast no vote), so the vote must rank text by
+/// rule, not by score — it used to keep scored image tokens in their place (the capped runs of
+/// the policy table: the prompt's first tokens evicted, accuracy 0).
+#[test]
+fn aircache_keeps_all_text_at_global_granularity() {
+    let mut rng = Rng::new(5, "aircache-text");
+    for case in 0..100 {
+        let l = 12 + rng.below(150) as usize;
+        let n_layer = 1 + rng.below(4) as usize;
+        let modality: Vec<Modality> = (0..l).map(|t| if t < 2 || t + 3 >= l || rng.below(5) == 0 { T } else { I }).collect();
+        let mut s = AttentionStats::new(n_layer, 1, l);
+        for layer in 0..n_layer {
+            // as the elite reduction writes them: importance at media keys only
+            let col = s.column_mut(Bucket::Text, layer, 0);
+            (0..l).filter(|&t| modality[t] != T).for_each(|t| col[t] = 0.01 + rng.uniform());
+        }
+        let p = PolicyKind::AirCache.build(&PolicyConfig::default()).unwrap();
+        let n_text = modality.iter().filter(|m| **m == T).count();
+        for target in [Target::Budget(Budget::Fraction(0.1 + 0.5 * f64::from(rng.uniform()))), Target::Cells(n_text + 1 + rng.below((l - n_text) as u64) as usize)] {
+            let Ok(split) = p.split(target, &modality, 1.0) else { continue };
+            let input = Input { modality: &modality, split, stats: Some(&s), protect: Default::default(), kv: None };
+            let global = retain(p.as_ref(), &input, Some(Granularity::Global)).unwrap();
+            assert_eq!(global.kept(), split.b, "case {case}");
+            for t in (0..l).filter(|&t| modality[t] == T) {
+                assert!(global.keep[t], "case {case} {target:?}: text token {t} evicted");
+            }
+        }
+    }
+}
+
 fn budget_cells(b: Budget, l: usize) -> usize {
     match b {
         Budget::Fraction(f) => ((f * l as f64).floor() as usize).min(l),
