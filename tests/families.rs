@@ -133,12 +133,13 @@ fn refusal(e: &Engine, req: &Request, ctx: &ContextConfig, spec: &str) -> String
     }
 }
 
-/// Gemma 3: sliding-window layers (an iSWA cache) and image tokens that attend both ways. The
-/// attention-based policies are refused (the observer models causal attention), the KV scans
-/// too (iSWA); StreamingLLM and random prune, decode, reproduce the full cache at budget 1.0 and
-/// bound the prefill.
+/// Gemma 3: sliding-window layers (an iSWA cache) and image tokens that attend both ways.
+/// StreamingLLM, random and the attention-based policies (observed in the graph with the
+/// layer's own mask, patch 0015) prune, decode, reproduce the full cache at budget 1.0 and bound
+/// the prefill; the KV scans (plain caches only), the host observer and per-layer/head masks are
+/// refused with one line.
 #[test]
-fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
+fn gemma3_prunes_with_every_policy_the_caches_allow() {
     let (e, req, _dir) = family(Family::Gemma3, 3, 11, "Describe the images.");
     let ctx = ContextConfig { n_ctx: 1024, ..Default::default() };
     let full = run(&e, &req, &ctx, "full", 1.0);
@@ -161,14 +162,100 @@ fn gemma3_streaming_and_random_prune_the_rest_is_refused() {
         let r = run(&e, &req, &shifted, spec, 0.3);
         assert!(r.max_pos < 80 && r.n_generated == 12, "{spec} with --kv-shift: max_pos {}", r.max_pos);
     }
-    for spec in ["csp", "h2o", "snapkv", "lookm", "aircache", "expected", "csp@head"] {
-        let err = refusal(&e, &req, &ctx, spec);
-        assert!(err.contains("attend bidirectionally"), "{spec}: {err}");
+    // the attention-based policies, observed in the graph over both caches (patch 0015)
+    for spec in ["csp", "h2o", "snapkv", "aircache"] {
+        assert_eq!(run(&e, &req, &ctx, spec, 1.0).text, full.text, "{spec} at budget 1.0");
+        let r = run(&e, &req, &ctx, spec, 0.3);
+        assert_eq!(r.observer, Some("graph"), "{spec}");
+        assert!(r.pruned && r.kv_cells_after < full.kv_cells_after && r.n_generated == 12, "{spec}: {} of {} cells", r.kv_cells_after, full.kv_cells_after);
+        let capped = ContextConfig { kv_max_cells: Some(KvCap::Cells(80)), ..Default::default() };
+        let r = run(&e, &req, &capped, spec, 0.3);
+        assert!(r.kv_cells_peak <= 80 && !r.evictions.is_empty() && r.n_generated == 12, "{spec}: peak {}", r.kv_cells_peak);
     }
-    for spec in ["knorm", "vnorm", "keydiff"] {
+    // the host observer assumes causal attention: refused for images that attend both ways
+    let host = ContextConfig { observer: csp_llava::config::ObserverMode::Host, ..ctx };
+    let err = refusal(&e, &req, &host, "csp");
+    assert!(err.contains("attend bidirectionally"), "{err}");
+    for spec in ["knorm", "vnorm", "keydiff", "expected"] {
         let err = refusal(&e, &req, &ctx, spec);
         assert!(err.contains("cannot scan this cache"), "{spec}: {err}");
     }
+    for spec in ["csp@head", "h2o@layer"] {
+        let err = refusal(&e, &req, &ctx, spec);
+        assert!(err.contains("sliding-window cache") && err.contains("--kv-granularity global"), "{spec}: {err}");
+    }
+    let err = refusal(&e, &req, &ctx, "lookm");
+    assert!(err.contains("cannot merge this cache"), "{err}");
+}
+
+/// Gemma 3's in-graph statistics (patch 0015) against the model's own attention: with flash
+/// attention off, the probabilities llama.cpp computes (`kq_soft_max-<il>`, with the layer's
+/// mask: causal text, images attending both ways, the sliding window) summed like the observer
+/// sums them. Layer 1 attends over the base cache, whose cell j holds prompt token j here; the
+/// sliding-window layer 0's sums each row to 1 over the tokens its window keeps.
+#[test]
+fn gemma3_observer_sums_match_the_models_own_softmax() {
+    use csp_llava::config::ObserverMode;
+    use csp_llava::engine::PrefillMode;
+    use csp_llava::span::Modality;
+    use csp_llava::stats::{Bucket, Rows, StatRequest};
+    let (e, req, _dir) = family(Family::Gemma3, 2, 11, "Describe the images.");
+    let prompt = e.prepare(&req).unwrap();
+    let l = prompt.n_tokens();
+    let m = e.model();
+    let (n_layer, n_head, n_head_kv) = (m.n_layer() as usize, m.n_head() as usize, m.n_head_kv() as usize);
+    let g = n_head / n_head_kv;
+    let ctx = ContextConfig { n_ctx: 512, flash_attn: FlashAttn::Off, observer: ObserverMode::Graph, ..Default::default() };
+    let mut session = e.session(&prompt, &ctx, vec![StatRequest { rows: Rows::Last(l), n: 0.0 }]).unwrap();
+    session.observer().unwrap().capture_attention(n_layer);
+    session.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+    assert_eq!(session.observer_mode(), Some("graph"));
+    let captured = session.observer().unwrap().take_captured();
+    let stats = session.take_stats(&prompt).unwrap().remove(0);
+    let modality = prompt.token_modalities();
+    // layer 1: the observer's columns from the captured probabilities, ubatch by ubatch
+    let mut want = [vec![0f64; l], vec![0f64; l]];
+    let mut row0 = 0;
+    let mut non_causal = 0;
+    for c in captured.iter().filter(|c| c.name == "kq_soft_max-1") {
+        let [n_kv, n_rows, heads, _] = c.ne;
+        assert_eq!(heads, n_head);
+        for r in 0..n_rows {
+            let t = row0 + r;
+            let bucket = if modality[t] == Modality::Text { 0 } else { 1 };
+            for h in 0..n_head {
+                for j in 0..n_kv.min(l) {
+                    let p = f64::from(c.data[(h * n_rows + r) * n_kv + j]);
+                    want[bucket][j] += p / g as f64;
+                    if j > t && p > 0.0 {
+                        non_causal += 1;
+                    }
+                }
+            }
+        }
+        row0 += n_rows;
+    }
+    assert_eq!(row0, l, "every prompt row captured once");
+    assert!(non_causal > 0, "image rows attend to later image tokens");
+    let mut max_err = 0f64;
+    for (b, bucket) in [Bucket::Text, Bucket::Media].into_iter().enumerate() {
+        let mut got = vec![0f64; l];
+        for h in 0..n_head_kv {
+            for (a, v) in got.iter_mut().zip(stats.column(bucket, 1, h)) {
+                *a += f64::from(*v);
+            }
+        }
+        for j in 0..l {
+            let err = (got[j] - want[b][j]).abs();
+            max_err = max_err.max(err);
+            assert!(err <= 1e-4 * want[b][j].max(1.0), "layer 1 {bucket:?} token {j}: {} vs {}", got[j], want[b][j]);
+        }
+    }
+    // layer 0 (sliding window): every observed row's probabilities sum to 1 over what it sees
+    let total: f64 = [Bucket::Text, Bucket::Media].into_iter().flat_map(|b| (0..n_head_kv).map(move |h| (b, h))).map(|(b, h)| stats.column(b, 0, h).iter().map(|&v| f64::from(v)).sum::<f64>()).sum();
+    let rows = (l * n_head_kv) as f64; // each row's probabilities sum to 1 per KV head (mean of its group)
+    assert!((total - rows).abs() < 1e-3 * rows, "layer 0: {total} for {l} rows × {n_head_kv} KV heads");
+    eprintln!("gemma3 observer vs kq_soft_max (layer 1): max error {max_err:.2e}");
 }
 
 /// Qwen2.5-VL: M-RoPE gives an image's tokens one position (they differ in 2-D), so cells are

@@ -87,9 +87,13 @@ pub struct Capabilities {
     /// Image tokens get 2-D positions (M-RoPE, Qwen2-VL family): cells are named and removed by
     /// rank (patch 0014), and positions cannot be shifted.
     pub mrope: bool,
-    /// Image tokens attend to each other both ways (Gemma 3): the observer assumes causal
-    /// attention.
+    /// Image tokens attend to each other both ways (Gemma 3): observed in the graph with the
+    /// model's own mask (patch 0015); the host observer, which assumes causal attention, is
+    /// refused.
     pub non_causal_media: bool,
+    /// Sliding-window layers (Gemma 2/3): an iSWA memory of two caches, which per-layer/per-head
+    /// masks and the KV scans do not cover.
+    pub sliding_window: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -136,7 +140,9 @@ impl Engine {
             device = %device.name,
             "loaded"
         );
-        let caps = Capabilities { mrope: mtmd.uses_mrope(), non_causal_media: mtmd.uses_non_causal() };
+        let arch = model.meta("general.architecture").unwrap_or_default();
+        let sliding_window = model.meta(&format!("{arch}.attention.sliding_window")).is_some_and(|w| w != "0");
+        let caps = Capabilities { mrope: mtmd.uses_mrope(), non_causal_media: mtmd.uses_non_causal(), sliding_window };
         Ok(Self { mtmd, model, cfg: cfg.clone(), cancel: crate::CancelHandle::new(), device, caps })
     }
 

@@ -23,8 +23,31 @@ impl Engine {
         let split = if policy.applies(&modality) { Some(policy.split(target, &modality, bias)?) } else { None };
         let prunes = split.is_some_and(|s| s.prunes());
         let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
+        let mut granularity = policy_cfg.granularity;
         if prunes {
             self.check_prunable(prompt, request.is_some())?;
+            if policy.kv_request().is_some() && self.caps.sliding_window {
+                // known before the prompt is read (patch 0009 scans plain caches only)
+                return Err(Error::Unsupported {
+                    what: "KV statistics",
+                    reason: format!("{} ranks the cached keys and values, and llama.cpp cannot scan this cache (the sliding-window model's iSWA memory)", policy.name()),
+                });
+            }
+            // per-layer/per-head masks do not cover a sliding-window model's second cache: asked
+            // for, refused; a policy's own default falls back to one set for all
+            match granularity {
+                Some(g) if g != policy::Granularity::Global && self.caps.sliding_window => {
+                    return Err(Error::Unsupported {
+                        what: "per-layer/per-head retention",
+                        reason: format!("masks per {} do not cover this model's sliding-window cache; use --kv-granularity global", g.name()),
+                    });
+                }
+                None if policy.granularity() != policy::Granularity::Global && self.caps.sliding_window => {
+                    tracing::warn!("{} keeps tokens per {} through masks, which do not cover this model's sliding-window cache: one set for all layers and heads instead", policy.name(), policy.granularity().name());
+                    granularity = Some(policy::Granularity::Global);
+                }
+                _ => {}
+            }
         }
         // a bounded prefill evicts even where the prompt-end pass would not (text-only CSP)
         let stream_request = split.or_else(|| policy.split(target, &modality, bias).ok()).and_then(|s| policy.request(&s, policy_cfg.obs_window));
@@ -38,20 +61,16 @@ impl Engine {
             stream_request,
             recent_bias: bias,
             shrink: false,
-            granularity: policy_cfg.granularity,
+            granularity,
             decode_sink: policy_cfg.decode_sink_n(),
             protect: policy_cfg.protect,
         })
     }
 
-    /// Observing needs causal attention. (M-RoPE models prune by cell key: patch 0014.)
-    pub(super) fn check_prunable(&self, _prompt: &Prompt, observes: bool) -> Result<()> {
-        if observes && self.caps.non_causal_media {
-            return Err(Error::Unsupported {
-                what: "model for attention-based pruning",
-                reason: "its image tokens attend bidirectionally, which the observer does not model yet — use streaming, random or full".into(),
-            });
-        }
+    /// What every model can prune: M-RoPE models by cell key (patch 0014); images that attend
+    /// both ways are observed with the layer's own mask in the graph (patch 0015), and the host
+    /// observer, which assumes causal attention, is refused for them when the session starts.
+    pub(super) fn check_prunable(&self, _prompt: &Prompt, _observes: bool) -> Result<()> {
         Ok(())
     }
 }

@@ -183,6 +183,12 @@ impl<'e> Session<'e> {
                 reason: format!("these statistics cannot be computed inside the graph (more than {} windows); use the host observer", crate::stats::GraphPlan::MAX_COLS / 2),
             });
         }
+        if observes && !graph && engine.capabilities().non_causal_media {
+            return Err(Error::Unsupported {
+                what: "the host observer on this model",
+                reason: "its image tokens attend bidirectionally and the host observer assumes causal attention; the in-graph observer (--kv-observer graph, the default) uses the model's own mask".into(),
+            });
+        }
         if observes && !graph && cfg.type_v.is_quantized() {
             return Err(Error::Config {
                 field: "type_v",
