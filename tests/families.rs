@@ -261,7 +261,8 @@ fn gemma3_observer_sums_match_the_models_own_softmax() {
 /// Qwen2.5-VL: M-RoPE gives an image's tokens one position (they differ in 2-D), so cells are
 /// removed and named by rank (patch 0014). Every policy prunes — observed in the graph, evicted,
 /// compacted, decodes, budget 1.0 reproduces the full cache — per layer and head too, and under
-/// a cap; Expected Attention (1-D RoPE only) and `--kv-shift` are refused with the reason.
+/// a cap (Expected Attention too: a future text query's M-RoPE rotation is NEOX's, checked
+/// below); `--kv-shift` is refused with the reason.
 #[test]
 fn qwen25vl_every_policy_prunes_by_cell() {
     let (e, req, _dir) = family(Family::Qwen25Vl, 3, 11, "Describe the images.");
@@ -272,11 +273,6 @@ fn qwen25vl_every_policy_prunes_by_cell() {
     assert_eq!(full.n_generated, 12);
     let n_image: usize = full.image_tokens.iter().sum();
     for kind in POLICIES {
-        if kind == csp_llava::policy::PolicyKind::Expected {
-            let err = refusal(&e, &req, &ctx, kind.name());
-            assert!(err.contains("RoPE is not 1-D"), "{kind}: {err}");
-            continue;
-        }
         let same = run(&e, &req, &ctx, kind.name(), 1.0);
         assert_eq!(same.text, full.text, "{kind} at budget 1.0");
         let r = run(&e, &req, &ctx, kind.name(), 0.2);
@@ -308,7 +304,7 @@ fn qwen25vl_every_policy_prunes_by_cell() {
     }
     // a bounded prefill: images are read whole, evictions between them
     let capped = ContextConfig { kv_max_cells: Some(KvCap::Cells(96)), ..Default::default() };
-    for spec in ["csp", "h2o", "streaming", "knorm"] {
+    for spec in ["csp", "h2o", "streaming", "knorm", "expected"] {
         let r = run(&e, &req, &capped, spec, 0.3);
         assert!(r.kv_cells_peak <= 96 && !r.evictions.is_empty() && r.n_generated == 12, "{spec}: peak {}", r.kv_cells_peak);
     }
@@ -361,4 +357,57 @@ fn qwen25vl_eviction_by_key_keeps_exactly_the_kept_tokens() {
             }
         }
     }
+}
+
+/// Expected Attention rotates the prompt's query statistics to the next text positions as 1-D
+/// NEOX RoPE. Under M-RoPE that holds for text tokens (the same position in every section):
+/// llama.cpp's rotated `Qcur` of the prompt's last text tokens equals the NEOX rotation of their
+/// pre-RoPE `Qcur` at their positions (which M-RoPE makes fewer than the tokens).
+#[test]
+fn qwen25vl_text_queries_rotate_as_neox() {
+    use csp_llava::config::ObserverMode;
+    use csp_llava::engine::PrefillMode;
+    use csp_llava::span::Modality;
+    use csp_llava::stats::{Rope, Rows, StatRequest};
+    let (e, req, _dir) = family(Family::Qwen25Vl, 2, 5, "Which image is red?");
+    let prompt = e.prepare(&req).unwrap();
+    let (l, n_pos) = (prompt.n_tokens(), prompt.n_positions() as usize);
+    assert!(n_pos < l, "M-RoPE: {n_pos} positions for {l} tokens");
+    let m = e.model();
+    let (n_layer, n_head) = (m.n_layer() as usize, m.n_head() as usize);
+    let d = m.n_embd() as usize / n_head;
+    let freq_base: f64 = m.meta("qwen2vl.rope.freq_base").unwrap().parse().unwrap();
+    let rope = Rope { n_rot: d, freq_base, freq_scale: 1.0, neox: true };
+    let ctx = ContextConfig { n_ctx: 512, observer: ObserverMode::Graph, ..Default::default() };
+    let q_of = |pre: bool| {
+        let mut s = e.session(&prompt, &ctx, vec![StatRequest { rows: Rows::Last(1), n: 0.0 }]).unwrap();
+        let obs = s.observer().unwrap();
+        if pre { obs.capture_q_pre_k(n_layer) } else { obs.capture_qk(n_layer) }
+        s.prefill(&prompt, PrefillMode::Chunked, &mut |_| {}).unwrap();
+        s.observer().unwrap().take_captured()
+    };
+    let (pre, post) = (q_of(true), q_of(false));
+    let modality = prompt.token_modalities();
+    let last_text = (0..l).rev().take_while(|&t| modality[t] == Modality::Text).count();
+    assert!(last_text >= 4, "the prompt ends with text");
+    let mut max_err = 0f64;
+    for il in 0..n_layer {
+        let rows = |c: &[csp_llava::llama::observer::Captured]| -> Vec<f32> { c.iter().filter(|c| c.name == format!("Qcur-{il}")).flat_map(|c| c.data.iter().copied()).collect() };
+        let (a, b) = (rows(&pre), rows(&post));
+        assert_eq!((a.len(), b.len()), (l * n_head * d, l * n_head * d));
+        for k in 0..last_text {
+            let (t, p) = (l - 1 - k, n_pos - 1 - k);
+            let rot = rope.mean_rotation(p, 1);
+            for h in 0..n_head {
+                let mut x: Vec<f64> = a[(t * n_head + h) * d..][..d].iter().map(|&v| f64::from(v)).collect();
+                rope.rotate(&rot, &mut x);
+                for (i, &want) in b[(t * n_head + h) * d..][..d].iter().enumerate() {
+                    let err = (x[i] - f64::from(want)).abs() / f64::from(want).abs().max(1e-2);
+                    max_err = max_err.max(err);
+                    assert!(err < 1e-3, "layer {il} token {t} (position {p}) head {h} dim {i}: {} vs {want}", x[i]);
+                }
+            }
+        }
+    }
+    eprintln!("qwen2.5-vl: NEOX rotation of text queries vs llama.cpp's M-RoPE: max rel. error {max_err:.2e}");
 }

@@ -549,7 +549,7 @@ impl<'e> Session<'e> {
             let moments = moments.filter(|m| m.rows.iter().all(|&r| r > 0)).ok_or_else(|| {
                 refuse("no query statistics were observed (they come from the in-graph observer: not with --kv-observer host, nor for models it does not cover)".into())
             })?;
-            let rope = self.rope().ok_or_else(|| refuse("the model's RoPE is not 1-D NORM/NEOX (M-RoPE, vision RoPE or none)".into()))?;
+            let rope = self.rope().ok_or_else(|| refuse("the model's text tokens have no 1-D NORM/NEOX RoPE (vision RoPE or none)".into()))?;
             let next = usize::try_from(self.n_past()).unwrap_or(0);
             let (mu, cov) = moments.future(&rope, next, e.n_future, e.cov);
             scan.extend(self.lctx.kv_expected(&mu, cov.as_deref())?);
@@ -559,8 +559,8 @@ impl<'e> Session<'e> {
         KvStats::from_scan(&scan, n_layer, &positions, req).map_err(|reason| Error::Unsupported { what: "KV statistics", reason })
     }
 
-    /// The model's RoPE, for rotating query statistics to future positions; `None` unless it is
-    /// plain 1-D RoPE (NORM or NEOX).
+    /// The model's RoPE, for rotating query statistics to future (text) positions; `None` unless
+    /// a text token's is 1-D NORM or NEOX (M-RoPE's is NEOX: [`llama::Model::rope_neox`]).
     fn rope(&self) -> Option<Rope> {
         let m = self.lctx.model();
         let neox = m.rope_neox()?;

@@ -128,15 +128,18 @@ impl Model {
         self.inner.is_recurrent() || self.inner.is_hybrid()
     }
 
-    /// Whether the model's RoPE is 1-D, and in which layout: `Some(false)` NORM (pairs `(2i,
-    /// 2i+1)`), `Some(true)` NEOX (pairs `(i, i + n_rot/2)`); `None` for none, M-RoPE or vision RoPE.
+    /// How a *text* token's keys and queries are rotated, as 1-D RoPE: `Some(false)` NORM (pairs
+    /// `(2i, 2i+1)`), `Some(true)` NEOX (pairs `(i, i + n_rot/2)`). M-RoPE (Qwen2-VL, interleaved
+    /// in Qwen3-VL) rotates NEOX pairs by each section's position component, and a text token has
+    /// the same position in every component: its rotation is NEOX's (`tests/families.rs` checks
+    /// it against llama.cpp). `None` for vision RoPE or none.
     #[must_use]
     pub fn rope_neox(&self) -> Option<bool> {
         use llama_cpp_2::model::RopeType;
         match self.inner.rope_type()? {
             RopeType::Norm => Some(false),
-            RopeType::NeoX => Some(true),
-            _ => None,
+            RopeType::NeoX | RopeType::MRope | RopeType::IMRope => Some(true),
+            RopeType::Vision => None,
         }
     }
 
