@@ -106,6 +106,21 @@ fn a_cap_large_enough_for_everything_changes_nothing() {
     }
 }
 
+/// `-n` larger than the default reserve (a quarter of the cap): the prompt-end pass leaves room
+/// for every generated token, so the cache stays under the cap while generating too.
+#[test]
+fn generation_stays_under_the_cap() {
+    let e = engine();
+    let req = images(8, "Which images show a circle?");
+    let cap = 256;
+    // budget 1.0: the prompt-end pass keeps all the cap allows
+    let policy = PolicyConfig { kind: PolicyKind::Csp, budget: Budget::Fraction(1.0), ..Default::default() };
+    let r = run(&e, &req, &capped(Some(cap)), &policy, 100);
+    assert_eq!(r.n_generated, 100);
+    check_cap(&r, cap, "csp, -n 100");
+    assert!(r.kv_cells_after as usize + 100 <= cap as usize, "{} kept + 100 generated > {cap}", r.kv_cells_after);
+}
+
 #[test]
 fn a_text_only_prompt_is_capped_too() {
     let e = engine();

@@ -122,6 +122,9 @@ pub struct Bounded {
     pub steps: Vec<Step>,
     /// Tokens evaluated after the prompt-end pass (the deferred question).
     pub n_deferred: usize,
+    /// Tokens to generate (`-n`, when given and `--kv-reserve` is not): the prompt-end pass leaves
+    /// room for them, so generation stays under the cap too.
+    pub n_generate: usize,
 }
 
 impl Bounded {
@@ -153,7 +156,16 @@ impl Bounded {
                 reason: format!("the question ({n_deferred} tokens, read after pruning) does not fit in {cap_cells} cells"),
             });
         }
-        Ok(Self { cap: cap_cells, reserve, shift: ctx.kv_shift, pieces, steps, n_deferred })
+        let n_generate = if ctx.kv_reserve.is_none() { usize::try_from(n_predict).unwrap_or(0) } else { 0 };
+        let room = cap_cells as usize - n_deferred;
+        if n_generate > room / 2 {
+            tracing::warn!(
+                "-n {n_predict} is more than half of the {room} cells the cap of {cap_cells} leaves after the question: the prompt keeps {} and generation may pass the cap by up to {} cells",
+                room - room / 2,
+                n_generate - room / 2
+            );
+        }
+        Ok(Self { cap: cap_cells, reserve, shift: ctx.kv_shift, pieces, steps, n_deferred, n_generate })
     }
 
     /// Whether the prompt needs evictions while it is read.
@@ -163,11 +175,11 @@ impl Bounded {
     }
 
     /// The most cells the prompt-end pass may keep: room for the deferred question and the
-    /// reserve (halved where it would leave less than itself).
+    /// reserve or the tokens to generate, whichever is more (at most half the room).
     #[must_use]
     pub fn final_limit(&self) -> usize {
         let room = self.cap as usize - self.n_deferred;
-        room - (self.reserve as usize).min(room / 2)
+        room - (self.reserve as usize).max(self.n_generate).min(room / 2)
     }
 }
 

@@ -208,7 +208,8 @@ pub struct ContextFlags {
     #[arg(long = "mem", value_name = "SIZE", value_parser = parse_mem, help_heading = "KV cache pruning")]
     pub mem: Option<u64>,
     /// Cells left free after each such eviction, for the text that follows and for generation
-    /// [default: -n (at least 32), at most N/4; N/4 with -n -1]. Without a cap: the cells a
+    /// [default: -n (at least 32), at most N/4; N/4 with -n -1; the last eviction leaves room
+    /// for all of -n, up to half the cap, so generation stays under it]. Without a cap: the cells a
     /// shrunk cache keeps free for generation [default: -n; 1024 with -n -1].
     #[arg(long = "kv-reserve", value_name = "N", help_heading = "KV cache pruning")]
     pub kv_reserve: Option<u32>,
