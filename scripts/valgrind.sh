@@ -47,8 +47,9 @@ declare -A tests=(
     [chat]="images_are_pruned_once_and_later_turns_read_only_their_text images_in_memory_answer_like_files"
     [capi]="null_and_bad_arguments_are_errors"
     [expected]="moments_and_scores_match_recomputation_flash_attention_on"
+    [families]="qwen25vl_eviction_by_key_keeps_exactly_the_kept_tokens gemma3_observer_sums_match_the_models_own_softmax"
 )
-order=(engine pruning observer granularity bounded soak merge chat capi expected)
+order=(engine pruning observer granularity bounded soak merge chat capi expected families)
 
 args=()
 for b in "${order[@]}"; do args+=(--test "$b"); done
