@@ -297,10 +297,13 @@ fn qwen25vl_every_policy_prunes_by_cell() {
         assert_eq!(kept(&g), kept(&h), "{spec}: graph and host observers keep the same tokens");
         assert_eq!(g.text, h.text, "{spec}");
     }
-    for spec in ["csp@layer", "csp@head", "h2o@head", "snapkv@head", "aircache"] {
+    for spec in ["csp@layer", "csp@head", "h2o@head", "snapkv@head", "aircache", "prefixkv"] {
         assert_eq!(run(&e, &req, &ctx, spec, 1.0).text, full.text, "{spec} at budget 1.0");
         let r = run(&e, &req, &ctx, spec, 0.2);
         assert!(r.pruned && r.n_generated == 12, "{spec}");
+        if spec == "prefixkv" {
+            assert!(r.decode_evicted > 0, "PrefixKV's decode-time FIFO masks cells by key");
+        }
     }
     // a bounded prefill: images are read whole, evictions between them
     let capped = ContextConfig { kv_max_cells: Some(KvCap::Cells(96)), ..Default::default() };
