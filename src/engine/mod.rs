@@ -345,7 +345,6 @@ impl Engine {
                     ),
                 });
             }
-            self.check_prunable(prompt, plan.stream_request.is_some())?;
         }
         if b.shift && (self.caps.mrope || prompt.positions().is_none()) {
             return Err(Error::Unsupported {

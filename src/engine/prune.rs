@@ -24,8 +24,10 @@ impl Engine {
         let prunes = split.is_some_and(|s| s.prunes());
         let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
         let mut granularity = policy_cfg.granularity;
+        // every model prunes: M-RoPE by cell key (patch 0014); images that attend both ways are
+        // observed in the graph with the layer's own mask (patch 0015; the host observer is
+        // refused when the session starts)
         if prunes {
-            self.check_prunable(prompt, request.is_some())?;
             if policy.kv_request().is_some() && self.caps.sliding_window {
                 // known before the prompt is read (patch 0009 scans plain caches only)
                 return Err(Error::Unsupported {
@@ -65,13 +67,6 @@ impl Engine {
             decode_sink: policy_cfg.decode_sink_n(),
             protect: policy_cfg.protect,
         })
-    }
-
-    /// What every model can prune: M-RoPE models by cell key (patch 0014); images that attend
-    /// both ways are observed with the layer's own mask in the graph (patch 0015), and the host
-    /// observer, which assumes causal attention, is refused for them when the session starts.
-    pub(super) fn check_prunable(&self, _prompt: &Prompt, _observes: bool) -> Result<()> {
-        Ok(())
     }
 }
 

@@ -630,18 +630,16 @@ impl<'e> Session<'e> {
         let dropped = |t: usize| !keep.get(t).copied().unwrap_or(true);
         let mut removed = 0;
         if self.ranked {
-            let keys: Vec<i32> = cached.iter().filter(|&&t| dropped(t)).map(|&t| self.token_pos[t]).collect();
-            let n = self.lctx.remove_keys(&keys)?;
-            if n != keys.len() {
+            let gone: Vec<usize> = cached.iter().copied().filter(|&t| dropped(t)).collect();
+            let keys: Vec<i32> = gone.iter().map(|&t| self.token_pos[t]).collect();
+            removed = self.lctx.remove_keys(&keys)?;
+            if removed != keys.len() {
                 return Err(Error::Llama { op: "remove KV cells by key", code: -1 });
             }
-            for &u in cached.iter().filter(|&&t| dropped(t)) {
-                self.token_pos[u] = -1;
-            }
-            removed = n;
+            gone.iter().for_each(|&u| self.token_pos[u] = -1);
         }
-        let mut i = if self.ranked { cached.len() } else { 0 };
-        while i < cached.len() {
+        let mut i = 0;
+        while !self.ranked && i < cached.len() {
             if !dropped(cached[i]) {
                 i += 1;
                 continue;
