@@ -24,6 +24,16 @@ impl Engine {
         let prunes = split.is_some_and(|s| s.prunes());
         let request = split.filter(|_| prunes).and_then(|s| policy.request(&s, policy_cfg.obs_window));
         let mut granularity = policy_cfg.granularity;
+        if prunes && policy_cfg.kind == policy::PolicyKind::PrefixKv && policy_cfg.params.prefixkv.profile.is_none() {
+            // once per process (eval plans every case); here, not at argument parsing, so that
+            // bad input still fails with its one line
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "--kv-policy prefixkv without --prefixkv-profile keeps the same share in every layer, not the calibrated profile the method needs (on the policy table it did worse than random at every budget): run `csp-llava calibrate` first"
+                );
+            });
+        }
         // every model prunes: M-RoPE by cell key (patch 0014); images that attend both ways are
         // observed in the graph with the layer's own mask (patch 0015; the host observer is
         // refused when the session starts)

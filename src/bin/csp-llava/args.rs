@@ -427,14 +427,6 @@ impl TuningFlags {
             Some(p) => Some(Profile::load(p).map_err(|e| e.to_string())?),
             None => None,
         };
-        if kind == PolicyKind::PrefixKv && profile.is_none() {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(
-                    "--kv-policy prefixkv without --prefixkv-profile keeps the same share in every layer, not the calibrated profile the method needs (on the policy table it did worse than random at every budget): run `csp-llava calibrate` first"
-                );
-            });
-        }
         Ok(PolicyConfig {
             kind,
             budget,
