@@ -470,7 +470,7 @@ def main():
                   f"written to {os.path.relpath(lora_path, os.path.join(HERE, '..'))}, merged into text.gguf by models/build.py\n")
         s += f"- trained {step} steps, {seen_seq} image sequences, {seen_q} question/answer branches, {el:.0f} s (wall {time.time() - t0:.0f} s incl. setup)\n"
         s += f"- question mix: {mixs}\n- sequences per K (training seconds): {ks}\n"
-        s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; {args.branches} + K question branches per sequence of K images ({args.branches} for one image) (half with an enumeration, loss weight {args.enum_weight:g}); balance {args.balance:g}\n\n"
+        s += f"- curriculum: {100 * args.single_share:.0f}% of the steps single-image; else K uniform in 2..Kmax, Kmax 4 -> 16 over the first 35% of the time; ~{args.step_tokens} tokens per step; {args.branches} + K question branches per sequence of K images ({args.single_branches} for one image) (half with an enumeration, loss weight {args.enum_weight:g}); balance {args.balance:g}\n\n"
         s += "| step | sequences | questions | seconds | K | loss | loss (EMA) |\n|---|---|---|---|---|---|---|\n"
         s += "".join("| " + " | ".join(str(x) for x in r) + " |\n" for r in log)
         return s
